@@ -1,0 +1,24 @@
+//! Tokenizers, datasets and batching (padding, masks, shifting, bucketing).
+//!
+//! - [`tokenizer`]: character-level and Hugging Face tokenizers behind one [`Tokenizer`],
+//!   built from a [`TokenizerConfig`], with a [`StreamDecoder`] for streaming generation.
+//! - [`text`]: language-model data from one text file: train/val split, random windows
+//!   (nanoGPT's `get_batch`) and exact-evaluation windows.
+//! - [`batch`]: padding, key-padding masks (1 = padding), teacher-forcing shifts and length
+//!   bucketing for sequence-to-sequence data.
+
+pub mod batch;
+pub mod text;
+pub mod tokenizer;
+
+#[cfg(test)]
+pub(crate) mod test_util;
+
+pub use batch::{
+    bucket_by_tokens, pad_batch, padding_mask, shift_targets, Padded, Seq2SeqBatch, Seq2SeqIds,
+};
+pub use text::{eval_windows, random_windows, read_text, EvalWindow, LmBatch, LmDataset, Split};
+pub use tokenizer::{
+    CharTokenizer, HfTokenizer, SpecialIds, StreamDecoder, Tokenizer, TokenizerConfig,
+    TokenizerKind,
+};

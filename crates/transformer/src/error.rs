@@ -1,0 +1,77 @@
+//! The library's error type: every failure names what was wrong and where.
+
+use std::path::PathBuf;
+
+/// Errors returned by the library. Messages name the tensor, field or file at fault together
+/// with the expected and actual values, so that a user can fix the input without a debugger.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An error from candle (tensor op, device, dtype).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// A tensor had the wrong rank or size.
+    #[error("{what}: expected shape {expected}, got {actual:?}")]
+    Shape {
+        what: String,
+        expected: String,
+        actual: Vec<usize>,
+    },
+
+    /// A model or training configuration is invalid.
+    #[error("invalid config: {0}")]
+    Config(String),
+
+    /// A weight file does not match the model (missing, extra or mis-shaped tensors).
+    #[error("weights {source_name}: {msg}")]
+    Weights { source_name: String, msg: String },
+
+    /// An I/O failure, with the path it concerned.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    /// A JSON (de)serialization failure, with the file or thing it concerned.
+    #[error("{what}: {source}")]
+    Json {
+        what: String,
+        source: serde_json::Error,
+    },
+
+    /// Anything else, with a message that says what went wrong.
+    #[error("{0}")]
+    Msg(String),
+}
+
+impl Error {
+    pub fn msg(m: impl Into<String>) -> Self {
+        Error::Msg(m.into())
+    }
+
+    pub fn shape(what: impl Into<String>, expected: impl Into<String>, actual: &[usize]) -> Self {
+        Error::Shape {
+            what: what.into(),
+            expected: expected.into(),
+            actual: actual.to_vec(),
+        }
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Return early with an [`Error::Msg`] built like `format!`.
+#[macro_export]
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err($crate::Error::Msg(format!($($arg)*)))
+    };
+}

@@ -1,0 +1,3 @@
+//! Importers for weights saved by other frameworks.
+
+pub mod pytorch;

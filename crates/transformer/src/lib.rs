@@ -1,0 +1,29 @@
+//! # transformer
+//!
+//! The attention mechanism and the Transformer (Vaswani et al., 2017, "Attention Is All You
+//! Need") on [candle](https://github.com/huggingface/candle): scaled dot-product and multi-head
+//! attention, encoder and decoder layers, three model families (encoder-decoder, decoder-only,
+//! encoder-only), PyTorch weight import, training and decoding.
+//!
+//! Layout (dependencies point one way): `kernels` → `nn` → `models` → `train` / `decode`;
+//! `data` holds tokenizers and batching.
+
+pub mod data;
+pub mod error;
+pub mod import;
+pub mod models;
+pub mod nn;
+pub mod rng;
+pub mod train;
+
+pub use error::{Error, Result};
+
+/// The crate version.
+pub fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+/// The README's example runs as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,295 @@
+//! A GPT-style decoder-only language model, P(y) = ∏ P(y_i | y_<i): token embeddings,
+//! positions (learned, sinusoidal or rotary), a stack of causal self-attention layers, a final
+//! norm and an output projection tied to the token embedding.
+//!
+//! Dimension letters: `B` batch, `T` time, `E` d_model, `V` vocab.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::nn::{
+    AbsolutePositions, Activation, Dropout, Encoder, InitScheme, KvCache, LayerConfig,
+    LayerOptions, Linear, Masks, PositionalKind, Rope, TokenEmbedding, VarPath, VarStore,
+};
+use crate::{Error, Result};
+
+/// Configuration of a decoder-only language model; saved as `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderOnlyConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Context length (longest sequence the model attends over).
+    pub block_size: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Attention heads per layer.
+    pub n_heads: usize,
+    /// Number of layers.
+    pub n_layers: usize,
+    /// Inner width of the feed-forward blocks (4·d_model in GPT).
+    pub d_ff: usize,
+    /// Dropout on embeddings, residual branches and attention weights.
+    pub dropout: f64,
+    /// Feed-forward non-linearity (nanoGPT: exact GELU).
+    #[serde(default = "default_gelu")]
+    pub activation: Activation,
+    /// Biases in linear and norm layers.
+    #[serde(default = "super::default_true")]
+    pub bias: bool,
+    /// Learned (GPT-2), sinusoidal or rotary positions.
+    #[serde(default = "default_learned")]
+    pub positional: PositionalKind,
+    /// RoPE base frequency.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// Pre-norm layers (GPT-2); false gives post-norm.
+    #[serde(default = "super::default_true")]
+    pub norm_first: bool,
+    /// Output projection shares the token embedding matrix.
+    #[serde(default = "super::default_true")]
+    pub tie_embeddings: bool,
+    /// Layer norm epsilon.
+    #[serde(default = "super::default_eps")]
+    pub layer_norm_eps: f64,
+    /// Parameter initialization.
+    #[serde(default = "default_gpt2")]
+    pub init: InitScheme,
+}
+
+fn default_gelu() -> Activation {
+    Activation::Gelu
+}
+fn default_learned() -> PositionalKind {
+    PositionalKind::Learned
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+fn default_gpt2() -> InitScheme {
+    InitScheme::Gpt2
+}
+
+impl DecoderOnlyConfig {
+    /// nanoGPT's Shakespeare-char CPU configuration: 4 layers, 4 heads, 128 wide, block 64,
+    /// no biases, dropout 0.
+    pub fn shakespeare_char(vocab_size: usize) -> Self {
+        DecoderOnlyConfig {
+            vocab_size,
+            block_size: 64,
+            d_model: 128,
+            n_heads: 4,
+            n_layers: 4,
+            d_ff: 512,
+            dropout: 0.0,
+            activation: Activation::Gelu,
+            bias: false,
+            positional: PositionalKind::Learned,
+            rope_theta: 10000.0,
+            norm_first: true,
+            tie_embeddings: true,
+            layer_norm_eps: 1e-5,
+            init: InitScheme::Gpt2,
+        }
+    }
+
+    /// GPT-2 small: 12 layers, 12 heads, 768 wide, block 1024.
+    pub fn gpt2_small(vocab_size: usize) -> Self {
+        DecoderOnlyConfig {
+            block_size: 1024,
+            d_model: 768,
+            n_heads: 12,
+            n_layers: 12,
+            d_ff: 3072,
+            dropout: 0.1,
+            bias: true,
+            ..Self::shakespeare_char(vocab_size)
+        }
+    }
+
+    /// A tiny model for tests: 2 layers, 2 heads, 32 wide.
+    pub fn tiny(vocab_size: usize) -> Self {
+        DecoderOnlyConfig {
+            block_size: 32,
+            d_model: 32,
+            n_heads: 2,
+            n_layers: 2,
+            d_ff: 128,
+            ..Self::shakespeare_char(vocab_size)
+        }
+    }
+
+    /// The named presets: `shakespeare_char`, `gpt2_small`, `tiny`.
+    pub fn preset(name: &str, vocab_size: usize) -> Result<Self> {
+        match name {
+            "shakespeare_char" => Ok(Self::shakespeare_char(vocab_size)),
+            "gpt2_small" => Ok(Self::gpt2_small(vocab_size)),
+            "tiny" => Ok(Self::tiny(vocab_size)),
+            _ => Err(Error::Config(format!(
+                "unknown decoder-only preset {name:?} (known: shakespeare_char, gpt2_small, tiny)"
+            ))),
+        }
+    }
+
+    pub fn layer(&self) -> LayerConfig {
+        LayerConfig {
+            d_model: self.d_model,
+            n_heads: self.n_heads,
+            d_ff: self.d_ff,
+            dropout: self.dropout,
+            activation: self.activation,
+            norm_first: self.norm_first,
+            layer_norm_eps: self.layer_norm_eps,
+            bias: self.bias,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.layer().validate()?;
+        if self.vocab_size == 0 || self.block_size == 0 || self.n_layers == 0 {
+            return Err(Error::Config(format!(
+                "vocab_size, block_size and n_layers must be > 0, got {}, {}, {}",
+                self.vocab_size, self.block_size, self.n_layers
+            )));
+        }
+        if self.positional == PositionalKind::Rope && (self.d_model / self.n_heads) % 2 != 0 {
+            return Err(Error::Config(format!(
+                "RoPE needs an even head width, d_model / n_heads = {}",
+                self.d_model / self.n_heads
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Decoder-only language model.
+///
+/// Parameter names: `tok_embed.weight`, `pos_embed.weight` (learned positions), `layers.N.*`,
+/// `norm.*`, `lm_head.weight` (absent when tied).
+pub struct DecoderOnly {
+    cfg: DecoderOnlyConfig,
+    tok_embed: TokenEmbedding,
+    pos: Option<AbsolutePositions>,
+    rope: Option<Rope>,
+    blocks: Encoder,
+    lm_head: Option<Linear>,
+    dropout: Dropout,
+}
+
+impl DecoderOnly {
+    pub fn new(cfg: &DecoderOnlyConfig, vp: &VarPath) -> Result<Self> {
+        cfg.validate()?;
+        let tok_embed = TokenEmbedding::new(cfg.vocab_size, cfg.d_model, false, &vp.pp("tok_embed"))?;
+        let pos = match cfg.positional {
+            PositionalKind::Learned => Some(AbsolutePositions::learned(
+                cfg.block_size,
+                cfg.d_model,
+                &vp.pp("pos_embed"),
+            )?),
+            PositionalKind::Sinusoidal => {
+                Some(AbsolutePositions::sinusoidal(cfg.block_size, cfg.d_model, vp)?)
+            }
+            _ => None,
+        };
+        let rope = match cfg.positional {
+            PositionalKind::Rope => Some(Rope::new(
+                cfg.d_model / cfg.n_heads,
+                cfg.block_size,
+                cfg.rope_theta,
+                vp.dtype(),
+                vp.device(),
+            )?),
+            _ => None,
+        };
+        // The layer stack holds the final norm (`norm.*` sits beside `layers.*`).
+        let blocks = Encoder::new(&cfg.layer(), cfg.n_layers, cfg.norm_first, vp)?;
+        let lm_head = if cfg.tie_embeddings {
+            None
+        } else {
+            Some(Linear::new(cfg.d_model, cfg.vocab_size, false, false, &vp.pp("lm_head"))?)
+        };
+        Ok(DecoderOnly {
+            cfg: cfg.clone(),
+            tok_embed,
+            pos,
+            rope,
+            blocks,
+            lm_head,
+            dropout: Dropout::new(cfg.dropout, vp.dropout_rng())?,
+        })
+    }
+
+    /// A freshly initialized model with its parameter store.
+    pub fn init(cfg: &DecoderOnlyConfig, dtype: DType, device: &Device, seed: u64) -> Result<(Self, VarStore)> {
+        let vs = VarStore::new(dtype, device, cfg.init, seed).with_n_layers(cfg.n_layers);
+        let model = Self::new(cfg, &vs.root())?;
+        Ok((model, vs))
+    }
+
+    /// Load `config.json` and `model.safetensors` from a directory.
+    pub fn load(dir: &Path, device: &Device) -> Result<(Self, VarStore)> {
+        super::check_model_dir(dir)?;
+        let cfg: DecoderOnlyConfig = super::read_config(&dir.join(super::CONFIG_FILE))?;
+        let (model, vs) = Self::init(&cfg, DType::F32, device, 0)?;
+        vs.load(dir.join(super::WEIGHTS_FILE))?;
+        Ok((model, vs))
+    }
+
+    pub fn config(&self) -> &DecoderOnlyConfig {
+        &self.cfg
+    }
+
+    /// Empty per-layer caches for [`DecoderOnly::forward_cached`].
+    pub fn new_cache(&self) -> Vec<KvCache> {
+        (0..self.cfg.n_layers).map(|_| KvCache::new()).collect()
+    }
+
+    /// Logits for every position.
+    ///
+    /// # Shapes
+    /// `ids`: (B, T) with T ≤ block_size → logits (B, T, V)
+    pub fn forward(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_inner(ids, train, None)
+    }
+
+    /// Logits for new positions, appending their keys/values to `caches` (one per layer).
+    /// Positions continue from the cached length.
+    ///
+    /// # Shapes
+    /// `ids`: (B, T_new) → logits (B, T_new, V)
+    pub fn forward_cached(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+        self.forward_inner(ids, false, Some(caches))
+    }
+
+    fn forward_inner(&self, ids: &Tensor, train: bool, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+        let (_, t) = ids
+            .dims2()
+            .map_err(|_| Error::shape("token ids", "(B, T)", ids.dims()))?;
+        let offset = caches.as_ref().and_then(|c| c.first()).map_or(0, |c| c.len());
+        if offset + t > self.cfg.block_size {
+            return Err(Error::msg(format!(
+                "sequence of {} tokens exceeds the context length (block_size) {}",
+                offset + t,
+                self.cfg.block_size
+            )));
+        }
+        let x = self.tok_embed.forward(ids)?;
+        let x = match &self.pos {
+            Some(p) => p.forward(&x, offset)?,
+            None => x,
+        };
+        let x = self.dropout.forward(&x, train)?;
+        let opts = LayerOptions {
+            train,
+            rope: self.rope.as_ref(),
+            ..Default::default()
+        };
+        let x = self.blocks.forward_with(&x, &Masks::causal(), &opts, caches)?;
+        match &self.lm_head {
+            Some(h) => h.forward(&x),
+            None => Ok(crate::nn::linear::linear(&x, self.tok_embed.weight(), None)?),
+        }
+    }
+}

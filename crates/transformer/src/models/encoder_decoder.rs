@@ -1,0 +1,390 @@
+//! The paper's encoder-decoder Transformer: embeddings (scaled by √d_model), positions,
+//! encoder and decoder stacks and the output projection (optionally tied to the embeddings).
+//!
+//! Dimension letters: `B` batch, `S` source length, `T` target length, `E` d_model, `V` vocab.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::nn::{
+    AbsolutePositions, Activation, AttnMask, Decoder, DecoderState, Dropout, Encoder, InitScheme,
+    LayerConfig, LayerOptions, Linear, Masks, NeedWeights, PositionalKind, TokenEmbedding,
+    VarPath, VarStore,
+};
+use crate::{Error, Result};
+
+/// Configuration of an encoder-decoder model; saved as `config.json` beside the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderDecoderConfig {
+    /// Source vocabulary size.
+    pub src_vocab_size: usize,
+    /// Target vocabulary size.
+    pub tgt_vocab_size: usize,
+    /// Width of every layer's input and output.
+    pub d_model: usize,
+    /// Attention heads per layer.
+    pub n_heads: usize,
+    /// Inner width of the feed-forward blocks.
+    pub d_ff: usize,
+    /// Encoder layers.
+    pub n_encoder_layers: usize,
+    /// Decoder layers.
+    pub n_decoder_layers: usize,
+    /// Dropout on embeddings, sub-layer outputs, attention weights and the feed-forward inside.
+    pub dropout: f64,
+    /// Feed-forward non-linearity.
+    #[serde(default)]
+    pub activation: Activation,
+    /// Pre-norm layers instead of the paper's post-norm.
+    #[serde(default)]
+    pub norm_first: bool,
+    /// Layer norm epsilon.
+    #[serde(default = "super::default_eps")]
+    pub layer_norm_eps: f64,
+    /// Biases in linear and norm layers.
+    #[serde(default = "super::default_true")]
+    pub bias: bool,
+    /// Longest sequence the positional encoding covers.
+    pub max_len: usize,
+    /// Sinusoidal (paper) or learned positions.
+    #[serde(default)]
+    pub positional: PositionalKind,
+    /// One embedding table for source and target (needs equal vocabularies).
+    #[serde(default)]
+    pub share_embeddings: bool,
+    /// Output projection shares the target embedding matrix (paper §3.4).
+    #[serde(default)]
+    pub tie_output: bool,
+    /// Layer norms after the encoder and decoder stacks (`nn.Transformer` has them).
+    #[serde(default = "super::default_true")]
+    pub final_norm: bool,
+    /// Multiply embeddings by √d_model (paper §3.4).
+    #[serde(default = "super::default_true")]
+    pub scale_embeddings: bool,
+    /// Parameter initialization.
+    #[serde(default)]
+    pub init: InitScheme,
+}
+
+impl EncoderDecoderConfig {
+    /// The paper's base model (Table 3): d_model 512, 8 heads, d_ff 2048, 6+6 layers, dropout 0.1,
+    /// shared source/target vocabulary with tied output projection.
+    pub fn base(vocab_size: usize) -> Self {
+        EncoderDecoderConfig {
+            src_vocab_size: vocab_size,
+            tgt_vocab_size: vocab_size,
+            d_model: 512,
+            n_heads: 8,
+            d_ff: 2048,
+            n_encoder_layers: 6,
+            n_decoder_layers: 6,
+            dropout: 0.1,
+            activation: Activation::Relu,
+            norm_first: false,
+            layer_norm_eps: 1e-5,
+            bias: true,
+            max_len: 1024,
+            positional: PositionalKind::Sinusoidal,
+            share_embeddings: true,
+            tie_output: true,
+            final_norm: true,
+            scale_embeddings: true,
+            init: InitScheme::XavierUniform,
+        }
+    }
+
+    /// The paper's big model: d_model 1024, 16 heads, d_ff 4096, dropout 0.3.
+    pub fn big(vocab_size: usize) -> Self {
+        EncoderDecoderConfig {
+            d_model: 1024,
+            n_heads: 16,
+            d_ff: 4096,
+            dropout: 0.3,
+            ..Self::base(vocab_size)
+        }
+    }
+
+    /// A small model for tests and demos: d_model 64, 4 heads, d_ff 128, 2+2 layers.
+    pub fn tiny(vocab_size: usize) -> Self {
+        EncoderDecoderConfig {
+            d_model: 64,
+            n_heads: 4,
+            d_ff: 128,
+            n_encoder_layers: 2,
+            n_decoder_layers: 2,
+            max_len: 256,
+            ..Self::base(vocab_size)
+        }
+    }
+
+    /// The named presets: `base`, `big`, `tiny`.
+    pub fn preset(name: &str, vocab_size: usize) -> Result<Self> {
+        match name {
+            "base" => Ok(Self::base(vocab_size)),
+            "big" => Ok(Self::big(vocab_size)),
+            "tiny" => Ok(Self::tiny(vocab_size)),
+            _ => Err(Error::Config(format!(
+                "unknown encoder-decoder preset {name:?} (known: base, big, tiny)"
+            ))),
+        }
+    }
+
+    pub fn layer(&self) -> LayerConfig {
+        LayerConfig {
+            d_model: self.d_model,
+            n_heads: self.n_heads,
+            d_ff: self.d_ff,
+            dropout: self.dropout,
+            activation: self.activation,
+            norm_first: self.norm_first,
+            layer_norm_eps: self.layer_norm_eps,
+            bias: self.bias,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.layer().validate()?;
+        if self.src_vocab_size == 0 || self.tgt_vocab_size == 0 {
+            return Err(Error::Config("vocabulary sizes must be > 0".into()));
+        }
+        if self.max_len == 0 {
+            return Err(Error::Config("max_len must be > 0".into()));
+        }
+        if self.share_embeddings && self.src_vocab_size != self.tgt_vocab_size {
+            return Err(Error::Config(format!(
+                "share_embeddings needs src_vocab_size == tgt_vocab_size, got {} and {}",
+                self.src_vocab_size, self.tgt_vocab_size
+            )));
+        }
+        if self.positional == PositionalKind::Rope {
+            return Err(Error::Config(
+                "positional = \"rope\" is only available for decoder-only models".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The encoder-decoder Transformer.
+///
+/// Parameter names: `src_embed.weight`, `tgt_embed.weight` (absent when shared),
+/// `src_pos.weight`/`tgt_pos.weight` (learned positions), `encoder.*`, `decoder.*`,
+/// `generator.{weight,bias}` (absent when tied).
+pub struct EncoderDecoder {
+    cfg: EncoderDecoderConfig,
+    src_embed: TokenEmbedding,
+    tgt_embed: Option<TokenEmbedding>,
+    src_pos: Option<AbsolutePositions>,
+    tgt_pos: Option<AbsolutePositions>,
+    encoder: Encoder,
+    decoder: Decoder,
+    generator: Option<Linear>,
+    dropout: Dropout,
+}
+
+/// Incremental decoding state: per-layer caches and the number of target positions so far.
+pub struct DecodeState {
+    pub decoder: DecoderState,
+    pub position: usize,
+}
+
+impl DecodeState {
+    /// Keep only the batch rows in `indices` (beam search).
+    pub fn select_rows(&mut self, indices: &Tensor) -> Result<()> {
+        self.decoder.select_rows(indices)
+    }
+}
+
+impl EncoderDecoder {
+    pub fn new(cfg: &EncoderDecoderConfig, vp: &VarPath) -> Result<Self> {
+        cfg.validate()?;
+        let scale = cfg.scale_embeddings;
+        let src_embed = TokenEmbedding::new(cfg.src_vocab_size, cfg.d_model, scale, &vp.pp("src_embed"))?;
+        let tgt_embed = if cfg.share_embeddings {
+            None
+        } else {
+            Some(TokenEmbedding::new(cfg.tgt_vocab_size, cfg.d_model, scale, &vp.pp("tgt_embed"))?)
+        };
+        let positions = |name: &str| -> Result<Option<AbsolutePositions>> {
+            match cfg.positional {
+                PositionalKind::Sinusoidal => {
+                    Ok(Some(AbsolutePositions::sinusoidal(cfg.max_len, cfg.d_model, vp)?))
+                }
+                PositionalKind::Learned => {
+                    Ok(Some(AbsolutePositions::learned(cfg.max_len, cfg.d_model, &vp.pp(name))?))
+                }
+                PositionalKind::None | PositionalKind::Rope => Ok(None),
+            }
+        };
+        let src_pos = positions("src_pos")?;
+        let tgt_pos = positions("tgt_pos")?;
+        let layer = cfg.layer();
+        let encoder = Encoder::new(&layer, cfg.n_encoder_layers, cfg.final_norm, &vp.pp("encoder"))?;
+        let decoder = Decoder::new(&layer, cfg.n_decoder_layers, cfg.final_norm, &vp.pp("decoder"))?;
+        let generator = if cfg.tie_output {
+            None
+        } else {
+            Some(Linear::new(cfg.d_model, cfg.tgt_vocab_size, cfg.bias, false, &vp.pp("generator"))?)
+        };
+        Ok(EncoderDecoder {
+            cfg: cfg.clone(),
+            src_embed,
+            tgt_embed,
+            src_pos,
+            tgt_pos,
+            encoder,
+            decoder,
+            generator,
+            dropout: Dropout::new(cfg.dropout, vp.dropout_rng())?,
+        })
+    }
+
+    /// A freshly initialized model with its parameter store.
+    pub fn init(cfg: &EncoderDecoderConfig, dtype: DType, device: &Device, seed: u64) -> Result<(Self, VarStore)> {
+        let vs = VarStore::new(dtype, device, cfg.init, seed)
+            .with_n_layers(cfg.n_encoder_layers + cfg.n_decoder_layers);
+        let model = Self::new(cfg, &vs.root())?;
+        Ok((model, vs))
+    }
+
+    /// Load `config.json` and `model.safetensors` from a directory.
+    pub fn load(dir: &Path, device: &Device) -> Result<(Self, VarStore)> {
+        super::check_model_dir(dir)?;
+        let cfg: EncoderDecoderConfig = super::read_config(&dir.join(super::CONFIG_FILE))?;
+        let (model, vs) = Self::init(&cfg, DType::F32, device, 0)?;
+        vs.load(dir.join(super::WEIGHTS_FILE))?;
+        Ok((model, vs))
+    }
+
+    pub fn config(&self) -> &EncoderDecoderConfig {
+        &self.cfg
+    }
+
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    fn tgt_embed(&self) -> &TokenEmbedding {
+        self.tgt_embed.as_ref().unwrap_or(&self.src_embed)
+    }
+
+    fn embed(
+        &self,
+        ids: &Tensor,
+        embed: &TokenEmbedding,
+        pos: Option<&AbsolutePositions>,
+        offset: usize,
+        train: bool,
+    ) -> Result<Tensor> {
+        let x = embed.forward(ids)?;
+        let x = match pos {
+            Some(p) => p.forward(&x, offset)?,
+            None => x,
+        };
+        self.dropout.forward(&x, train)
+    }
+
+    /// Encode source ids into the memory.
+    ///
+    /// # Shapes
+    /// `src`: (B, S) ids, `src_key_padding`: (B, S) → memory (B, S, E)
+    pub fn encode(&self, src: &Tensor, src_masks: &Masks, train: bool) -> Result<Tensor> {
+        let x = self.embed(src, &self.src_embed, self.src_pos.as_ref(), 0, train)?;
+        self.encoder.forward(&x, src_masks, train)
+    }
+
+    /// Project decoder states to vocabulary logits.
+    ///
+    /// # Shapes
+    /// `x`: (B, T, E) → (B, T, V)
+    pub fn generate_logits(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.generator {
+            Some(g) => g.forward(x),
+            None => Ok(crate::nn::linear::linear(x, self.tgt_embed().weight(), None)?),
+        }
+    }
+
+    /// Decode target ids (teacher forcing) against the memory. `tgt_masks` normally has
+    /// `causal: true`.
+    ///
+    /// # Shapes
+    /// `tgt`: (B, T) ids, `memory`: (B, S, E) → logits (B, T, V)
+    pub fn decode(
+        &self,
+        tgt: &Tensor,
+        memory: &Tensor,
+        tgt_masks: &Masks,
+        memory_masks: &Masks,
+        train: bool,
+    ) -> Result<Tensor> {
+        let y = self.embed(tgt, self.tgt_embed(), self.tgt_pos.as_ref(), 0, train)?;
+        let y = self.decoder.forward(&y, memory, tgt_masks, memory_masks, train)?;
+        self.generate_logits(&y)
+    }
+
+    /// Full forward pass with padding masks from the given key-padding masks and a causal
+    /// target mask.
+    ///
+    /// # Shapes
+    /// `src`: (B, S), `tgt`: (B, T), `src_pad`: (B, S), `tgt_pad`: (B, T) → logits (B, T, V)
+    pub fn forward(
+        &self,
+        src: &Tensor,
+        tgt: &Tensor,
+        src_pad: Option<&AttnMask>,
+        tgt_pad: Option<&AttnMask>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let src_masks = Masks::none().with_key_padding(src_pad);
+        let memory = self.encode(src, &src_masks, train)?;
+        let tgt_masks = Masks::causal().with_key_padding(tgt_pad);
+        self.decode(tgt, &memory, &tgt_masks, &src_masks, train)
+    }
+
+    /// A fresh incremental decoding state for `memory` (B, S, E).
+    pub fn start_decoding(&self, memory: &Tensor) -> Result<DecodeState> {
+        Ok(DecodeState {
+            decoder: self.decoder.start_state(memory)?,
+            position: 0,
+        })
+    }
+
+    /// Decode the next target tokens given the cached state, returning logits for them and,
+    /// when requested, every layer's cross-attention weights.
+    ///
+    /// # Shapes
+    /// `tgt_new`: (B, T_new) ids, `memory_pad`: (B, S) → logits (B, T_new, V)
+    pub fn decode_step(
+        &self,
+        tgt_new: &Tensor,
+        memory: &Tensor,
+        memory_pad: Option<&AttnMask>,
+        state: &mut DecodeState,
+        need_weights: NeedWeights,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let (_, t_new) = tgt_new.dims2()?;
+        let y = self.embed(tgt_new, self.tgt_embed(), self.tgt_pos.as_ref(), state.position, false)?;
+        let opts = LayerOptions {
+            train: false,
+            rope: None,
+            need_weights,
+        };
+        let out = self.decoder.forward_with(
+            &y,
+            memory,
+            &Masks::causal(),
+            &Masks::none().with_key_padding(memory_pad),
+            &opts,
+            Some(&mut state.decoder),
+        )?;
+        state.position += t_new;
+        Ok((self.generate_logits(&out.x)?, out.cross_weights))
+    }
+}

@@ -1,0 +1,85 @@
+//! The three Transformer families, each with a serde `Config` saved as `config.json` beside
+//! its weights (`model.safetensors`) and named presets.
+
+pub mod decoder_only;
+pub mod encoder_decoder;
+pub mod encoder_only;
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::nn::VarStore;
+use crate::{Error, Result};
+
+pub use decoder_only::{DecoderOnly, DecoderOnlyConfig};
+pub use encoder_decoder::{EncoderDecoder, EncoderDecoderConfig};
+pub use encoder_only::{EncoderOnly, EncoderOnlyConfig, Pooling};
+
+/// File names inside a model directory.
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// Parse a config from JSON text; `what` names the source in errors (serde's message names the
+/// field, the expected type and the line/column).
+pub fn config_from_json<T: DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|source| Error::Json {
+        what: what.to_string(),
+        source,
+    })
+}
+
+/// Read `config.json`-style files.
+pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    config_from_json(&text, &path.display().to_string())
+}
+
+/// Write `value` as pretty JSON through a temporary file and a rename, so that a crash never
+/// leaves a half-written file behind.
+pub fn write_json_atomic<T: Serialize>(value: &T, path: &Path) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
+        what: path.display().to_string(),
+        source,
+    })?;
+    write_atomic(path, text.as_bytes())
+}
+
+/// Write bytes through a temporary sibling file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Save a model directory: `config.json` and `model.safetensors`.
+pub fn save_model<T: Serialize>(dir: &Path, config: &T, vs: &VarStore) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp-write"));
+    vs.save(&tmp)?;
+    let dst = dir.join(WEIGHTS_FILE);
+    std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+    write_json_atomic(config, &dir.join(CONFIG_FILE))
+}
+
+/// Check that a model directory holds its two files, naming what is missing.
+pub fn check_model_dir(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Err(Error::msg(format!("{}: not a directory", dir.display())));
+    }
+    for f in [CONFIG_FILE, WEIGHTS_FILE] {
+        if !dir.join(f).is_file() {
+            return Err(Error::msg(format!("{}: missing {f}", dir.display())));
+        }
+    }
+    Ok(())
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}

@@ -1,0 +1,58 @@
+//! Dropout driven by the model's seedable generator, active only in training.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::rng::SharedRng;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct Dropout {
+    p: f64,
+    rng: SharedRng,
+}
+
+impl Dropout {
+    pub fn new(p: f64, rng: SharedRng) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::Config(format!(
+                "dropout must be in [0, 1), got {p}"
+            )));
+        }
+        Ok(Dropout { p, rng })
+    }
+
+    pub fn p(&self) -> f64 {
+        self.p
+    }
+
+    /// Zero each element with probability p and scale the rest by 1/(1-p) when `train`;
+    /// the identity otherwise.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let mask = dropout_mask(&self.rng, x.dims(), self.p, x.dtype(), x.device())?;
+        Ok(x.mul(&mask)?)
+    }
+}
+
+/// A mask of 0 and 1/(1-p) values drawn from `rng`.
+pub fn dropout_mask(
+    rng: &SharedRng,
+    dims: &[usize],
+    p: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let p32 = p as f32;
+    let values: Vec<f32> = rng.with(|r| {
+        (0..n)
+            .map(|_| if r.uniform_f32() < p32 { 0.0 } else { keep })
+            .collect()
+    });
+    Ok(Tensor::from_vec(values, dims, &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?)
+}

@@ -1,0 +1,495 @@
+//! Encoder and decoder layers (post-norm as in the paper and PyTorch's default, or pre-norm
+//! with `norm_first`) and their stacks.
+//!
+//! Dimension letters: `B` batch, `T` target/query positions, `S` source/memory positions,
+//! `E` = d_model.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::attention::AttnMask;
+use super::dropout::Dropout;
+use super::embedding::Rope;
+use super::ffn::{Activation, FeedForward};
+use super::mha::{KvCache, MhaConfig, MhaInput, MultiHeadAttention, NeedWeights, ProjectedKv};
+use super::norm::LayerNorm;
+use super::var_store::VarPath;
+use crate::{Error, Result};
+
+/// Shape and behaviour shared by the encoder and decoder layers of a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerConfig {
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub d_ff: usize,
+    pub dropout: f64,
+    pub activation: Activation,
+    /// Pre-norm (x + f(norm(x))) instead of the paper's post-norm (norm(x + f(x))).
+    pub norm_first: bool,
+    pub layer_norm_eps: f64,
+    /// Biases in the linear and norm layers.
+    pub bias: bool,
+}
+
+impl LayerConfig {
+    fn mha(&self) -> MhaConfig {
+        MhaConfig {
+            bias: self.bias,
+            dropout: self.dropout,
+            ..MhaConfig::new(self.d_model, self.n_heads)
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.mha().validate()?;
+        if self.d_ff == 0 {
+            return Err(Error::Config("d_ff must be > 0".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Config(format!("dropout must be in [0, 1), got {}", self.dropout)));
+        }
+        if !(self.layer_norm_eps > 0.0) {
+            return Err(Error::Config(format!(
+                "layer_norm_eps must be > 0, got {}",
+                self.layer_norm_eps
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The masks of one attention: key padding (B, S), attention mask (T, S) / (B·H, T, S), causal.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Masks<'a> {
+    pub key_padding: Option<&'a AttnMask>,
+    pub attn: Option<&'a AttnMask>,
+    pub causal: bool,
+}
+
+impl<'a> Masks<'a> {
+    pub fn none() -> Self {
+        Masks::default()
+    }
+
+    pub fn causal() -> Self {
+        Masks {
+            causal: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn with_key_padding(mut self, m: Option<&'a AttnMask>) -> Self {
+        self.key_padding = m;
+        self
+    }
+
+    pub fn with_attn(mut self, m: Option<&'a AttnMask>) -> Self {
+        self.attn = m;
+        self
+    }
+}
+
+/// Per-call options of a layer beyond its masks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LayerOptions<'a> {
+    pub train: bool,
+    pub rope: Option<&'a Rope>,
+    pub need_weights: NeedWeights,
+}
+
+fn residual(
+    x: &Tensor,
+    norm: &LayerNorm,
+    norm_first: bool,
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if norm_first {
+        Ok((x + f(&norm.forward(x)?)?)?)
+    } else {
+        norm.forward(&(x + f(x)?)?)
+    }
+}
+
+/// Self-attention and feed-forward, each in a residual block.
+#[derive(Debug, Clone)]
+pub struct EncoderLayer {
+    self_attn: MultiHeadAttention,
+    ff: FeedForward,
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+    dropout1: Dropout,
+    dropout2: Dropout,
+    norm_first: bool,
+}
+
+impl EncoderLayer {
+    /// Parameters: `self_attn.*`, `ff.linear{1,2}.*`, `norm{1,2}.*`.
+    pub fn new(cfg: &LayerConfig, vp: &VarPath) -> Result<Self> {
+        cfg.validate()?;
+        let rng = vp.dropout_rng();
+        Ok(EncoderLayer {
+            self_attn: MultiHeadAttention::new(&cfg.mha(), &vp.pp("self_attn"))?,
+            ff: FeedForward::new(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout, cfg.bias, &vp.pp("ff"))?,
+            norm1: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm1"))?,
+            norm2: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm2"))?,
+            dropout1: Dropout::new(cfg.dropout, rng.clone())?,
+            dropout2: Dropout::new(cfg.dropout, rng)?,
+            norm_first: cfg.norm_first,
+        })
+    }
+
+    pub fn self_attn(&self) -> &MultiHeadAttention {
+        &self.self_attn
+    }
+
+    /// # Shapes
+    /// `x`: (B, T, E) → (B, T, E)
+    pub fn forward(&self, x: &Tensor, masks: &Masks, train: bool) -> Result<Tensor> {
+        let opts = LayerOptions {
+            train,
+            ..Default::default()
+        };
+        Ok(self.forward_with(x, masks, &opts, None)?.0)
+    }
+
+    /// Forward with a self-attention cache (decoder-only generation), RoPE and weights.
+    ///
+    /// # Shapes
+    /// `x`: (B, T, E) → ((B, T, E), weights (B, T, S) or (B, H, T, S))
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        masks: &Masks,
+        opts: &LayerOptions,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let mut weights = None;
+        let x = residual(x, &self.norm1, self.norm_first, |h| {
+            let out = self.self_attn.forward(
+                MhaInput::self_attn(h)
+                    .key_padding_mask(masks.key_padding)
+                    .attn_mask(masks.attn)
+                    .causal(masks.causal)
+                    .need_weights(opts.need_weights)
+                    .cache(cache)
+                    .rope(opts.rope)
+                    .train(opts.train),
+            )?;
+            weights = out.weights;
+            self.dropout1.forward(&out.context, opts.train)
+        })?;
+        let x = residual(&x, &self.norm2, self.norm_first, |h| {
+            self.dropout2.forward(&self.ff.forward(h, opts.train)?, opts.train)
+        })?;
+        Ok((x, weights))
+    }
+}
+
+/// Masked self-attention, cross-attention over the encoder memory, and feed-forward.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    self_attn: MultiHeadAttention,
+    cross_attn: MultiHeadAttention,
+    ff: FeedForward,
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+    norm3: LayerNorm,
+    dropout1: Dropout,
+    dropout2: Dropout,
+    dropout3: Dropout,
+    norm_first: bool,
+}
+
+/// What a decoder layer returns.
+#[derive(Debug, Clone)]
+pub struct DecoderLayerOutput {
+    /// (B, T, E)
+    pub x: Tensor,
+    /// Self-attention weights, when requested.
+    pub self_weights: Option<Tensor>,
+    /// Cross-attention weights (B, T, S) or (B, H, T, S), when requested.
+    pub cross_weights: Option<Tensor>,
+}
+
+impl DecoderLayer {
+    /// Parameters: `self_attn.*`, `cross_attn.*`, `ff.linear{1,2}.*`, `norm{1,2,3}.*`.
+    pub fn new(cfg: &LayerConfig, vp: &VarPath) -> Result<Self> {
+        cfg.validate()?;
+        let rng = vp.dropout_rng();
+        Ok(DecoderLayer {
+            self_attn: MultiHeadAttention::new(&cfg.mha(), &vp.pp("self_attn"))?,
+            cross_attn: MultiHeadAttention::new(&cfg.mha(), &vp.pp("cross_attn"))?,
+            ff: FeedForward::new(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout, cfg.bias, &vp.pp("ff"))?,
+            norm1: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm1"))?,
+            norm2: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm2"))?,
+            norm3: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm3"))?,
+            dropout1: Dropout::new(cfg.dropout, rng.clone())?,
+            dropout2: Dropout::new(cfg.dropout, rng.clone())?,
+            dropout3: Dropout::new(cfg.dropout, rng)?,
+            norm_first: cfg.norm_first,
+        })
+    }
+
+    /// Project the encoder memory for this layer's cross-attention once (for decoding).
+    pub fn project_memory(&self, memory: &Tensor) -> Result<ProjectedKv> {
+        self.cross_attn.project_kv(memory)
+    }
+
+    /// # Shapes
+    /// `x`: (B, T, E), `memory`: (B, S, E) → (B, T, E)
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        memory: &Tensor,
+        tgt: &Masks,
+        mem: &Masks,
+        train: bool,
+    ) -> Result<Tensor> {
+        let opts = LayerOptions {
+            train,
+            ..Default::default()
+        };
+        Ok(self.forward_with(x, Memory::Raw(memory), tgt, mem, &opts, None)?.x)
+    }
+
+    /// Forward with a self-attention cache, projected memory and attention weights.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        memory: Memory,
+        tgt: &Masks,
+        mem: &Masks,
+        opts: &LayerOptions,
+        cache: Option<&mut KvCache>,
+    ) -> Result<DecoderLayerOutput> {
+        let (mut self_weights, mut cross_weights) = (None, None);
+        let x = residual(x, &self.norm1, self.norm_first, |h| {
+            let out = self.self_attn.forward(
+                MhaInput::self_attn(h)
+                    .key_padding_mask(tgt.key_padding)
+                    .attn_mask(tgt.attn)
+                    .causal(tgt.causal)
+                    .need_weights(opts.need_weights)
+                    .cache(cache)
+                    .train(opts.train),
+            )?;
+            self_weights = out.weights;
+            self.dropout1.forward(&out.context, opts.train)
+        })?;
+        let x = residual(&x, &self.norm2, self.norm_first, |h| {
+            let input = match memory {
+                Memory::Raw(m) => MhaInput::cross_attn(h, m),
+                Memory::Projected(kv) => MhaInput::self_attn(h).static_kv(Some(kv)),
+            };
+            let out = self.cross_attn.forward(
+                input
+                    .key_padding_mask(mem.key_padding)
+                    .attn_mask(mem.attn)
+                    .causal(mem.causal)
+                    .need_weights(opts.need_weights)
+                    .train(opts.train),
+            )?;
+            cross_weights = out.weights;
+            self.dropout2.forward(&out.context, opts.train)
+        })?;
+        let x = residual(&x, &self.norm3, self.norm_first, |h| {
+            self.dropout3.forward(&self.ff.forward(h, opts.train)?, opts.train)
+        })?;
+        Ok(DecoderLayerOutput {
+            x,
+            self_weights,
+            cross_weights,
+        })
+    }
+}
+
+/// The encoder memory as a decoder layer sees it.
+#[derive(Debug, Clone, Copy)]
+pub enum Memory<'a> {
+    /// (B, S, E), projected on every call.
+    Raw(&'a Tensor),
+    /// Keys/values projected once by [`DecoderLayer::project_memory`].
+    Projected(&'a ProjectedKv),
+}
+
+/// A stack of encoder layers with an optional final norm.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    layers: Vec<EncoderLayer>,
+    norm: Option<LayerNorm>,
+}
+
+impl Encoder {
+    /// Parameters: `layers.N.*`, `norm.*` when `final_norm`.
+    pub fn new(cfg: &LayerConfig, n_layers: usize, final_norm: bool, vp: &VarPath) -> Result<Self> {
+        let layers = (0..n_layers)
+            .map(|i| EncoderLayer::new(cfg, &vp.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = if final_norm {
+            Some(LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm"))?)
+        } else {
+            None
+        };
+        Ok(Encoder { layers, norm })
+    }
+
+    pub fn layers(&self) -> &[EncoderLayer] {
+        &self.layers
+    }
+
+    /// # Shapes
+    /// `x`: (B, S, E) → (B, S, E)
+    pub fn forward(&self, x: &Tensor, masks: &Masks, train: bool) -> Result<Tensor> {
+        let opts = LayerOptions {
+            train,
+            ..Default::default()
+        };
+        self.forward_with(x, masks, &opts, None)
+    }
+
+    /// Forward with per-layer caches (decoder-only generation) and RoPE.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        masks: &Masks,
+        opts: &LayerOptions,
+        mut caches: Option<&mut [KvCache]>,
+    ) -> Result<Tensor> {
+        if let Some(c) = &caches {
+            if c.len() != self.layers.len() {
+                return Err(Error::msg(format!(
+                    "{} caches for {} layers",
+                    c.len(),
+                    self.layers.len()
+                )));
+            }
+        }
+        let mut x = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            x = layer.forward_with(&x, masks, opts, cache)?.0;
+        }
+        match &self.norm {
+            Some(n) => n.forward(&x),
+            None => Ok(x),
+        }
+    }
+}
+
+/// Self-attention caches and projected memory of every decoder layer, for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct DecoderState {
+    pub self_kv: Vec<KvCache>,
+    pub memory_kv: Vec<ProjectedKv>,
+}
+
+impl DecoderState {
+    /// Keep only the batch rows in `indices` (beam search reorders hypotheses).
+    pub fn select_rows(&mut self, indices: &Tensor) -> Result<()> {
+        for c in self.self_kv.iter_mut() {
+            c.select_rows(indices)?;
+        }
+        for m in self.memory_kv.iter_mut() {
+            *m = m.select_rows(indices)?;
+        }
+        Ok(())
+    }
+}
+
+/// A stack of decoder layers with an optional final norm.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    layers: Vec<DecoderLayer>,
+    norm: Option<LayerNorm>,
+}
+
+/// What the decoder stack returns.
+#[derive(Debug, Clone)]
+pub struct DecoderOutput {
+    /// (B, T, E)
+    pub x: Tensor,
+    /// Cross-attention weights of every layer, when requested.
+    pub cross_weights: Vec<Tensor>,
+}
+
+impl Decoder {
+    /// Parameters: `layers.N.*`, `norm.*` when `final_norm`.
+    pub fn new(cfg: &LayerConfig, n_layers: usize, final_norm: bool, vp: &VarPath) -> Result<Self> {
+        let layers = (0..n_layers)
+            .map(|i| DecoderLayer::new(cfg, &vp.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = if final_norm {
+            Some(LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm"))?)
+        } else {
+            None
+        };
+        Ok(Decoder { layers, norm })
+    }
+
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// # Shapes
+    /// `x`: (B, T, E), `memory`: (B, S, E) → (B, T, E)
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        memory: &Tensor,
+        tgt: &Masks,
+        mem: &Masks,
+        train: bool,
+    ) -> Result<Tensor> {
+        let opts = LayerOptions {
+            train,
+            ..Default::default()
+        };
+        Ok(self.forward_with(x, memory, tgt, mem, &opts, None)?.x)
+    }
+
+    /// A fresh decoding state for `memory` (B, S, E): empty caches, memory projected per layer.
+    pub fn start_state(&self, memory: &Tensor) -> Result<DecoderState> {
+        Ok(DecoderState {
+            self_kv: self.layers.iter().map(|_| KvCache::new()).collect(),
+            memory_kv: self
+                .layers
+                .iter()
+                .map(|l| l.project_memory(memory))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Forward with optional incremental state and attention weights.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        memory: &Tensor,
+        tgt: &Masks,
+        mem: &Masks,
+        opts: &LayerOptions,
+        mut state: Option<&mut DecoderState>,
+    ) -> Result<DecoderOutput> {
+        let mut x = x.clone();
+        let mut cross_weights = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let out = match state.as_deref_mut() {
+                Some(st) => layer.forward_with(
+                    &x,
+                    Memory::Projected(&st.memory_kv[i]),
+                    tgt,
+                    mem,
+                    opts,
+                    Some(&mut st.self_kv[i]),
+                )?,
+                None => layer.forward_with(&x, Memory::Raw(memory), tgt, mem, opts, None)?,
+            };
+            x = out.x;
+            cross_weights.extend(out.cross_weights);
+        }
+        let x = match &self.norm {
+            Some(n) => n.forward(&x)?,
+            None => x,
+        };
+        Ok(DecoderOutput { x, cross_weights })
+    }
+}
