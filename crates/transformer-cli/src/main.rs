@@ -2,6 +2,16 @@
 //!
 //! `main` only parses and dispatches; each subcommand lives in its own file.
 
+mod checkpoint;
+mod data;
+mod demo;
+mod eval;
+mod generate;
+mod models;
+mod plot;
+mod progress;
+mod train;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -25,31 +35,51 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a small encoder-decoder to reverse sequences and show its attention (no data needed).
+    Demo(demo::DemoArgs),
     /// Print the model families and their named presets.
     Models,
+    /// Fetch known data sets into data/NAME/.
+    Data(data::DataArgs),
+    /// Train a model from a TOML config.
+    Train(train::TrainArgs),
+    /// Continue a text with a trained language model, streaming tokens.
+    Generate(generate::GenerateArgs),
+    /// Loss and perplexity of a language model on a text file (one JSON line).
+    Eval(eval::EvalArgs),
+}
+
+/// The compute device: CPU, or CUDA when built with `--features cuda` and
+/// `TRANSFORMER_DEVICE=cuda`.
+pub fn device() -> anyhow::Result<candle_core::Device> {
+    match std::env::var("TRANSFORMER_DEVICE").as_deref() {
+        Ok("cuda") => Ok(candle_core::Device::new_cuda(0)?),
+        Ok("cpu") | Err(_) => Ok(candle_core::Device::Cpu),
+        Ok(other) => anyhow::bail!("TRANSFORMER_DEVICE={other:?}: expected cpu or cuda"),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Models => models(),
+        Command::Demo(args) => demo::run(args),
+        Command::Models => models::run(),
+        Command::Data(args) => data::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Eval(args) => eval::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // A closed pipe (`transformer generate | head`) is a normal way to stop.
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            {
+                return ExitCode::SUCCESS;
+            }
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
-}
-
-fn models() -> anyhow::Result<()> {
-    use transformer::models::{DecoderOnlyConfig, EncoderDecoderConfig, EncoderOnlyConfig};
-    println!("encoder-decoder presets: base, big, tiny");
-    println!("{}", serde_json::to_string_pretty(&EncoderDecoderConfig::base(37000))?);
-    println!("decoder-only presets: shakespeare_char, gpt2_small, tiny");
-    println!("{}", serde_json::to_string_pretty(&DecoderOnlyConfig::shakespeare_char(65))?);
-    println!("encoder-only presets: bert_base, minilm_l6, tiny");
-    println!("{}", serde_json::to_string_pretty(&EncoderOnlyConfig::bert_base(30522))?);
-    Ok(())
 }

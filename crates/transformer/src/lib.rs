@@ -9,8 +9,10 @@
 //! `data` holds tokenizers and batching.
 
 pub mod data;
+pub mod decode;
 pub mod error;
 pub mod import;
+pub mod metrics;
 pub mod models;
 pub mod nn;
 pub mod rng;

@@ -256,7 +256,10 @@ mod tests {
         );
         // An empty row is all padding.
         let p = pad_batch(&[vec![], vec![1u32, 2]], 3, &Device::Cpu).unwrap();
-        assert_eq!(p.ids.to_vec2::<u32>().unwrap(), vec![vec![3, 3], vec![1, 2]]);
+        assert_eq!(
+            p.ids.to_vec2::<u32>().unwrap(),
+            vec![vec![3, 3], vec![1, 2]]
+        );
         assert_eq!(
             p.mask().unwrap().to_vec2::<u8>().unwrap(),
             vec![vec![1, 1], vec![0, 0]]
@@ -280,7 +283,10 @@ mod tests {
             eos: 2,
             ignore: 99,
         };
-        let pairs = vec![(vec![20u32, 21, 22], vec![30u32]), (vec![23], vec![31, 32, 33])];
+        let pairs = vec![
+            (vec![20u32, 21, 22], vec![30u32]),
+            (vec![23], vec![31, 32, 33]),
+        ];
         let b = Seq2SeqBatch::new(&pairs, ids, &Device::Cpu).unwrap();
         assert_eq!(
             b.src.to_vec2::<u32>().unwrap(),
@@ -377,7 +383,12 @@ mod tests {
         let e = bucket_by_tokens(&[(3, 4), (50, 2)], 40, &mut Rng::new(0))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("pair 1") && e.contains("50") && e.contains("40"), "{e}");
-        assert!(bucket_by_tokens(&[], 40, &mut Rng::new(0)).unwrap().is_empty());
+        assert!(
+            e.contains("pair 1") && e.contains("50") && e.contains("40"),
+            "{e}"
+        );
+        assert!(bucket_by_tokens(&[], 40, &mut Rng::new(0))
+            .unwrap()
+            .is_empty());
     }
 }

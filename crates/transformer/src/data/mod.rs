@@ -8,6 +8,7 @@
 //!   bucketing for sequence-to-sequence data.
 
 pub mod batch;
+pub mod datasets;
 pub mod text;
 pub mod tokenizer;
 

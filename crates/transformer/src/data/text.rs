@@ -128,11 +128,10 @@ impl LmDataset {
         rng: &mut Rng,
         device: &Device,
     ) -> Result<LmBatch> {
-        random_windows(self.tokens(split), batch_size, block_size, rng, device).map_err(|e| {
-            match e {
-                Error::Msg(m) => Error::Msg(format!("{split} split: {m}")),
-                other => other,
-            }
+        random_windows(self.tokens(split), batch_size, block_size, rng, device).map_err(|e| match e
+        {
+            Error::Msg(m) => Error::Msg(format!("{split} split: {m}")),
+            other => other,
         })
     }
 }
@@ -223,7 +222,9 @@ pub struct EvalWindows<'a> {
 /// from the previous one).
 pub fn eval_windows(tokens: &[u32], block_size: usize) -> Result<EvalWindows<'_>> {
     if block_size == 0 {
-        return Err(Error::Config("block_size must be positive, got 0".to_string()));
+        return Err(Error::Config(
+            "block_size must be positive, got 0".to_string(),
+        ));
     }
     Ok(EvalWindows {
         tokens,
@@ -350,7 +351,10 @@ mod tests {
         let tokens: Vec<u32> = (0..9).collect();
         let mut rng = Rng::new(0);
         let b = random_windows(&tokens, 3, 8, &mut rng, &Device::Cpu).unwrap();
-        assert_eq!(b.x.to_vec2::<u32>().unwrap(), vec![(0..8).collect::<Vec<_>>(); 3]);
+        assert_eq!(
+            b.x.to_vec2::<u32>().unwrap(),
+            vec![(0..8).collect::<Vec<_>>(); 3]
+        );
         // Every start in [0, len - block_size) is drawn.
         let tokens: Vec<u32> = (0..12).collect();
         let b = random_windows(&tokens, 200, 8, &mut rng, &Device::Cpu).unwrap();
@@ -366,7 +370,10 @@ mod tests {
             .batch(Split::Val, 2, 8, &mut Rng::new(0), &Device::Cpu)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("val") && e.contains('5') && e.contains("9"), "{e}");
+        assert!(
+            e.contains("val split") && e.contains("5 tokens") && e.contains("= 9"),
+            "{e}"
+        );
         assert!(ds
             .batch(Split::Train, 2, 8, &mut Rng::new(0), &Device::Cpu)
             .is_ok());

@@ -642,7 +642,10 @@ impl Tokenizer {
 /// re-decodes a short window that starts one step back: the text beyond the window's old part
 /// is new, and it is held back while it ends in U+FFFD (an incomplete UTF-8 character).
 /// The concatenation of everything returned, plus [`StreamDecoder::finish`], equals
-/// [`Tokenizer::decode`] of all the ids. Special tokens are dropped, as in `decode`.
+/// [`Tokenizer::decode`] of all the ids, except where a decoder's clean-up rewrites text that
+/// was already returned (WordPiece joining `do n't`): then [`StreamDecoder::push`] returns an
+/// error rather than print something `decode` would not. Special tokens are dropped, as in
+/// `decode`.
 #[derive(Debug)]
 pub struct StreamDecoder<'a> {
     tokenizer: &'a Tokenizer,
@@ -762,7 +765,8 @@ impl TokenizerConfig {
             }
             _ => {}
         }
-        if self.kind == TokenizerKind::File && (self.unk.is_some() || !self.special_tokens.is_empty())
+        if self.kind == TokenizerKind::File
+            && (self.unk.is_some() || !self.special_tokens.is_empty())
         {
             return Err(Error::Config(
                 "tokenizer.unk and tokenizer.special_tokens do not apply to kind = \"file\": the \
@@ -891,12 +895,18 @@ mod tests {
         };
         assert_eq!(a, b);
         assert_eq!(loaded.eos_id(), tok.eos_id());
-        assert_eq!(loaded.encode("Speak~").unwrap(), tok.encode("Speak~").unwrap());
+        assert_eq!(
+            loaded.encode("Speak~").unwrap(),
+            tok.encode("Speak~").unwrap()
+        );
 
         // A malformed vocabulary entry is named.
         std::fs::write(&path, r#"{"type": "char", "chars": ["a", "bc"]}"#).unwrap();
         let e = Tokenizer::load(&path).unwrap_err().to_string();
-        assert!(e.contains("chars[1]") && e.contains("tokenizer.json"), "{e}");
+        assert!(
+            e.contains("chars[1]") && e.contains("tokenizer.json"),
+            "{e}"
+        );
         let e = Tokenizer::load(dir.path().join("nope.json"))
             .unwrap_err()
             .to_string();
@@ -978,8 +988,9 @@ mod tests {
         std::fs::write(&path, WORDPIECE_JSON).unwrap();
         let tok = Tokenizer::load(&path).unwrap();
         assert_eq!(tok.vocab_size(), 10);
-        // BERT pre-tokenizer splits punctuation; the normalizer lowercases.
-        assert_eq!(tok.encode("Hello worlds!").unwrap(), vec![4, 7, 8, 9, 6]);
+        // BERT pre-tokenizer splits punctuation, the normalizer lowercases, WordPiece takes the
+        // longest prefix ("world" + "##s").
+        assert_eq!(tok.encode("Hello worlds!").unwrap(), vec![4, 5, 9, 6]);
         assert_eq!(tok.encode("hello xyz").unwrap(), vec![4, 1]);
         let Tokenizer::Hf(hf) = &tok else {
             panic!("expected a Hugging Face tokenizer")
@@ -990,11 +1001,17 @@ mod tests {
         );
         assert_eq!(tok.decode(&[2, 4, 5, 6, 3]).unwrap(), "hello world!");
         let sp = tok.special_ids();
-        assert_eq!((sp.pad, sp.unk, sp.bos, sp.eos), (Some(0), Some(1), None, None));
+        assert_eq!(
+            (sp.pad, sp.unk, sp.bos, sp.eos),
+            (Some(0), Some(1), None, None)
+        );
 
         std::fs::write(&path, r#"{"model": 3}"#).unwrap();
         let e = Tokenizer::load(&path).unwrap_err().to_string();
-        assert!(e.contains("tokenizer.json") && e.contains("Hugging Face"), "{e}");
+        assert!(
+            e.contains("tokenizer.json") && e.contains("Hugging Face"),
+            "{e}"
+        );
     }
 
     /// Stream `ids` through a [`StreamDecoder`]; returns the pieces and the final flush.
@@ -1068,7 +1085,10 @@ mod tests {
         };
         let tok = cfg.build(Some(CORPUS)).unwrap();
         assert!(tok.vocab_size() <= 280);
-        assert_eq!((tok.pad_id(), tok.eos_id(), tok.unk_id()), (Some(0), Some(1), Some(2)));
+        assert_eq!(
+            (tok.pad_id(), tok.eos_id(), tok.unk_id()),
+            (Some(0), Some(1), Some(2))
+        );
 
         let dir = TempDir::new("tok_cfg");
         let path = dir.path().join("tokenizer.json");

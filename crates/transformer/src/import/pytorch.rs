@@ -74,7 +74,11 @@ fn rename_modules(name: &str) -> String {
 }
 
 /// Load a PyTorch `state_dict` (already read into tensors) into `vs`, strictly.
-pub fn load_state_dict(vs: &VarStore, torch: &HashMap<String, Tensor>, source_name: &str) -> Result<()> {
+pub fn load_state_dict(
+    vs: &VarStore,
+    torch: &HashMap<String, Tensor>,
+    source_name: &str,
+) -> Result<()> {
     vs.load_map(&map_state_dict(torch)?, source_name)
 }
 
@@ -103,7 +107,10 @@ mod tests {
     fn names_map_onto_ours() -> Result<()> {
         let z = |n: usize| Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
         let mut m = HashMap::new();
-        m.insert("decoder.layers.1.multihead_attn.in_proj_weight".to_string(), z(3));
+        m.insert(
+            "decoder.layers.1.multihead_attn.in_proj_weight".to_string(),
+            z(3),
+        );
         m.insert("encoder.layers.0.linear1.bias".to_string(), z(3));
         m.insert("attn.q_proj_weight".to_string(), z(2));
         m.insert("attn.in_proj_bias".to_string(), z(6));

@@ -181,16 +181,19 @@ pub struct DecoderOnly {
 impl DecoderOnly {
     pub fn new(cfg: &DecoderOnlyConfig, vp: &VarPath) -> Result<Self> {
         cfg.validate()?;
-        let tok_embed = TokenEmbedding::new(cfg.vocab_size, cfg.d_model, false, &vp.pp("tok_embed"))?;
+        let tok_embed =
+            TokenEmbedding::new(cfg.vocab_size, cfg.d_model, false, &vp.pp("tok_embed"))?;
         let pos = match cfg.positional {
             PositionalKind::Learned => Some(AbsolutePositions::learned(
                 cfg.block_size,
                 cfg.d_model,
                 &vp.pp("pos_embed"),
             )?),
-            PositionalKind::Sinusoidal => {
-                Some(AbsolutePositions::sinusoidal(cfg.block_size, cfg.d_model, vp)?)
-            }
+            PositionalKind::Sinusoidal => Some(AbsolutePositions::sinusoidal(
+                cfg.block_size,
+                cfg.d_model,
+                vp,
+            )?),
             _ => None,
         };
         let rope = match cfg.positional {
@@ -208,7 +211,13 @@ impl DecoderOnly {
         let lm_head = if cfg.tie_embeddings {
             None
         } else {
-            Some(Linear::new(cfg.d_model, cfg.vocab_size, false, false, &vp.pp("lm_head"))?)
+            Some(Linear::new(
+                cfg.d_model,
+                cfg.vocab_size,
+                false,
+                false,
+                &vp.pp("lm_head"),
+            )?)
         };
         Ok(DecoderOnly {
             cfg: cfg.clone(),
@@ -222,7 +231,12 @@ impl DecoderOnly {
     }
 
     /// A freshly initialized model with its parameter store.
-    pub fn init(cfg: &DecoderOnlyConfig, dtype: DType, device: &Device, seed: u64) -> Result<(Self, VarStore)> {
+    pub fn init(
+        cfg: &DecoderOnlyConfig,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<(Self, VarStore)> {
         let vs = VarStore::new(dtype, device, cfg.init, seed).with_n_layers(cfg.n_layers);
         let model = Self::new(cfg, &vs.root())?;
         Ok((model, vs))
@@ -263,11 +277,19 @@ impl DecoderOnly {
         self.forward_inner(ids, false, Some(caches))
     }
 
-    fn forward_inner(&self, ids: &Tensor, train: bool, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
+    fn forward_inner(
+        &self,
+        ids: &Tensor,
+        train: bool,
+        caches: Option<&mut [KvCache]>,
+    ) -> Result<Tensor> {
         let (_, t) = ids
             .dims2()
             .map_err(|_| Error::shape("token ids", "(B, T)", ids.dims()))?;
-        let offset = caches.as_ref().and_then(|c| c.first()).map_or(0, |c| c.len());
+        let offset = caches
+            .as_ref()
+            .and_then(|c| c.first())
+            .map_or(0, |c| c.len());
         if offset + t > self.cfg.block_size {
             return Err(Error::msg(format!(
                 "sequence of {} tokens exceeds the context length (block_size) {}",
@@ -286,10 +308,16 @@ impl DecoderOnly {
             rope: self.rope.as_ref(),
             ..Default::default()
         };
-        let x = self.blocks.forward_with(&x, &Masks::causal(), &opts, caches)?;
+        let x = self
+            .blocks
+            .forward_with(&x, &Masks::causal(), &opts, caches)?;
         match &self.lm_head {
             Some(h) => h.forward(&x),
-            None => Ok(crate::nn::linear::linear(&x, self.tok_embed.weight(), None)?),
+            None => Ok(crate::nn::linear::linear(
+                &x,
+                self.tok_embed.weight(),
+                None,
+            )?),
         }
     }
 }

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::{
     AbsolutePositions, Activation, AttnMask, Decoder, DecoderState, Dropout, Encoder, InitScheme,
-    LayerConfig, LayerOptions, Linear, Masks, NeedWeights, PositionalKind, TokenEmbedding,
-    VarPath, VarStore,
+    LayerConfig, LayerOptions, Linear, Masks, NeedWeights, PositionalKind, TokenEmbedding, VarPath,
+    VarStore,
 };
 use crate::{Error, Result};
 
@@ -202,32 +202,58 @@ impl EncoderDecoder {
     pub fn new(cfg: &EncoderDecoderConfig, vp: &VarPath) -> Result<Self> {
         cfg.validate()?;
         let scale = cfg.scale_embeddings;
-        let src_embed = TokenEmbedding::new(cfg.src_vocab_size, cfg.d_model, scale, &vp.pp("src_embed"))?;
+        let src_embed =
+            TokenEmbedding::new(cfg.src_vocab_size, cfg.d_model, scale, &vp.pp("src_embed"))?;
         let tgt_embed = if cfg.share_embeddings {
             None
         } else {
-            Some(TokenEmbedding::new(cfg.tgt_vocab_size, cfg.d_model, scale, &vp.pp("tgt_embed"))?)
+            Some(TokenEmbedding::new(
+                cfg.tgt_vocab_size,
+                cfg.d_model,
+                scale,
+                &vp.pp("tgt_embed"),
+            )?)
         };
         let positions = |name: &str| -> Result<Option<AbsolutePositions>> {
             match cfg.positional {
-                PositionalKind::Sinusoidal => {
-                    Ok(Some(AbsolutePositions::sinusoidal(cfg.max_len, cfg.d_model, vp)?))
-                }
-                PositionalKind::Learned => {
-                    Ok(Some(AbsolutePositions::learned(cfg.max_len, cfg.d_model, &vp.pp(name))?))
-                }
+                PositionalKind::Sinusoidal => Ok(Some(AbsolutePositions::sinusoidal(
+                    cfg.max_len,
+                    cfg.d_model,
+                    vp,
+                )?)),
+                PositionalKind::Learned => Ok(Some(AbsolutePositions::learned(
+                    cfg.max_len,
+                    cfg.d_model,
+                    &vp.pp(name),
+                )?)),
                 PositionalKind::None | PositionalKind::Rope => Ok(None),
             }
         };
         let src_pos = positions("src_pos")?;
         let tgt_pos = positions("tgt_pos")?;
         let layer = cfg.layer();
-        let encoder = Encoder::new(&layer, cfg.n_encoder_layers, cfg.final_norm, &vp.pp("encoder"))?;
-        let decoder = Decoder::new(&layer, cfg.n_decoder_layers, cfg.final_norm, &vp.pp("decoder"))?;
+        let encoder = Encoder::new(
+            &layer,
+            cfg.n_encoder_layers,
+            cfg.final_norm,
+            &vp.pp("encoder"),
+        )?;
+        let decoder = Decoder::new(
+            &layer,
+            cfg.n_decoder_layers,
+            cfg.final_norm,
+            &vp.pp("decoder"),
+        )?;
         let generator = if cfg.tie_output {
             None
         } else {
-            Some(Linear::new(cfg.d_model, cfg.tgt_vocab_size, cfg.bias, false, &vp.pp("generator"))?)
+            Some(Linear::new(
+                cfg.d_model,
+                cfg.tgt_vocab_size,
+                cfg.bias,
+                false,
+                &vp.pp("generator"),
+            )?)
         };
         Ok(EncoderDecoder {
             cfg: cfg.clone(),
@@ -243,7 +269,12 @@ impl EncoderDecoder {
     }
 
     /// A freshly initialized model with its parameter store.
-    pub fn init(cfg: &EncoderDecoderConfig, dtype: DType, device: &Device, seed: u64) -> Result<(Self, VarStore)> {
+    pub fn init(
+        cfg: &EncoderDecoderConfig,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<(Self, VarStore)> {
         let vs = VarStore::new(dtype, device, cfg.init, seed)
             .with_n_layers(cfg.n_encoder_layers + cfg.n_decoder_layers);
         let model = Self::new(cfg, &vs.root())?;
@@ -307,7 +338,11 @@ impl EncoderDecoder {
     pub fn generate_logits(&self, x: &Tensor) -> Result<Tensor> {
         match &self.generator {
             Some(g) => g.forward(x),
-            None => Ok(crate::nn::linear::linear(x, self.tgt_embed().weight(), None)?),
+            None => Ok(crate::nn::linear::linear(
+                x,
+                self.tgt_embed().weight(),
+                None,
+            )?),
         }
     }
 
@@ -325,7 +360,9 @@ impl EncoderDecoder {
         train: bool,
     ) -> Result<Tensor> {
         let y = self.embed(tgt, self.tgt_embed(), self.tgt_pos.as_ref(), 0, train)?;
-        let y = self.decoder.forward(&y, memory, tgt_masks, memory_masks, train)?;
+        let y = self
+            .decoder
+            .forward(&y, memory, tgt_masks, memory_masks, train)?;
         self.generate_logits(&y)
     }
 
@@ -370,7 +407,13 @@ impl EncoderDecoder {
         need_weights: NeedWeights,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let (_, t_new) = tgt_new.dims2()?;
-        let y = self.embed(tgt_new, self.tgt_embed(), self.tgt_pos.as_ref(), state.position, false)?;
+        let y = self.embed(
+            tgt_new,
+            self.tgt_embed(),
+            self.tgt_pos.as_ref(),
+            state.position,
+            false,
+        )?;
         let opts = LayerOptions {
             train: false,
             rope: None,

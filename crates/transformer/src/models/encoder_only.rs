@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{
-    AbsolutePositions, Activation, AttnMask, Dropout, Encoder, InitScheme, LayerConfig,
-    LayerNorm, Linear, Masks, TokenEmbedding, VarPath, VarStore,
+    AbsolutePositions, Activation, AttnMask, Dropout, Encoder, InitScheme, LayerConfig, LayerNorm,
+    Linear, Masks, TokenEmbedding, VarPath, VarStore,
 };
 use crate::{Error, Result};
 
@@ -191,24 +191,46 @@ impl EncoderOnly {
         let tok = TokenEmbedding::new(cfg.vocab_size, cfg.d_model, false, &e.pp("tok"))?;
         let pos = AbsolutePositions::learned(cfg.max_len, cfg.d_model, &e.pp("pos"))?;
         let token_type = if cfg.type_vocab_size > 0 {
-            Some(TokenEmbedding::new(cfg.type_vocab_size, cfg.d_model, false, &e.pp("type"))?)
+            Some(TokenEmbedding::new(
+                cfg.type_vocab_size,
+                cfg.d_model,
+                false,
+                &e.pp("type"),
+            )?)
         } else {
             None
         };
         let embed_norm = if cfg.embedding_norm {
-            Some(LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, true, &e.pp("norm"))?)
+            Some(LayerNorm::new(
+                cfg.d_model,
+                cfg.layer_norm_eps,
+                true,
+                &e.pp("norm"),
+            )?)
         } else {
             None
         };
         // Pre-norm stacks need a final norm; post-norm layers already end in one.
         let encoder = Encoder::new(&cfg.layer(), cfg.n_layers, cfg.norm_first, vp)?;
         let pooler = if cfg.pooler {
-            Some(Linear::new(cfg.d_model, cfg.d_model, true, false, &vp.pp("pooler"))?)
+            Some(Linear::new(
+                cfg.d_model,
+                cfg.d_model,
+                true,
+                false,
+                &vp.pp("pooler"),
+            )?)
         } else {
             None
         };
         let classifier = match cfg.n_classes {
-            Some(c) => Some(Linear::new(cfg.d_model, c, true, false, &vp.pp("classifier"))?),
+            Some(c) => Some(Linear::new(
+                cfg.d_model,
+                c,
+                true,
+                false,
+                &vp.pp("classifier"),
+            )?),
             None => None,
         };
         Ok(EncoderOnly {
@@ -225,7 +247,12 @@ impl EncoderOnly {
     }
 
     /// A freshly initialized model with its parameter store.
-    pub fn init(cfg: &EncoderOnlyConfig, dtype: DType, device: &Device, seed: u64) -> Result<(Self, VarStore)> {
+    pub fn init(
+        cfg: &EncoderOnlyConfig,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<(Self, VarStore)> {
         let vs = VarStore::new(dtype, device, cfg.init, seed).with_n_layers(cfg.n_layers);
         let model = Self::new(cfg, &vs.root())?;
         Ok((model, vs))
@@ -265,7 +292,9 @@ impl EncoderOnly {
                 (x + tt.forward(&zeros)?)?
             }
             (None, Some(_)) => {
-                return Err(Error::msg("token types given but the model has type_vocab_size 0"))
+                return Err(Error::msg(
+                    "token types given but the model has type_vocab_size 0",
+                ))
             }
             (None, None) => x,
         };
@@ -274,7 +303,8 @@ impl EncoderOnly {
             None => x,
         };
         let x = self.dropout.forward(&x, train)?;
-        self.encoder.forward(&x, &Masks::none().with_key_padding(padding), train)
+        self.encoder
+            .forward(&x, &Masks::none().with_key_padding(padding), train)
     }
 
     /// One vector per sequence by the configured pooling, through the pooler when present.
@@ -293,9 +323,16 @@ impl EncoderOnly {
     ///
     /// # Shapes
     /// `ids`: (B, T) → (B, C)
-    pub fn classify(&self, ids: &Tensor, padding: Option<&AttnMask>, train: bool) -> Result<Tensor> {
+    pub fn classify(
+        &self,
+        ids: &Tensor,
+        padding: Option<&AttnMask>,
+        train: bool,
+    ) -> Result<Tensor> {
         let Some(head) = &self.classifier else {
-            return Err(Error::Config("the model has no classification head (n_classes unset)".into()));
+            return Err(Error::Config(
+                "the model has no classification head (n_classes unset)".into(),
+            ));
         };
         let h = self.forward(ids, None, padding, train)?;
         let pooled = self.dropout.forward(&self.pool(&h, padding)?, train)?;
@@ -312,11 +349,18 @@ pub fn pool(hidden: &Tensor, padding: Option<&AttnMask>, pooling: Pooling) -> Re
         Pooling::Mean => {
             let keep = match padding {
                 // Additive 0 = keep, -inf = padding; boolean masks by their convention.
-                Some(m) => m.to_additive(DType::F32)?.eq(0f64)?.to_dtype(hidden.dtype())?,
+                Some(m) => m
+                    .to_additive(DType::F32)?
+                    .eq(0f64)?
+                    .to_dtype(hidden.dtype())?,
                 None => Tensor::ones((b, t), hidden.dtype(), hidden.device())?,
             };
             if keep.dims() != [b, t] {
-                return Err(Error::shape("padding mask", format!("({b}, {t})"), keep.dims()));
+                return Err(Error::shape(
+                    "padding mask",
+                    format!("({b}, {t})"),
+                    keep.dims(),
+                ));
             }
             let keep = keep.unsqueeze(D::Minus1)?; // (B, T, 1)
             let sum = hidden.broadcast_mul(&keep)?.sum(1)?;

@@ -21,13 +21,55 @@ pub use encoder_only::{EncoderOnly, EncoderOnlyConfig, Pooling};
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 
-/// Parse a config from JSON text; `what` names the source in errors (serde's message names the
-/// field, the expected type and the line/column).
+/// Parse a config from JSON text; `what` names the source in errors. serde's message names a
+/// missing or unknown field, the expected type and the line/column; for a value of the wrong
+/// type or an unknown variant it gives only the position, so the field is added from there.
 pub fn config_from_json<T: DeserializeOwned>(text: &str, what: &str) -> Result<T> {
-    serde_json::from_str(text).map_err(|source| Error::Json {
-        what: what.to_string(),
-        source,
+    serde_json::from_str(text).map_err(|source| {
+        let what = match key_at_error(text, &source) {
+            Some(field) => format!("{what}: field `{field}`"),
+            None => what.to_string(),
+        };
+        Error::Json { what, source }
     })
+}
+
+/// The key of the last `"key":` before a data error's position (the field whose value failed),
+/// unless serde's message already names a field.
+fn key_at_error(text: &str, err: &serde_json::Error) -> Option<String> {
+    if !err.is_data() || err.line() == 0 || err.to_string().contains("field `") {
+        return None;
+    }
+    // Byte offset of (line, column), both 1-based.
+    let line_start: usize = text
+        .split_inclusive('\n')
+        .take(err.line() - 1)
+        .map(str::len)
+        .sum();
+    let end = (line_start + err.column()).min(text.len());
+    let (mut key, mut last, mut current) = (None, Vec::new(), Vec::new());
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in &text.as_bytes()[..end] {
+        if in_string {
+            match b {
+                _ if escaped => {
+                    escaped = false;
+                    current.push(b);
+                }
+                b'\\' => escaped = true,
+                b'"' => {
+                    in_string = false;
+                    last = std::mem::take(&mut current);
+                }
+                _ => current.push(b),
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if b == b':' {
+            key = Some(last.clone());
+        }
+    }
+    key.map(|k| String::from_utf8_lossy(&k).into_owned())
 }
 
 /// Read `config.json`-style files.

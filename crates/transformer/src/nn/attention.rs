@@ -41,7 +41,11 @@ impl AttnMask {
                 v[b * s + j] = 1;
             }
         }
-        Ok(AttnMask::Block(Tensor::from_vec(v, (lengths.len(), s), device)?))
+        Ok(AttnMask::Block(Tensor::from_vec(
+            v,
+            (lengths.len(), s),
+            device,
+        )?))
     }
 
     /// Key-padding mask from token ids: positions holding `pad_id` are masked out. Shape (B, S).
@@ -202,9 +206,16 @@ fn mask_bias(
     }
     if let Some(m) = opts.key_padding_mask {
         if m.dims() != [b, s] {
-            return Err(Error::shape("key_padding_mask", format!("({b}, {s})"), m.dims()));
+            return Err(Error::shape(
+                "key_padding_mask",
+                format!("({b}, {s})"),
+                m.dims(),
+            ));
         }
-        add(m.to_additive(dtype)?.reshape((b, 1, 1, s))?.to_device(device)?)?;
+        add(m
+            .to_additive(dtype)?
+            .reshape((b, 1, 1, s))?
+            .to_device(device)?)?;
     }
     if opts.causal {
         let c = causal_mask(t, s, device)?.to_additive(dtype)?;

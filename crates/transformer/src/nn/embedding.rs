@@ -16,8 +16,17 @@ pub struct TokenEmbedding {
 
 impl TokenEmbedding {
     /// Parameter: `weight` (vocab_size, d_model).
-    pub fn new(vocab_size: usize, d_model: usize, scale_by_sqrt_d: bool, vp: &VarPath) -> Result<Self> {
-        let weight = vp.var("weight", &[vocab_size, d_model], Init::Weight { residual: false })?;
+    pub fn new(
+        vocab_size: usize,
+        d_model: usize,
+        scale_by_sqrt_d: bool,
+        vp: &VarPath,
+    ) -> Result<Self> {
+        let weight = vp.var(
+            "weight",
+            &[vocab_size, d_model],
+            Init::Weight { residual: false },
+        )?;
         Ok(TokenEmbedding {
             weight,
             scale: scale_by_sqrt_d.then(|| (d_model as f64).sqrt()),
@@ -39,10 +48,18 @@ impl TokenEmbedding {
         let (b, t) = ids
             .dims2()
             .map_err(|_| Error::shape("token ids", "(B, T)", ids.dims()))?;
+        if b * t == 0 {
+            // candle cannot reduce an empty tensor; say what is wrong instead.
+            return Err(Error::shape(
+                "token ids",
+                "(B, T) with B, T >= 1",
+                ids.dims(),
+            ));
+        }
         let v = self.vocab_size();
         let ids = ids.to_dtype(DType::U32)?;
         let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>().unwrap_or(0);
-        if b * t > 0 && max as usize >= v {
+        if max as usize >= v {
             return Err(Error::msg(format!(
                 "token id {max} is out of range for a vocabulary of {v}"
             )));
@@ -72,7 +89,12 @@ pub enum PositionalKind {
 }
 
 /// The paper's table: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...).
-pub fn sinusoidal_table(max_len: usize, d_model: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+pub fn sinusoidal_table(
+    max_len: usize,
+    d_model: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let mut v = vec![0f32; max_len * d_model];
     for pos in 0..max_len {
         for i in (0..d_model).step_by(2) {
@@ -106,7 +128,11 @@ impl AbsolutePositions {
     /// Parameter: `weight` (max_len, d_model).
     pub fn learned(max_len: usize, d_model: usize, vp: &VarPath) -> Result<Self> {
         Ok(AbsolutePositions {
-            table: vp.var("weight", &[max_len, d_model], Init::Weight { residual: false })?,
+            table: vp.var(
+                "weight",
+                &[max_len, d_model],
+                Init::Weight { residual: false },
+            )?,
         })
     }
 
@@ -122,7 +148,7 @@ impl AbsolutePositions {
         let (_, t, _) = x.dims3()?;
         if offset + t > self.max_len() {
             return Err(Error::msg(format!(
-                "sequence of {} positions exceeds the model's maximum length {}",
+                "sequence of {} positions exceeds the model's maximum length (max_len) {}",
                 offset + t,
                 self.max_len()
             )));
@@ -142,9 +168,17 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, max_len: usize, theta: f64, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        max_len: usize,
+        theta: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         if head_dim % 2 != 0 {
-            return Err(Error::Config(format!("RoPE needs an even head width, got {head_dim}")));
+            return Err(Error::Config(format!(
+                "RoPE needs an even head width, got {head_dim}"
+            )));
         }
         let half = head_dim / 2;
         let mut cos = vec![0f32; max_len * half];

@@ -46,9 +46,12 @@ impl LayerConfig {
             return Err(Error::Config("d_ff must be > 0".into()));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::Config(format!("dropout must be in [0, 1), got {}", self.dropout)));
+            return Err(Error::Config(format!(
+                "dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
         }
-        if !(self.layer_norm_eps > 0.0) {
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             return Err(Error::Config(format!(
                 "layer_norm_eps must be > 0, got {}",
                 self.layer_norm_eps
@@ -129,7 +132,14 @@ impl EncoderLayer {
         let rng = vp.dropout_rng();
         Ok(EncoderLayer {
             self_attn: MultiHeadAttention::new(&cfg.mha(), &vp.pp("self_attn"))?,
-            ff: FeedForward::new(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout, cfg.bias, &vp.pp("ff"))?,
+            ff: FeedForward::new(
+                cfg.d_model,
+                cfg.d_ff,
+                cfg.activation,
+                cfg.dropout,
+                cfg.bias,
+                &vp.pp("ff"),
+            )?,
             norm1: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm1"))?,
             norm2: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm2"))?,
             dropout1: Dropout::new(cfg.dropout, rng.clone())?,
@@ -179,7 +189,8 @@ impl EncoderLayer {
             self.dropout1.forward(&out.context, opts.train)
         })?;
         let x = residual(&x, &self.norm2, self.norm_first, |h| {
-            self.dropout2.forward(&self.ff.forward(h, opts.train)?, opts.train)
+            self.dropout2
+                .forward(&self.ff.forward(h, opts.train)?, opts.train)
         })?;
         Ok((x, weights))
     }
@@ -219,7 +230,14 @@ impl DecoderLayer {
         Ok(DecoderLayer {
             self_attn: MultiHeadAttention::new(&cfg.mha(), &vp.pp("self_attn"))?,
             cross_attn: MultiHeadAttention::new(&cfg.mha(), &vp.pp("cross_attn"))?,
-            ff: FeedForward::new(cfg.d_model, cfg.d_ff, cfg.activation, cfg.dropout, cfg.bias, &vp.pp("ff"))?,
+            ff: FeedForward::new(
+                cfg.d_model,
+                cfg.d_ff,
+                cfg.activation,
+                cfg.dropout,
+                cfg.bias,
+                &vp.pp("ff"),
+            )?,
             norm1: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm1"))?,
             norm2: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm2"))?,
             norm3: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm3"))?,
@@ -249,7 +267,9 @@ impl DecoderLayer {
             train,
             ..Default::default()
         };
-        Ok(self.forward_with(x, Memory::Raw(memory), tgt, mem, &opts, None)?.x)
+        Ok(self
+            .forward_with(x, Memory::Raw(memory), tgt, mem, &opts, None)?
+            .x)
     }
 
     /// Forward with a self-attention cache, projected memory and attention weights.
@@ -293,7 +313,8 @@ impl DecoderLayer {
             self.dropout2.forward(&out.context, opts.train)
         })?;
         let x = residual(&x, &self.norm3, self.norm_first, |h| {
-            self.dropout3.forward(&self.ff.forward(h, opts.train)?, opts.train)
+            self.dropout3
+                .forward(&self.ff.forward(h, opts.train)?, opts.train)
         })?;
         Ok(DecoderLayerOutput {
             x,
@@ -326,7 +347,12 @@ impl Encoder {
             .map(|i| EncoderLayer::new(cfg, &vp.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let norm = if final_norm {
-            Some(LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm"))?)
+            Some(LayerNorm::new(
+                cfg.d_model,
+                cfg.layer_norm_eps,
+                cfg.bias,
+                &vp.pp("norm"),
+            )?)
         } else {
             None
         };
@@ -419,7 +445,12 @@ impl Decoder {
             .map(|i| DecoderLayer::new(cfg, &vp.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let norm = if final_norm {
-            Some(LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm"))?)
+            Some(LayerNorm::new(
+                cfg.d_model,
+                cfg.layer_norm_eps,
+                cfg.bias,
+                &vp.pp("norm"),
+            )?)
         } else {
             None
         };

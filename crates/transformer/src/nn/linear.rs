@@ -21,7 +21,14 @@ impl Linear {
         residual: bool,
         vp: &VarPath,
     ) -> Result<Self> {
-        Self::with_bias_init(d_in, d_out, bias, residual, Init::LinearBias { fan_in: d_in }, vp)
+        Self::with_bias_init(
+            d_in,
+            d_out,
+            bias,
+            residual,
+            Init::LinearBias { fan_in: d_in },
+            vp,
+        )
     }
 
     pub fn with_bias_init(
@@ -66,7 +73,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let d_in = self.d_in();
         if x.dims().last() != Some(&d_in) {
-            return Err(Error::shape("linear input", format!("(..., {d_in})"), x.dims()));
+            return Err(Error::shape(
+                "linear input",
+                format!("(..., {d_in})"),
+                x.dims(),
+            ));
         }
         Ok(linear(x, &self.weight, self.bias.as_ref())?)
     }

@@ -301,7 +301,8 @@ impl MultiHeadAttention {
                 v: mk(vdim, "v_proj")?,
             }
         };
-        let out_proj = Linear::with_bias_init(e, e, cfg.bias, true, Init::AttnBias, &vp.pp("out_proj"))?;
+        let out_proj =
+            Linear::with_bias_init(e, e, cfg.bias, true, Init::AttnBias, &vp.pp("out_proj"))?;
         Ok(MultiHeadAttention {
             in_proj,
             out_proj,
@@ -339,8 +340,7 @@ impl MultiHeadAttention {
     /// (B, L, E) -> (B, H, L, D)
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
-        Ok(x
-            .reshape((b, l, self.n_heads, self.head_dim()))?
+        Ok(x.reshape((b, l, self.n_heads, self.head_dim()))?
             .transpose(1, 2)?
             .contiguous()?)
     }
@@ -375,7 +375,12 @@ impl MultiHeadAttention {
         })
     }
 
-    fn project_key_value(&self, key: &Tensor, value: &Tensor, same: bool) -> Result<(Tensor, Tensor)> {
+    fn project_key_value(
+        &self,
+        key: &Tensor,
+        value: &Tensor,
+        same: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let e = self.d_model;
         match (&self.in_proj, same) {
             (InProj::Packed(p), true) => {
@@ -413,12 +418,20 @@ impl MultiHeadAttention {
 
         // Q, K, V: (B, H, L, D)
         let (q, k, v) = if let Some(kv) = static_kv {
-            (self.split_heads(&self.project(query, 0)?)?, kv.k.clone(), kv.v.clone())
+            (
+                self.split_heads(&self.project(query, 0)?)?,
+                kv.k.clone(),
+                kv.v.clone(),
+            )
         } else if is_self {
             let qkv = match &self.in_proj {
                 InProj::Packed(p) => p.forward(query)?,
                 InProj::Separate { .. } => Tensor::cat(
-                    &[self.project(query, 0)?, self.project(query, 1)?, self.project(query, 2)?],
+                    &[
+                        self.project(query, 0)?,
+                        self.project(query, 1)?,
+                        self.project(query, 2)?,
+                    ],
                     D::Minus1,
                 )?,
             };

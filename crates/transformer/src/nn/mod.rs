@@ -20,6 +20,8 @@ pub use layers::{
     LayerOptions, Masks, Memory,
 };
 pub use linear::Linear;
-pub use mha::{KvCache, MhaConfig, MhaInput, MhaOutput, MultiHeadAttention, NeedWeights, ProjectedKv};
+pub use mha::{
+    KvCache, MhaConfig, MhaInput, MhaOutput, MultiHeadAttention, NeedWeights, ProjectedKv,
+};
 pub use norm::LayerNorm;
 pub use var_store::{Init, InitScheme, VarPath, VarStore};

@@ -31,7 +31,11 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let d = self.weight.dims()[0];
         if x.dims().last() != Some(&d) {
-            return Err(Error::shape("layer norm input", format!("(..., {d})"), x.dims()));
+            return Err(Error::shape(
+                "layer norm input",
+                format!("(..., {d})"),
+                x.dims(),
+            ));
         }
         Ok(layer_norm(x, &self.weight, self.bias.as_ref(), self.eps)?)
     }

@@ -32,15 +32,21 @@ pub enum InitScheme {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Init {
     /// A weight matrix or embedding table; `residual` marks projections into the residual stream.
-    Weight { residual: bool },
+    Weight {
+        residual: bool,
+    },
     /// An attention projection bias (zero under both schemes).
     AttnBias,
     /// A `nn.Linear` bias with the given fan-in.
-    LinearBias { fan_in: usize },
+    LinearBias {
+        fan_in: usize,
+    },
     Zeros,
     Ones,
     /// Explicit normal(0, std), whatever the scheme.
-    Normal { std: f64 },
+    Normal {
+        std: f64,
+    },
 }
 
 struct Inner {
@@ -228,6 +234,11 @@ impl VarStore {
         }
         for (name, var) in inner.vars.iter() {
             let t = map[name].to_dtype(self.dtype)?.to_device(&self.device)?;
+            // A map from this store's own `tensors()` holds the variables themselves, which
+            // `Var::set` refuses ("derived from its value"); they already hold the value.
+            if t.id() == var.as_tensor().id() {
+                continue;
+            }
             var.set(&t)?;
         }
         Ok(())
@@ -257,9 +268,12 @@ fn init_values(
     n: usize,
 ) -> Vec<f64> {
     let uniform = |rng: &mut Rng, bound: f64| -> Vec<f64> {
-        (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) * bound).collect()
+        (0..n)
+            .map(|_| (rng.uniform() * 2.0 - 1.0) * bound)
+            .collect()
     };
-    let normal = |rng: &mut Rng, std: f64| -> Vec<f64> { (0..n).map(|_| rng.normal() * std).collect() };
+    let normal =
+        |rng: &mut Rng, std: f64| -> Vec<f64> { (0..n).map(|_| rng.normal() * std).collect() };
     match init {
         Init::Zeros | Init::AttnBias => vec![0.0; n],
         Init::Ones => vec![1.0; n],
@@ -354,8 +368,10 @@ mod tests {
         let make = || -> Result<VarStore> {
             let vs = VarStore::new(DType::F32, &Device::Cpu, InitScheme::XavierUniform, 3);
             let root = vs.root();
-            root.pp("a").var("weight", &[4, 3], Init::Weight { residual: false })?;
-            root.pp("a").var("bias", &[4], Init::LinearBias { fan_in: 3 })?;
+            root.pp("a")
+                .var("weight", &[4, 3], Init::Weight { residual: false })?;
+            root.pp("a")
+                .var("bias", &[4], Init::LinearBias { fan_in: 3 })?;
             Ok(vs)
         };
         let (a, b) = (make()?, make()?);
@@ -375,9 +391,15 @@ mod tests {
         assert!(e.contains("missing tensors: a.bias"), "{e}");
         map.insert("a.bias".into(), Tensor::zeros(5, DType::F32, &Device::Cpu)?);
         let e = a.load_map(&map, "test").unwrap_err().to_string();
-        assert!(e.contains("a.bias") && e.contains("[4]") && e.contains("[5]"), "{e}");
+        assert!(
+            e.contains("a.bias") && e.contains("[4]") && e.contains("[5]"),
+            "{e}"
+        );
         map.insert("a.bias".into(), Tensor::zeros(4, DType::F32, &Device::Cpu)?);
-        map.insert("b.extra".into(), Tensor::zeros(4, DType::F32, &Device::Cpu)?);
+        map.insert(
+            "b.extra".into(),
+            Tensor::zeros(4, DType::F32, &Device::Cpu)?,
+        );
         let e = a.load_map(&map, "test").unwrap_err().to_string();
         assert!(e.contains("unexpected tensors: b.extra"), "{e}");
         Ok(())

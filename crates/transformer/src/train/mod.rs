@@ -1,11 +1,20 @@
-//! Optimizer, learning-rate schedules, losses, training loop, metrics and checkpoints.
+//! Optimizer, learning-rate schedules, losses, the training loop, metrics and checkpoints.
 
+pub mod checkpoint;
 pub mod clip;
+pub mod config;
+pub mod eval;
 pub mod loss;
 pub mod optim;
+pub mod run;
 pub mod schedule;
+pub mod tasks;
+pub mod trainer;
 
 pub use clip::{clip_grad_norm, grad_norm, GradAccumulator};
+pub use config::{DataConfig, Family, ModelConfig, RunConfig, TrainConfig};
 pub use loss::{cross_entropy, CrossEntropyConfig};
 pub use optim::{AdamW, AdamWConfig, AdamWState};
 pub use schedule::LrSchedule;
+pub use tasks::{LmTask, PairSource, Seq2SeqTask};
+pub use trainer::{MetricRecord, Observer, RunSummary, Silent, Task, Trainer, TrainerSetup};

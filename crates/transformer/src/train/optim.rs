@@ -34,7 +34,7 @@ use crate::{Error, Result};
 /// AdamW hyperparameters other than the learning rate, which [`AdamW::step`] takes per step
 /// (from an [`crate::train::LrSchedule`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct AdamWConfig {
     /// Decay rate of the first-moment (mean) estimate (`betas[0]`).
     pub beta1: f64,
@@ -343,31 +343,10 @@ impl AdamW {
                 .steps
                 .get(&p.name)
                 .ok_or_else(|| weights_err(format!("no step count for parameter `{}`", p.name)))?;
-            let mut moments = Vec::with_capacity(2);
-            for key in [exp_avg_key(&p.name), exp_avg_sq_key(&p.name)] {
-                let t = tensors.get(&key).ok_or_else(|| {
-                    weights_err(format!("missing `{key}` for parameter `{}`", p.name))
-                })?;
-                if t.dims() != p.var.dims() {
-                    return Err(Error::shape(
-                        format!("optimizer state `{key}`"),
-                        format!("{:?} (the shape of parameter `{}`)", p.var.dims(), p.name),
-                        t.dims(),
-                    ));
-                }
-                let t = t.to_dtype(p.var.dtype())?.to_device(p.var.device())?;
-                // An owned, contiguous copy: the caller's tensor must not change when the
-                // moments are later updated in place.
-                let t = if t.is_contiguous() {
-                    t.copy()?
-                } else {
-                    t.contiguous()?
-                };
-                moments.push(t.detach());
-                expected_keys.insert(key);
-            }
-            let v = moments.pop();
-            let m = moments.pop();
+            let m = load_moment(tensors, &exp_avg_key(&p.name), p)?;
+            let v = load_moment(tensors, &exp_avg_sq_key(&p.name), p)?;
+            expected_keys.insert(exp_avg_key(&p.name));
+            expected_keys.insert(exp_avg_sq_key(&p.name));
             loaded.push((step, m, v));
         }
         if let Some(extra) = tensors.keys().find(|k| !expected_keys.contains(*k)) {
@@ -376,15 +355,37 @@ impl AdamW {
             )));
         }
         for (p, (step, m, v)) in self.params.iter_mut().zip(loaded) {
-            let (Some(m), Some(v)) = (m, v) else {
-                unreachable!("two moments were pushed per parameter")
-            };
             p.step = step;
             p.m = m;
             p.v = v;
         }
         Ok(())
     }
+}
+
+/// The moment `key` of parameter `p` from a loaded state, checked against the parameter's
+/// shape and converted to its dtype and device.
+fn load_moment(tensors: &HashMap<String, Tensor>, key: &str, p: &Param) -> Result<Tensor> {
+    let t = tensors.get(key).ok_or_else(|| Error::Weights {
+        source_name: "optimizer state".into(),
+        msg: format!("missing `{key}` for parameter `{}`", p.name),
+    })?;
+    if t.dims() != p.var.dims() {
+        return Err(Error::shape(
+            format!("optimizer state `{key}`"),
+            format!("{:?} (the shape of parameter `{}`)", p.var.dims(), p.name),
+            t.dims(),
+        ));
+    }
+    let t = t.to_dtype(p.var.dtype())?.to_device(p.var.device())?;
+    // An owned, contiguous copy: the caller's tensor must not change when the moments are
+    // later updated in place.
+    let t = if t.is_contiguous() {
+        t.copy()?
+    } else {
+        t.contiguous()?
+    };
+    Ok(t.detach())
 }
 
 /// The per-step scalars of the parameter update, computed in f64 once per parameter.

@@ -1,0 +1,119 @@
+//! `transformer train --config FILE [--set section.key=value ...] [--out DIR] [--resume|--force]`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use transformer::train::run::prepare_run;
+use transformer::train::RunConfig;
+
+use crate::progress::CliObserver;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The run's TOML config.
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config field, e.g. `--set train.max_steps=100` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Run directory (default: runs/<config name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long, conflicts_with = "force")]
+    resume: bool,
+    /// Start over in an --out directory that holds another run (its checkpoints are deleted).
+    #[arg(long)]
+    force: bool,
+}
+
+/// Files and folders that make a directory "a run".
+const RUN_ENTRIES: [&str; 4] = ["checkpoint", "best", "metrics.jsonl", "loss.svg"];
+
+fn holds_a_run(dir: &Path) -> bool {
+    RUN_ENTRIES.iter().any(|e| dir.join(e).exists())
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let cfg = RunConfig::from_file(&args.config, &args.overrides)?;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let stem = args
+            .config
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned());
+        PathBuf::from("runs").join(stem.unwrap_or_else(|| "run".into()))
+    });
+    if args.resume {
+        if !out.join("checkpoint").exists() && !out.join(".checkpoint.old").exists() {
+            bail!(
+                "{}: nothing to resume (no checkpoint/ in it)",
+                out.display()
+            );
+        }
+    } else if holds_a_run(&out) {
+        if !args.force {
+            bail!(
+                "{} already holds a run; pass --resume to continue it or --force to start over \
+                 (deleting its checkpoints), or choose another --out",
+                out.display()
+            );
+        }
+        for e in RUN_ENTRIES {
+            let p = out.join(e);
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+            } else if p.exists() {
+                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            }
+        }
+    }
+    let device = crate::device()?;
+    let mut prepared = prepare_run(&cfg, &out, args.resume, &device)?;
+    let start = prepared.trainer.state().step;
+    println!(
+        "training {:?} model: {} parameters, vocabulary {}, run directory {}{}",
+        prepared.model_config.family(),
+        prepared.n_params,
+        prepared.tokenizer.vocab_size(),
+        out.display(),
+        if args.resume {
+            format!(", resuming at step {start}")
+        } else {
+            String::new()
+        }
+    );
+    let stop = prepared.trainer.stop_flag();
+    ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            // Second Ctrl-C: the user really wants out; the last checkpoint on disk is intact.
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: saving a checkpoint (Ctrl-C again to quit without saving)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let mut observer = CliObserver::new(cfg.train.max_steps, start, out.join("loss.svg"));
+    let summary = prepared
+        .trainer
+        .run(prepared.task.as_mut(), &mut observer)?;
+    observer.finish();
+    crate::plot::loss_curves(prepared.trainer.records(), &out.join("loss.svg"))?;
+    if summary.interrupted {
+        println!(
+            "stopped at step {}; checkpoint saved in {}; continue with --resume",
+            summary.steps,
+            out.join("checkpoint").display()
+        );
+        std::process::exit(130);
+    }
+    println!(
+        "done: {} steps, final train loss {:.4}, best val loss {}, {:.0} s of training; checkpoints in {}",
+        summary.steps,
+        summary.final_train_loss,
+        summary.best_val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+        prepared.trainer.state().elapsed_s,
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! Autoregressive generation from a decoder-only model, P(y_i | y_<i), one token at a time.
+
+use std::time::Instant;
+
+use candle_core::{DType, IndexOp, Tensor};
+
+use super::sampling::{sample_token, Sampling};
+use crate::models::DecoderOnly;
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Options of [`generate`].
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Reuse keys/values of earlier positions (the default); false recomputes the whole context
+    /// at every step, as nanoGPT samples.
+    pub use_cache: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 100,
+            sampling: Sampling::default(),
+            use_cache: true,
+        }
+    }
+}
+
+/// Timing of a generation run.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerateStats {
+    pub new_tokens: usize,
+    pub seconds: f64,
+}
+
+impl GenerateStats {
+    pub fn tokens_per_sec(&self) -> f64 {
+        self.new_tokens as f64 / self.seconds.max(1e-9)
+    }
+}
+
+fn last_logits(logits: &Tensor) -> Result<Vec<f32>> {
+    let (_, t, _) = logits.dims3()?;
+    Ok(logits
+        .i((0, t - 1))?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?)
+}
+
+fn ids_tensor(ids: &[u32], model: &DecoderOnly, device: &candle_core::Device) -> Result<Tensor> {
+    let _ = model;
+    Ok(Tensor::new(ids, device)?.unsqueeze(0)?)
+}
+
+/// Generate up to `opts.max_new_tokens` tokens after `prompt`, calling `on_token` with each
+/// new token as soon as it is chosen (return `false` from it to stop early).
+///
+/// The context slides when it outgrows the model's `block_size`: without the cache the last
+/// `block_size` tokens are fed at every step (nanoGPT); with the cache, when it is full the
+/// last half window is encoded afresh and decoding continues from there, so that the cost stays
+/// linear. Within one window both paths see exactly the same context.
+pub fn generate(
+    model: &DecoderOnly,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    device: &candle_core::Device,
+    rng: &mut Rng,
+    mut on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<(Vec<u32>, GenerateStats)> {
+    opts.sampling.validate()?;
+    if prompt.is_empty() {
+        return Err(Error::msg(
+            "the prompt is empty: generation needs at least one token",
+        ));
+    }
+    let block = model.config().block_size;
+    let start = Instant::now();
+    let mut tokens = prompt.to_vec();
+    let mut caches = model.new_cache();
+    let mut logits = if opts.use_cache {
+        let from = tokens.len().saturating_sub(block);
+        last_logits(
+            &model.forward_cached(&ids_tensor(&tokens[from..], model, device)?, &mut caches)?,
+        )?
+    } else {
+        Vec::new()
+    };
+    let mut produced = 0;
+    for step in 0..opts.max_new_tokens {
+        if !opts.use_cache {
+            let from = tokens.len().saturating_sub(block);
+            logits =
+                last_logits(&model.forward(&ids_tensor(&tokens[from..], model, device)?, false)?)?;
+        }
+        let next = sample_token(&logits, &opts.sampling, rng);
+        tokens.push(next);
+        produced += 1;
+        if !on_token(next)? || step + 1 == opts.max_new_tokens {
+            break;
+        }
+        if opts.use_cache {
+            let cached = caches.first().map_or(0, |c| c.len());
+            let x = if cached + 1 > block {
+                for c in caches.iter_mut() {
+                    c.clear();
+                }
+                let keep = (block / 2).max(1);
+                ids_tensor(&tokens[tokens.len() - keep..], model, device)?
+            } else {
+                ids_tensor(&[next], model, device)?
+            };
+            logits = last_logits(&model.forward_cached(&x, &mut caches)?)?;
+        }
+    }
+    let stats = GenerateStats {
+        new_tokens: produced,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    Ok((tokens, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::DecoderOnlyConfig;
+    use crate::nn::PositionalKind;
+    use candle_core::Device;
+
+    fn run(model: &DecoderOnly, prompt: &[u32], n: usize, cache: bool, s: Sampling) -> Vec<u32> {
+        let opts = GenerateOptions {
+            max_new_tokens: n,
+            sampling: s,
+            use_cache: cache,
+        };
+        let mut rng = Rng::new(5);
+        generate(model, prompt, &opts, &Device::Cpu, &mut rng, |_| Ok(true))
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn cache_gives_the_same_tokens_as_recomputing() -> Result<()> {
+        for positional in [PositionalKind::Learned, PositionalKind::Rope] {
+            let cfg = DecoderOnlyConfig {
+                positional,
+                ..DecoderOnlyConfig::tiny(11)
+            };
+            let (model, _) = DecoderOnly::init(&cfg, DType::F32, &Device::Cpu, 3)?;
+            let prompt = [1u32, 4, 2];
+            let n = cfg.block_size - prompt.len();
+            for s in [
+                Sampling::greedy(),
+                Sampling {
+                    temperature: 0.8,
+                    top_k: Some(5),
+                    top_p: Some(0.9),
+                },
+            ] {
+                let a = run(&model, &prompt, n, true, s.clone());
+                let b = run(&model, &prompt, n, false, s);
+                assert_eq!(a, b, "{positional:?}");
+                assert_eq!(a.len(), prompt.len() + n);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn long_generation_slides_the_window() -> Result<()> {
+        let cfg = DecoderOnlyConfig::tiny(7);
+        let (model, _) = DecoderOnly::init(&cfg, DType::F32, &Device::Cpu, 1)?;
+        let long_prompt: Vec<u32> = (0..50).map(|i| i % 7).collect();
+        for cache in [true, false] {
+            let out = run(&model, &long_prompt, 40, cache, Sampling::greedy());
+            assert_eq!(out.len(), 90);
+            assert!(out.iter().all(|&t| t < 7));
+        }
+        let mut rng = Rng::new(0);
+        let e = generate(
+            &model,
+            &[],
+            &GenerateOptions::default(),
+            &Device::Cpu,
+            &mut rng,
+            |_| Ok(true),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("prompt is empty"));
+        Ok(())
+    }
+}

@@ -1,0 +1,414 @@
+//! The run configuration: one TOML file with `[model]`, `[data]`, `[tokenizer]`, `[train]`,
+//! `[optimizer]` and `[schedule]` sections; any field can be overridden with
+//! `section.key=value` (`--set` on the command line).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::optim::AdamWConfig;
+use super::schedule::LrSchedule;
+use crate::data::TokenizerConfig;
+use crate::models::{DecoderOnlyConfig, EncoderDecoderConfig, EncoderOnlyConfig};
+use crate::{Error, Result};
+
+/// Which model family a run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    EncoderDecoder,
+    DecoderOnly,
+    EncoderOnly,
+}
+
+/// A model configuration of any family.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelConfig {
+    EncoderDecoder(EncoderDecoderConfig),
+    DecoderOnly(DecoderOnlyConfig),
+    EncoderOnly(EncoderOnlyConfig),
+}
+
+impl ModelConfig {
+    pub fn family(&self) -> Family {
+        match self {
+            ModelConfig::EncoderDecoder(_) => Family::EncoderDecoder,
+            ModelConfig::DecoderOnly(_) => Family::DecoderOnly,
+            ModelConfig::EncoderOnly(_) => Family::EncoderOnly,
+        }
+    }
+
+    pub fn to_json(&self) -> Result<serde_json::Value> {
+        let v = match self {
+            ModelConfig::EncoderDecoder(c) => serde_json::to_value(c),
+            ModelConfig::DecoderOnly(c) => serde_json::to_value(c),
+            ModelConfig::EncoderOnly(c) => serde_json::to_value(c),
+        };
+        v.map_err(|source| Error::Json {
+            what: "model config".into(),
+            source,
+        })
+    }
+
+    pub fn from_json(family: Family, v: serde_json::Value, what: &str) -> Result<Self> {
+        let err = |source| Error::Json {
+            what: what.to_string(),
+            source,
+        };
+        Ok(match family {
+            Family::EncoderDecoder => {
+                ModelConfig::EncoderDecoder(serde_json::from_value(v).map_err(err)?)
+            }
+            Family::DecoderOnly => {
+                ModelConfig::DecoderOnly(serde_json::from_value(v).map_err(err)?)
+            }
+            Family::EncoderOnly => {
+                ModelConfig::EncoderOnly(serde_json::from_value(v).map_err(err)?)
+            }
+        })
+    }
+}
+
+/// Where the training data comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DataConfig {
+    /// One text file for language modelling: the first `train_fraction` of its tokens train,
+    /// the rest validate.
+    Text {
+        path: PathBuf,
+        #[serde(default = "default_train_fraction")]
+        train_fraction: f64,
+    },
+    /// Generated sequences to reverse (the demo's copy-task family): random symbols from an
+    /// alphabet of `n_symbols`, lengths in [min_len, max_len].
+    Reverse {
+        n_symbols: usize,
+        min_len: usize,
+        max_len: usize,
+        #[serde(default = "default_n_val")]
+        n_val: usize,
+    },
+}
+
+fn default_train_fraction() -> f64 {
+    0.9
+}
+fn default_n_val() -> usize {
+    256
+}
+
+/// The `[train]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Seeds initialization, data order and dropout.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Optimizer steps to run.
+    pub max_steps: u64,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Clip the global gradient norm to this value (none: no clipping).
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+    /// Label smoothing of the cross-entropy.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Evaluate every this many steps (and at the end).
+    #[serde(default = "default_eval_every")]
+    pub eval_every: u64,
+    /// Validation batches per evaluation.
+    #[serde(default = "default_eval_iters")]
+    pub eval_iters: usize,
+    /// Log a training line every this many steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
+    /// Save the checkpoint every this many steps (default: at every evaluation).
+    #[serde(default)]
+    pub checkpoint_every: Option<u64>,
+    /// Keep a copy of the checkpoint with the best validation loss in `best/`.
+    #[serde(default = "yes")]
+    pub keep_best: bool,
+}
+
+fn default_seed() -> u64 {
+    1337
+}
+fn one() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_eval_every() -> u64 {
+    250
+}
+fn default_eval_iters() -> usize {
+    20
+}
+fn default_log_every() -> u64 {
+    10
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("train.batch_size", self.batch_size as u64),
+            ("train.max_steps", self.max_steps),
+            ("train.grad_accum", self.grad_accum as u64),
+            ("train.eval_every", self.eval_every),
+            ("train.eval_iters", self.eval_iters as u64),
+            ("train.log_every", self.log_every),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(Error::Config(format!("{name} must be > 0")));
+            }
+        }
+        if let Some(c) = self.grad_clip {
+            if c.is_nan() || c <= 0.0 {
+                return Err(Error::Config(format!(
+                    "train.grad_clip must be > 0, got {c}"
+                )));
+            }
+        }
+        if self.label_smoothing.is_nan() || !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err(Error::Config(format!(
+                "train.label_smoothing must be in [0, 1), got {}",
+                self.label_smoothing
+            )));
+        }
+        if self.checkpoint_every == Some(0) {
+            return Err(Error::Config("train.checkpoint_every must be > 0".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A whole run, as read from the TOML file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// `family` (encoder_decoder, decoder_only, encoder_only), optional `preset`, and any
+    /// field of that family's config; `vocab_size` comes from the tokenizer.
+    pub model: toml::Table,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub tokenizer: TokenizerConfig,
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub optimizer: AdamWConfig,
+    pub schedule: LrSchedule,
+}
+
+impl RunConfig {
+    /// Parse TOML text (after applying `overrides` of the form `section.key=value`).
+    pub fn from_toml(text: &str, overrides: &[String], what: &str) -> Result<Self> {
+        let mut doc: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| Error::Config(format!("{what}: {e}")))?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        let cfg: RunConfig = doc
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(format!("{what}: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Read a config file (with overrides).
+    pub fn from_file(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_toml(&text, overrides, &path.display().to_string())
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string_pretty(self).map_err(|e| Error::Config(format!("cannot write config: {e}")))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.train.validate()?;
+        self.optimizer.validate()?;
+        self.schedule.validate()?;
+        self.tokenizer.validate()?;
+        self.family()?;
+        Ok(())
+    }
+
+    /// The `model.family` field.
+    pub fn family(&self) -> Result<Family> {
+        let f = self.model.get("family").ok_or_else(|| {
+            Error::Config(
+                "model.family is missing (encoder_decoder, decoder_only or encoder_only)".into(),
+            )
+        })?;
+        f.clone()
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(format!("model.family: {e}")))
+    }
+
+    /// The model config: the preset (if any), then every other `[model]` field over it, with
+    /// `vocab_size` (or both vocabulary sizes) from the tokenizer.
+    pub fn model_config(&self, vocab_size: usize) -> Result<ModelConfig> {
+        let family = self.family()?;
+        let mut fields = self.model.clone();
+        fields.remove("family");
+        let preset = match fields.remove("preset") {
+            None => None,
+            Some(toml::Value::String(s)) => Some(s),
+            Some(v) => {
+                return Err(Error::Config(format!(
+                    "model.preset must be a string, got {v}"
+                )))
+            }
+        };
+        let mut base = match (&preset, family) {
+            (Some(p), Family::EncoderDecoder) => {
+                serde_json::to_value(EncoderDecoderConfig::preset(p, vocab_size)?)
+            }
+            (Some(p), Family::DecoderOnly) => {
+                serde_json::to_value(DecoderOnlyConfig::preset(p, vocab_size)?)
+            }
+            (Some(p), Family::EncoderOnly) => {
+                serde_json::to_value(EncoderOnlyConfig::preset(p, vocab_size)?)
+            }
+            (None, _) => Ok(serde_json::Value::Object(Default::default())),
+        }
+        .map_err(|source| Error::Json {
+            what: "model preset".into(),
+            source,
+        })?;
+        let obj = base.as_object_mut().expect("configs serialize to objects");
+        let vocab_keys: &[&str] = match family {
+            Family::EncoderDecoder => &["src_vocab_size", "tgt_vocab_size"],
+            _ => &["vocab_size"],
+        };
+        for k in vocab_keys {
+            if fields.contains_key(*k) {
+                return Err(Error::Config(format!(
+                    "model.{k} is set by the tokenizer ({vocab_size}); remove it from the config"
+                )));
+            }
+            obj.insert(k.to_string(), vocab_size.into());
+        }
+        for (k, v) in fields {
+            let json = serde_json::to_value(&v).map_err(|source| Error::Json {
+                what: format!("model.{k}"),
+                source,
+            })?;
+            obj.insert(k, json);
+        }
+        let cfg = ModelConfig::from_json(family, base, "[model] section")?;
+        match &cfg {
+            ModelConfig::EncoderDecoder(c) => c.validate()?,
+            ModelConfig::DecoderOnly(c) => c.validate()?,
+            ModelConfig::EncoderOnly(c) => c.validate()?,
+        }
+        Ok(cfg)
+    }
+}
+
+/// Set `section.key=value` in a TOML document; the value is parsed as TOML (number, bool,
+/// string in quotes, array) and taken as a plain string if it does not parse.
+pub fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (path, raw) = assignment.split_once('=').ok_or_else(|| {
+        Error::Config(format!("--set {assignment:?}: expected section.key=value"))
+    })?;
+    let path = path.trim();
+    let keys: Vec<&str> = path.split('.').collect();
+    if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
+        return Err(Error::Config(format!(
+            "--set {assignment:?}: expected section.key=value (e.g. train.max_steps=100)"
+        )));
+    }
+    let value: toml::Value = match format!("v = {}", raw.trim()).parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.trim().to_string()),
+    };
+    let mut table = doc;
+    for k in &keys[..keys.len() - 1] {
+        let entry = table
+            .entry(k.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| Error::Config(format!("--set {assignment:?}: {k} is not a section")))?;
+    }
+    table.insert(keys[keys.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: &str = r#"
+[model]
+family = "decoder_only"
+preset = "shakespeare_char"
+dropout = 0.1
+
+[data]
+kind = "text"
+path = "data/tinyshakespeare/input.txt"
+
+[train]
+batch_size = 12
+max_steps = 2000
+
+[schedule]
+kind = "warmup_cosine"
+lr = 1e-3
+warmup_steps = 100
+decay_steps = 2000
+min_lr = 1e-4
+"#;
+
+    #[test]
+    fn parses_presets_and_overrides() -> Result<()> {
+        let cfg = RunConfig::from_toml(
+            CFG,
+            &["train.max_steps=50".into(), "model.n_layers=2".into()],
+            "t",
+        )?;
+        assert_eq!(cfg.train.max_steps, 50);
+        let ModelConfig::DecoderOnly(m) = cfg.model_config(65)? else {
+            panic!("family")
+        };
+        assert_eq!(
+            (m.vocab_size, m.n_layers, m.d_model, m.dropout),
+            (65, 2, 128, 0.1)
+        );
+        // The config survives a round trip through TOML.
+        let again = RunConfig::from_toml(&cfg.to_toml()?, &[], "t2")?;
+        assert_eq!(again, cfg);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let e = RunConfig::from_toml(CFG, &["train.bach_size=3".into()], "cfg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bach_size") && e.contains("cfg.toml"), "{e}");
+        let e = RunConfig::from_toml(CFG, &["train.batch_size=\"x\"".into()], "c")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("batch_size"), "{e}");
+        let cfg = RunConfig::from_toml(CFG, &["model.d_modle=3".into()], "c").unwrap();
+        let e = cfg.model_config(65).unwrap_err().to_string();
+        assert!(e.contains("d_modle"), "{e}");
+        let e = RunConfig::from_toml(CFG, &["nonsense".into()], "c")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("section.key=value"), "{e}");
+        let cfg = RunConfig::from_toml(CFG, &["model.n_heads=3".into()], "c").unwrap();
+        let e = cfg.model_config(65).unwrap_err().to_string();
+        assert!(e.contains("divisible"), "{e}");
+    }
+}

@@ -1,0 +1,396 @@
+//! The training loop: micro-batches with gradient accumulation, clipping, AdamW with a
+//! learning-rate schedule, periodic evaluation, `metrics.jsonl`, checkpoints (latest and best)
+//! and exact resumption.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{self, CheckpointParts, TrainerState};
+use super::clip::{clip_grad_norm, GradAccumulator};
+use super::config::{Family, RunConfig, TrainConfig};
+use super::optim::AdamW;
+use super::schedule::LrSchedule;
+use crate::data::Tokenizer;
+use crate::nn::VarStore;
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// A model plus its data, seen by the loop as "give me a loss".
+pub trait Task {
+    /// One micro-batch drawn with `rng`: the scalar loss (mean over its target tokens, with
+    /// the graph for backward) and the number of tokens it covered.
+    fn train_batch(&mut self, rng: &mut Rng) -> Result<(Tensor, usize)>;
+
+    /// Mean validation loss over `iters` batches drawn with `rng`, without dropout.
+    fn eval_loss(&mut self, rng: &mut Rng, iters: usize) -> Result<f64>;
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricRecord {
+    /// `"log"` or `"eval"`.
+    pub event: String,
+    pub step: u64,
+    /// Mean training loss since the previous record of the same kind.
+    pub train_loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_loss: Option<f64>,
+    pub lr: f64,
+    pub tokens_per_sec: f64,
+    pub elapsed_s: f64,
+}
+
+/// Receives progress as training runs (progress bars, plots).
+pub trait Observer {
+    /// After every optimizer step.
+    fn on_step(&mut self, _step: u64, _max_steps: u64, _loss: f64, _lr: f64, _tokens_per_sec: f64) {
+    }
+    /// After every record written to `metrics.jsonl`.
+    fn on_record(&mut self, _record: &MetricRecord, _all: &[MetricRecord]) {}
+    /// After a checkpoint was written.
+    fn on_checkpoint(&mut self, _dir: &Path, _best: bool) {}
+}
+
+/// An observer that ignores everything.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub final_train_loss: f64,
+    pub best_val_loss: Option<f64>,
+    pub interrupted: bool,
+    /// Loss of every optimizer step run in this call, in order.
+    pub losses: Vec<f64>,
+}
+
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Drives training of one model.
+pub struct Trainer {
+    out_dir: PathBuf,
+    vs: VarStore,
+    optimizer: AdamW,
+    schedule: LrSchedule,
+    cfg: TrainConfig,
+    family: Family,
+    model_config: serde_json::Value,
+    tokenizer: Option<Tokenizer>,
+    run_config: Option<RunConfig>,
+    state: TrainerState,
+    records: Vec<MetricRecord>,
+    stop: Arc<AtomicBool>,
+}
+
+/// Pieces a [`Trainer`] is built from.
+pub struct TrainerSetup {
+    pub out_dir: PathBuf,
+    pub vs: VarStore,
+    pub optimizer: AdamW,
+    pub schedule: LrSchedule,
+    pub train: TrainConfig,
+    pub family: Family,
+    pub model_config: serde_json::Value,
+    pub tokenizer: Option<Tokenizer>,
+    pub run_config: Option<RunConfig>,
+}
+
+impl Trainer {
+    /// A trainer starting at step 0.
+    pub fn new(setup: TrainerSetup) -> Result<Self> {
+        setup.train.validate()?;
+        setup.schedule.validate()?;
+        let state = TrainerState {
+            step: 0,
+            best_val_loss: None,
+            data_rng: Rng::new(setup.train.seed ^ 0x5EED_DA7A),
+            dropout_rng: setup.vs.dropout_rng().state(),
+            tokens_seen: 0,
+            elapsed_s: 0.0,
+        };
+        std::fs::create_dir_all(&setup.out_dir).map_err(|e| Error::io(&setup.out_dir, e))?;
+        Ok(Trainer {
+            out_dir: setup.out_dir,
+            vs: setup.vs,
+            optimizer: setup.optimizer,
+            schedule: setup.schedule,
+            cfg: setup.train,
+            family: setup.family,
+            model_config: setup.model_config,
+            tokenizer: setup.tokenizer,
+            run_config: setup.run_config,
+            state,
+            records: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// A trainer continuing from `out_dir/checkpoint`: weights, optimizer, step, RNG states
+    /// and metrics up to that step are restored, so the continuation is exact.
+    pub fn resume(setup: TrainerSetup) -> Result<Self> {
+        let dir = setup.out_dir.join("checkpoint");
+        checkpoint::recover(&dir)?;
+        let mut t = Self::new(setup)?;
+        checkpoint::require_files(
+            &dir,
+            &[
+                crate::models::WEIGHTS_FILE,
+                checkpoint::TRAINER_STATE_FILE,
+                checkpoint::OPTIMIZER_FILE,
+                checkpoint::OPTIMIZER_STATE_FILE,
+            ],
+        )?;
+        let saved_cfg = checkpoint::read_model_config(&dir)?;
+        if saved_cfg != t.model_config {
+            return Err(Error::Config(format!(
+                "{}: the checkpoint's model config differs from this run's; resume with the same model settings\n  checkpoint: {saved_cfg}\n  this run:   {}",
+                dir.display(),
+                t.model_config
+            )));
+        }
+        t.vs.load(dir.join(crate::models::WEIGHTS_FILE))?;
+        checkpoint::load_optimizer(&dir, &mut t.optimizer)?;
+        t.state = checkpoint::read_trainer_state(&dir)?;
+        t.vs.dropout_rng().set_state(t.state.dropout_rng.clone());
+        // Keep the metrics written up to the checkpoint; later lines belong to the lost run.
+        t.records = read_metrics(&t.out_dir.join(METRICS_FILE))?
+            .into_iter()
+            .filter(|r| r.step <= t.state.step)
+            .collect();
+        t.rewrite_metrics()?;
+        Ok(t)
+    }
+
+    /// A flag that stops training (after saving a checkpoint) when set, e.g. on Ctrl-C.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    pub fn state(&self) -> &TrainerState {
+        &self.state
+    }
+
+    pub fn records(&self) -> &[MetricRecord] {
+        &self.records
+    }
+
+    pub fn out_dir(&self) -> &Path {
+        &self.out_dir
+    }
+
+    /// Train until `max_steps` (or the stop flag), evaluating and checkpointing on the way.
+    pub fn run(&mut self, task: &mut dyn Task, observer: &mut dyn Observer) -> Result<RunSummary> {
+        let vars = self.vs.all_vars();
+        let max_steps = self.cfg.max_steps;
+        let ckpt_every = self.cfg.checkpoint_every.unwrap_or(self.cfg.eval_every);
+        let mut losses = Vec::new();
+        let (mut log_sum, mut log_n, mut log_tokens) = (0.0, 0usize, 0usize);
+        let (mut eval_sum, mut eval_n) = (0.0, 0usize);
+        let mut log_clock = Instant::now();
+        let mut interrupted = false;
+        let mut last_loss = f64::NAN;
+        while self.state.step < max_steps {
+            if self.stop.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+            let t0 = Instant::now();
+            let lr = self.schedule.lr(self.state.step);
+            let (loss, tokens) = self.train_step(task, &vars, lr)?;
+            self.state.step += 1;
+            self.state.tokens_seen += tokens as u64;
+            self.state.elapsed_s += t0.elapsed().as_secs_f64();
+            losses.push(loss);
+            last_loss = loss;
+            log_sum += loss;
+            log_n += 1;
+            log_tokens += tokens;
+            eval_sum += loss;
+            eval_n += 1;
+            let step = self.state.step;
+            observer.on_step(
+                step,
+                max_steps,
+                loss,
+                lr,
+                tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            );
+
+            if step % self.cfg.log_every == 0 || step == max_steps {
+                let secs = log_clock.elapsed().as_secs_f64().max(1e-9);
+                let rec = self.record(
+                    "log",
+                    log_sum / log_n as f64,
+                    None,
+                    lr,
+                    log_tokens as f64 / secs,
+                );
+                self.push_record(rec, observer)?;
+                (log_sum, log_n, log_tokens) = (0.0, 0, 0);
+                log_clock = Instant::now();
+            }
+            let eval_now = step % self.cfg.eval_every == 0 || step == max_steps;
+            if eval_now {
+                // Evaluation draws from its own generator so that it never shifts the training
+                // batches: a resumed run sees exactly the batches an uninterrupted one does.
+                let mut eval_rng = Rng::new(self.cfg.seed ^ step.wrapping_mul(0x9E37_79B9));
+                let val = task.eval_loss(&mut eval_rng, self.cfg.eval_iters)?;
+                let rec = self.record("eval", eval_sum / eval_n.max(1) as f64, Some(val), lr, 0.0);
+                self.push_record(rec, observer)?;
+                (eval_sum, eval_n) = (0.0, 0);
+                let improved = self.state.best_val_loss.is_none_or(|b| val < b);
+                if improved {
+                    self.state.best_val_loss = Some(val);
+                }
+                self.save("checkpoint", observer, false)?;
+                if improved && self.cfg.keep_best {
+                    self.save("best", observer, true)?;
+                }
+            } else if step % ckpt_every == 0 {
+                self.save("checkpoint", observer, false)?;
+            }
+        }
+        if interrupted {
+            self.save("checkpoint", observer, false)?;
+        }
+        Ok(RunSummary {
+            steps: self.state.step,
+            final_train_loss: last_loss,
+            best_val_loss: self.state.best_val_loss,
+            interrupted,
+            losses,
+        })
+    }
+
+    fn train_step(
+        &mut self,
+        task: &mut dyn Task,
+        vars: &[candle_core::Var],
+        lr: f64,
+    ) -> Result<(f64, usize)> {
+        let accum = self.cfg.grad_accum;
+        let mut tokens = 0;
+        let mut loss_sum = 0.0;
+        let mut grads = if accum == 1 {
+            let (loss, n) = task.train_batch(&mut self.state.data_rng)?;
+            tokens += n;
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            loss.backward()?
+        } else {
+            let mut acc = GradAccumulator::new(vars);
+            for _ in 0..accum {
+                let (loss, n) = task.train_batch(&mut self.state.data_rng)?;
+                tokens += n;
+                loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                acc.add(&loss.backward()?)?;
+            }
+            acc.finish()?
+        };
+        let loss = loss_sum / accum as f64;
+        if !loss.is_finite() {
+            return Err(Error::msg(format!(
+                "training loss became {loss} at step {}; lower the learning rate or check the data",
+                self.state.step + 1
+            )));
+        }
+        if let Some(max_norm) = self.cfg.grad_clip {
+            clip_grad_norm(&mut grads, vars, max_norm)?;
+        }
+        self.optimizer.step(&grads, lr)?;
+        Ok((loss, tokens))
+    }
+
+    fn record(
+        &self,
+        event: &str,
+        train_loss: f64,
+        val_loss: Option<f64>,
+        lr: f64,
+        tps: f64,
+    ) -> MetricRecord {
+        MetricRecord {
+            event: event.to_string(),
+            step: self.state.step,
+            train_loss,
+            val_loss,
+            lr,
+            tokens_per_sec: tps,
+            elapsed_s: self.state.elapsed_s,
+        }
+    }
+
+    fn push_record(&mut self, rec: MetricRecord, observer: &mut dyn Observer) -> Result<()> {
+        let path = self.out_dir.join(METRICS_FILE);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let line = serde_json::to_string(&rec).map_err(|source| Error::Json {
+            what: "metric record".into(),
+            source,
+        })?;
+        writeln!(f, "{line}").map_err(|e| Error::io(&path, e))?;
+        self.records.push(rec);
+        observer.on_record(self.records.last().unwrap(), &self.records);
+        Ok(())
+    }
+
+    fn rewrite_metrics(&self) -> Result<()> {
+        let mut text = String::new();
+        for r in &self.records {
+            text.push_str(&serde_json::to_string(r).map_err(|source| Error::Json {
+                what: "metric record".into(),
+                source,
+            })?);
+            text.push('\n');
+        }
+        crate::models::write_atomic(&self.out_dir.join(METRICS_FILE), text.as_bytes())
+    }
+
+    fn save(&mut self, name: &str, observer: &mut dyn Observer, best: bool) -> Result<()> {
+        self.state.dropout_rng = self.vs.dropout_rng().state();
+        let dir = self.out_dir.join(name);
+        checkpoint::save_checkpoint(
+            &dir,
+            &CheckpointParts {
+                family: self.family,
+                model_config: &self.model_config,
+                vs: &self.vs,
+                optimizer: Some(&self.optimizer),
+                trainer: Some(&self.state),
+                tokenizer: self.tokenizer.as_ref(),
+                run_config: self.run_config.as_ref(),
+            },
+        )?;
+        observer.on_checkpoint(&dir, best);
+        Ok(())
+    }
+}
+
+/// Read `metrics.jsonl` (missing file: no records).
+pub fn read_metrics(path: &Path) -> Result<Vec<MetricRecord>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|source| Error::Json {
+                what: format!("{} line {}", path.display(), i + 1),
+                source,
+            })
+        })
+        .collect()
+}
