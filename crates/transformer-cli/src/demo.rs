@@ -132,7 +132,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         &weights,
         &label(&h.tokens[..rows_n]),
         &label(src),
-        "cross-attention (last decoder layer, mean over heads): output x input",
+        "cross-attention, last decoder layer (rows: output, columns: input)",
         &path,
     )?;
     println!(

@@ -16,16 +16,19 @@ pub struct GenerateArgs {
     /// Text to continue.
     #[arg(long, default_value = "\n")]
     prompt: String,
-    #[arg(long, default_value_t = 500)]
+    // `allow_negative_numbers` on the numeric flags: without it clap reads `--temperature -1`
+    // as a stray flag and its error does not name --temperature; with it the value reaches
+    // parsing and validation, whose errors do.
+    #[arg(long, default_value_t = 500, allow_negative_numbers = true)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 means greedy (argmax).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     temperature: f64,
     /// Sample only among the k most likely tokens.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     top_k: Option<usize>,
     /// Sample only within the smallest set of tokens whose probability reaches p.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f64>,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
@@ -40,7 +43,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         top_k: args.top_k,
         top_p: args.top_p,
     };
-    sampling.validate()?;
+    sampling.validate().context("invalid sampling flags")?;
     let device = crate::device()?;
     let lm = crate::checkpoint::load_lm(&args.checkpoint, &device)?;
     let prompt = lm

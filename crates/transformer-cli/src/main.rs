@@ -2,15 +2,19 @@
 //!
 //! `main` only parses and dispatches; each subcommand lives in its own file.
 
+mod average;
+mod bench;
 mod checkpoint;
 mod data;
 mod demo;
+mod embed;
 mod eval;
 mod generate;
 mod models;
 mod plot;
 mod progress;
 mod train;
+mod translate;
 
 use std::process::ExitCode;
 
@@ -45,8 +49,18 @@ enum Command {
     Train(train::TrainArgs),
     /// Continue a text with a trained language model, streaming tokens.
     Generate(generate::GenerateArgs),
-    /// Loss and perplexity of a language model on a text file (one JSON line).
+    /// Loss and perplexity of a language model on a text file, or BLEU of a translation model
+    /// on a source and reference file (one JSON line).
     Eval(eval::EvalArgs),
+    /// Translate stdin's lines with an encoder-decoder checkpoint, one output line per input line.
+    Translate(translate::TranslateArgs),
+    /// Average the weights of checkpoints of one run into a new checkpoint.
+    Average(average::AverageArgs),
+    /// Sentence embeddings of stdin's lines with a Hugging Face BERT model (one JSON line each).
+    Embed(embed::EmbedArgs),
+    /// Throughput on the fixed configurations of bench/run.sh (one JSON line per case).
+    #[command(hide = true)]
+    Bench(bench::BenchArgs),
 }
 
 /// The compute device: CPU, or CUDA when built with `--features cuda` and
@@ -68,6 +82,10 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Translate(args) => translate::run(args),
+        Command::Average(args) => average::run(args),
+        Command::Embed(args) => embed::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -78,8 +96,26 @@ fn main() -> ExitCode {
             {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_message(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, like `{:#}`, but each cause once: the library's I/O
+/// and JSON errors already print their source in their own message, and `{:#}` would repeat it
+/// ("x.txt: No such file or directory (os error 2): No such file or directory (os error 2)").
+fn error_message(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }

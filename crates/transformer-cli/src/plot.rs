@@ -78,7 +78,8 @@ pub fn attention_heatmap(
     let (t, s) = (weights.len(), weights.first().map_or(0, |r| r.len()));
     let cell = 28i32;
     let (left, top) = (90i32, 90i32);
-    let w = (left + cell * s as i32 + 20).max(300) as u32;
+    // Wide enough for the title (about 8 px per character at 16 px).
+    let w = (left + cell * s as i32 + 20).max(20 + 8 * title.len() as i32) as u32;
     let h = (top + cell * t as i32 + 20) as u32;
     let root = SVGBackend::new(path, (w, h)).into_drawing_area();
     root.fill(&WHITE)?;

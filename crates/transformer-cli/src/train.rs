@@ -29,8 +29,16 @@ pub struct TrainArgs {
     force: bool,
 }
 
-/// Files and folders that make a directory "a run".
-const RUN_ENTRIES: [&str; 4] = ["checkpoint", "best", "metrics.jsonl", "loss.svg"];
+/// Files and folders that make a directory "a run". The `.old` names hold the previous
+/// checkpoint when a crash came between the two renames of a save (see `checkpoint::recover`).
+const RUN_ENTRIES: [&str; 6] = [
+    "checkpoint",
+    "best",
+    ".checkpoint.old",
+    ".best.old",
+    "metrics.jsonl",
+    "loss.svg",
+];
 
 fn holds_a_run(dir: &Path) -> bool {
     RUN_ENTRIES.iter().any(|e| dir.join(e).exists())
@@ -52,14 +60,19 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 out.display()
             );
         }
-    } else if holds_a_run(&out) {
-        if !args.force {
-            bail!(
-                "{} already holds a run; pass --resume to continue it or --force to start over \
-                 (deleting its checkpoints), or choose another --out",
-                out.display()
-            );
-        }
+    } else if holds_a_run(&out) && !args.force {
+        bail!(
+            "{} already holds a run; pass --resume to continue it or --force to start over \
+             (deleting its checkpoints), or choose another --out",
+            out.display()
+        );
+    }
+    let device = crate::device()?;
+    let mut prepared = prepare_run(&cfg, &out, args.resume, &device)?;
+    // Only now that the data, tokenizer and model are known to be good does --force delete the
+    // old run: a bad corpus or config must leave it as it was. (A fresh `prepare_run` writes
+    // nothing into `out` but the directory itself.)
+    if args.force {
         for e in RUN_ENTRIES {
             let p = out.join(e);
             if p.is_dir() {
@@ -68,9 +81,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
             }
         }
+        // The step checkpoints of `train.keep_last` belong to the old run too.
+        for (_, p) in transformer::train::trainer::step_dirs(&out)? {
+            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
     }
-    let device = crate::device()?;
-    let mut prepared = prepare_run(&cfg, &out, args.resume, &device)?;
     let start = prepared.trainer.state().step;
     println!(
         "training {:?} model: {} parameters, vocabulary {}, run directory {}{}",
@@ -84,6 +99,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             String::new()
         }
     );
+    for note in &prepared.data_notes {
+        println!("{note}");
+    }
     let stop = prepared.trainer.stop_flag();
     ctrlc::set_handler(move || {
         if stop.swap(true, Ordering::SeqCst) {

@@ -12,6 +12,7 @@ pub mod data;
 pub mod decode;
 pub mod error;
 pub mod import;
+pub mod kernels;
 pub mod metrics;
 pub mod models;
 pub mod nn;

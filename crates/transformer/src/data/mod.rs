@@ -6,9 +6,12 @@
 //!   (nanoGPT's `get_batch`) and exact-evaluation windows.
 //! - [`batch`]: padding, key-padding masks (1 = padding), teacher-forcing shifts and length
 //!   bucketing for sequence-to-sequence data.
+//! - [`parallel`]: aligned source/target text files for translation, with per-line UTF-8
+//!   checks and length filtering.
 
 pub mod batch;
 pub mod datasets;
+pub mod parallel;
 pub mod text;
 pub mod tokenizer;
 
@@ -18,6 +21,7 @@ pub(crate) mod test_util;
 pub use batch::{
     bucket_by_tokens, pad_batch, padding_mask, shift_targets, Padded, Seq2SeqBatch, Seq2SeqIds,
 };
+pub use parallel::{encode_pairs, read_lines, read_parallel, split_lines, EncodedPairs, Line};
 pub use text::{eval_windows, random_windows, read_text, EvalWindow, LmBatch, LmDataset, Split};
 pub use tokenizer::{
     CharTokenizer, HfTokenizer, SpecialIds, StreamDecoder, Tokenizer, TokenizerConfig,

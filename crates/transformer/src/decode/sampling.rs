@@ -45,7 +45,7 @@ impl Sampling {
             )));
         }
         if self.top_k == Some(0) {
-            return Err(Error::Config("top_k must be >= 1".into()));
+            return Err(Error::Config("top_k must be >= 1, got 0".into()));
         }
         if let Some(p) = self.top_p {
             if p.is_nan() || p <= 0.0 || p > 1.0 {

@@ -871,7 +871,8 @@ mod tests {
                     assert!((h.normalized_score - h.score / lp).abs() < 1e-12);
                     if alpha == 0.0 {
                         assert!(
-                            h.score >= g.score - 1e-9,
+                            // Equal hypotheses scored in batches of different shapes differ by f32 rounding.
+                            h.score >= g.score - 1e-5,
                             "model {m}, sentence {i}: beam {} < greedy {}",
                             h.score,
                             g.score

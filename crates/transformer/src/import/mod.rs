@@ -1,3 +1,4 @@
 //! Importers for weights saved by other frameworks.
 
+pub mod hf_bert;
 pub mod pytorch;

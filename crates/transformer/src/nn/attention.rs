@@ -227,6 +227,9 @@ fn mask_bias(
 /// Softmax over the last dimension from differentiable ops (candle-nn's fused
 /// `softmax_last_dim` records no backward). The max is a constant for the gradient.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if crate::kernels::applies(x) {
+        return crate::kernels::softmax::softmax_last_dim(x);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
@@ -235,6 +238,9 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Softmax that maps a row of all `-inf` to all zeros instead of NaN.
 pub fn masked_softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if crate::kernels::applies(x) {
+        return crate::kernels::softmax::softmax_last_dim(x);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let finite = max.ne(f64::NEG_INFINITY)?;
     let max = finite.where_cond(&max, &max.zeros_like()?)?;

@@ -25,6 +25,7 @@ impl Activation {
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Activation::Relu => x.relu()?,
+            Activation::Gelu if crate::kernels::applies(x) => crate::kernels::gelu::gelu_erf(x)?,
             Activation::Gelu => x.gelu_erf()?,
             Activation::GeluTanh => x.gelu()?,
         })

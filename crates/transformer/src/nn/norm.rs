@@ -49,6 +49,19 @@ pub fn layer_norm(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
+    if crate::kernels::applies(x) && weight.dtype() == x.dtype() {
+        return crate::kernels::layer_norm::layer_norm(x, weight, bias, eps);
+    }
+    layer_norm_composed(x, weight, bias, eps)
+}
+
+/// The composed reference: mean, centred square, rsqrt and affine as separate ops.
+pub fn layer_norm_composed(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
     let in_dtype = x.dtype();
     let internal = match in_dtype {
         DType::F16 | DType::BF16 => DType::F32,

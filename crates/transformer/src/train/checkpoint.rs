@@ -1,5 +1,6 @@
 //! Checkpoints: a directory with the weights (`model.safetensors`), the model config
-//! (`config.json`), `meta.json` (family, library version), the tokenizer (`tokenizer.json`),
+//! (`config.json`), `meta.json` (family, library version), the tokenizer (`tokenizer.json`,
+//! plus `src_tokenizer.json` for a translation model with separate vocabularies),
 //! the optimizer state (`optimizer.safetensors` + `optimizer.json`), the trainer state
 //! (`trainer_state.json`: step, best validation loss, RNG states) and the run config
 //! (`run.toml`).
@@ -23,6 +24,9 @@ use crate::{Error, Result};
 
 pub const META_FILE: &str = "meta.json";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The source-side tokenizer of a translation model with separate vocabularies
+/// (`tokenizer.json` is then the target side's); absent when the vocabulary is joint.
+pub const SRC_TOKENIZER_FILE: &str = "src_tokenizer.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const OPTIMIZER_STATE_FILE: &str = "optimizer.json";
 pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
@@ -63,6 +67,8 @@ pub struct CheckpointParts<'a> {
     pub optimizer: Option<&'a AdamW>,
     pub trainer: Option<&'a TrainerState>,
     pub tokenizer: Option<&'a Tokenizer>,
+    /// The source tokenizer when it differs from `tokenizer` (separate vocabularies).
+    pub src_tokenizer: Option<&'a Tokenizer>,
     pub run_config: Option<&'a RunConfig>,
 }
 
@@ -102,6 +108,9 @@ pub fn save_checkpoint(dir: &Path, parts: &CheckpointParts) -> Result<()> {
     )?;
     if let Some(t) = parts.tokenizer {
         t.save(tmp.join(TOKENIZER_FILE))?;
+    }
+    if let Some(t) = parts.src_tokenizer {
+        t.save(tmp.join(SRC_TOKENIZER_FILE))?;
     }
     if let Some(opt) = parts.optimizer {
         let (state, tensors) = opt.state()?;
@@ -195,4 +204,188 @@ pub fn load_optimizer(dir: &Path, opt: &mut AdamW) -> Result<()> {
 pub fn read_model_config(dir: &Path) -> Result<serde_json::Value> {
     require_files(dir, &[CONFIG_FILE])?;
     read_config(&dir.join(CONFIG_FILE))
+}
+
+/// What [`average_checkpoints`] wrote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AveragedFrom {
+    /// The checkpoint directories whose weights were averaged, in the order given.
+    pub checkpoints: Vec<PathBuf>,
+}
+
+/// The file in an averaged checkpoint that lists its sources.
+pub const AVERAGED_FROM_FILE: &str = "averaged_from.json";
+
+/// Average the weights of `dirs` (Vaswani et al. 2017, §6.1: "averaging the last 5 checkpoints")
+/// into a new checkpoint directory `out`: every tensor is the element-wise mean (computed in
+/// f64) of that tensor in each input. The inputs must hold the same family and model config and
+/// the same tensors; `out` gets the averaged `model.safetensors`, the shared `config.json` and
+/// `meta.json`, the tokenizer files and `run.toml` of the last input, and
+/// [`AVERAGED_FROM_FILE`]. No optimizer or trainer state: the result is for translating and
+/// evaluating, not for resuming.
+pub fn average_checkpoints(dirs: &[PathBuf], out: &Path) -> Result<()> {
+    let Some(last) = dirs.last() else {
+        return Err(Error::msg(
+            "checkpoint averaging needs at least one checkpoint",
+        ));
+    };
+    for d in dirs {
+        require_files(d, &[META_FILE, CONFIG_FILE, WEIGHTS_FILE])?;
+        if out.exists() && same_dir(d, out) {
+            return Err(Error::msg(format!(
+                "{}: the output directory is one of the checkpoints being averaged",
+                out.display()
+            )));
+        }
+    }
+    let meta = read_meta(last)?;
+    let config = read_model_config(last)?;
+    let mut sums: Vec<(String, Vec<usize>, Vec<f64>)> = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        if read_meta(d)?.family != meta.family || read_model_config(d)? != config {
+            return Err(Error::msg(format!(
+                "{} and {} hold different models (family or config.json differ); only \
+                 checkpoints of one run can be averaged",
+                d.display(),
+                last.display()
+            )));
+        }
+        let path = d.join(WEIGHTS_FILE);
+        let tensors = crate::nn::var_store::read_safetensors(&path)?;
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        if i == 0 {
+            for name in names {
+                let t = &tensors[name];
+                let values = t.flatten_all()?.to_dtype(candle_core::DType::F64)?;
+                sums.push((name.clone(), t.dims().to_vec(), values.to_vec1::<f64>()?));
+            }
+            continue;
+        }
+        if names.len() != sums.len() || names.iter().zip(&sums).any(|(a, (b, _, _))| *a != b) {
+            return Err(Error::Weights {
+                source_name: path.display().to_string(),
+                msg: format!(
+                    "holds other tensors than {}",
+                    dirs[0].join(WEIGHTS_FILE).display()
+                ),
+            });
+        }
+        for (name, dims, sum) in sums.iter_mut() {
+            let t = &tensors[name.as_str()];
+            if t.dims() != dims.as_slice() {
+                return Err(Error::Weights {
+                    source_name: path.display().to_string(),
+                    msg: format!("{name}: shape {:?}, expected {dims:?}", t.dims()),
+                });
+            }
+            let values = t.flatten_all()?.to_dtype(candle_core::DType::F64)?;
+            for (s, v) in sum.iter_mut().zip(values.to_vec1::<f64>()?) {
+                *s += v;
+            }
+        }
+    }
+    let n = dirs.len() as f64;
+    let mut averaged = HashMap::with_capacity(sums.len());
+    for (name, dims, sum) in sums {
+        let mean: Vec<f32> = sum.iter().map(|s| (s / n) as f32).collect();
+        let t = Tensor::from_vec(mean, dims, &candle_core::Device::Cpu)?;
+        averaged.insert(name, t);
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let weights = out.join(WEIGHTS_FILE);
+    let tmp = out.join(format!("{WEIGHTS_FILE}.tmp-write"));
+    candle_core::safetensors::save(&averaged, &tmp).map_err(|e| Error::Weights {
+        source_name: tmp.display().to_string(),
+        msg: format!("cannot write: {e}"),
+    })?;
+    std::fs::rename(&tmp, &weights).map_err(|e| Error::io(&weights, e))?;
+    write_json_atomic(&config, &out.join(CONFIG_FILE))?;
+    write_json_atomic(&meta, &out.join(META_FILE))?;
+    for f in [TOKENIZER_FILE, SRC_TOKENIZER_FILE, RUN_CONFIG_FILE] {
+        let (src, dst) = (last.join(f), out.join(f));
+        if src.is_file() {
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&dst, e))?;
+        } else if dst.exists() {
+            // A stale file from an earlier average into the same directory.
+            std::fs::remove_file(&dst).map_err(|e| Error::io(&dst, e))?;
+        }
+    }
+    write_json_atomic(
+        &AveragedFrom {
+            checkpoints: dirs.to_vec(),
+        },
+        &out.join(AVERAGED_FROM_FILE),
+    )
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::{EncoderDecoder, EncoderDecoderConfig};
+    use candle_core::{DType, Device};
+
+    fn save(dir: &Path, seed: u64, cfg: &EncoderDecoderConfig) -> VarStore {
+        let (_, vs) = EncoderDecoder::init(cfg, DType::F32, &Device::Cpu, seed).unwrap();
+        let json = serde_json::to_value(cfg).unwrap();
+        save_checkpoint(
+            dir,
+            &CheckpointParts {
+                family: Family::EncoderDecoder,
+                model_config: &json,
+                vs: &vs,
+                optimizer: None,
+                trainer: None,
+                tokenizer: None,
+                src_tokenizer: None,
+                run_config: None,
+            },
+        )
+        .unwrap();
+        vs
+    }
+
+    #[test]
+    fn averaging_two_checkpoints_gives_the_mean_of_their_weights() {
+        let root = tempfile::tempdir().unwrap();
+        let cfg = EncoderDecoderConfig::tiny(20);
+        let a = save(&root.path().join("a"), 1, &cfg);
+        let b = save(&root.path().join("b"), 2, &cfg);
+        let out = root.path().join("avg");
+        let dirs = vec![root.path().join("a"), root.path().join("b")];
+        average_checkpoints(&dirs, &out).unwrap();
+
+        let (_, avg) = EncoderDecoder::load(&out, &Device::Cpu).unwrap();
+        let (ta, tb, tavg) = (a.tensors(), b.tensors(), avg.tensors());
+        assert_eq!(tavg.len(), ta.len());
+        for (name, t) in &tavg {
+            let x = ta[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let y = tb[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let m = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for ((x, y), m) in x.iter().zip(&y).zip(&m) {
+                assert_eq!(*m, ((*x as f64 + *y as f64) / 2.0) as f32, "{name}");
+            }
+        }
+        assert_eq!(read_meta(&out).unwrap().family, Family::EncoderDecoder);
+        let from: AveragedFrom = read_config(&out.join(AVERAGED_FROM_FILE)).unwrap();
+        assert_eq!(from.checkpoints, dirs);
+
+        // Different models are refused, naming them; so is averaging into an input.
+        save(&root.path().join("c"), 3, &EncoderDecoderConfig::tiny(21));
+        let e = average_checkpoints(&[dirs[0].clone(), root.path().join("c")], &out)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("different models") && e.contains("c"), "{e}");
+        let e = average_checkpoints(&dirs, &dirs[1])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("output directory"), "{e}");
+    }
 }

@@ -89,6 +89,32 @@ pub enum DataConfig {
         #[serde(default = "default_n_val")]
         n_val: usize,
     },
+    /// A parallel corpus for translation: line `i` of `train_src` is translated by line `i` of
+    /// `train_tgt` (likewise for validation). The tokenizer is trained on the training text of
+    /// both sides (one joint vocabulary) or of each side (two vocabularies). Training batches
+    /// hold sentence pairs of similar length, up to `max_tokens` padded tokens per side and
+    /// `train.batch_size` pairs (Vaswani et al. 2017, §5.1).
+    Parallel {
+        /// Training source text, one sentence per line.
+        train_src: PathBuf,
+        /// Training target text, aligned with `train_src`.
+        train_tgt: PathBuf,
+        /// Validation source text.
+        val_src: PathBuf,
+        /// Validation target text, aligned with `val_src`.
+        val_tgt: PathBuf,
+        /// Token budget of a batch: pairs × the longest side (in tokens, padding included).
+        max_tokens: usize,
+        /// Training pairs with more than `max_len` source tokens, or target tokens + eos, are
+        /// dropped (validation pairs too long for the model's positions are dropped as well).
+        #[serde(default = "default_parallel_max_len")]
+        max_len: usize,
+        /// One tokenizer and vocabulary for both languages (then the model shares its source
+        /// and target embeddings and ties the output projection to them); `false` trains one
+        /// tokenizer per side.
+        #[serde(default = "yes")]
+        joint_vocab: bool,
+    },
 }
 
 fn default_train_fraction() -> f64 {
@@ -96,6 +122,9 @@ fn default_train_fraction() -> f64 {
 }
 fn default_n_val() -> usize {
     256
+}
+fn default_parallel_max_len() -> usize {
+    128
 }
 
 /// The `[train]` section.
@@ -133,6 +162,10 @@ pub struct TrainConfig {
     /// Keep a copy of the checkpoint with the best validation loss in `best/`.
     #[serde(default = "yes")]
     pub keep_best: bool,
+    /// Also save the weights at every checkpoint in `step-XXXXXX/` and keep the last this many
+    /// of them, for checkpoint averaging (`transformer average`; the paper averages the last 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<usize>,
 }
 
 fn default_seed() -> u64 {
@@ -184,6 +217,11 @@ impl TrainConfig {
         }
         if self.checkpoint_every == Some(0) {
             return Err(Error::Config("train.checkpoint_every must be > 0".into()));
+        }
+        if self.keep_last == Some(0) {
+            return Err(Error::Config(
+                "train.keep_last must be > 0 (leave it out to keep no step checkpoints)".into(),
+            ));
         }
         Ok(())
     }
@@ -255,7 +293,24 @@ impl RunConfig {
     /// The model config: the preset (if any), then every other `[model]` field over it, with
     /// `vocab_size` (or both vocabulary sizes) from the tokenizer.
     pub fn model_config(&self, vocab_size: usize) -> Result<ModelConfig> {
+        self.model_config_with_vocabs(vocab_size, vocab_size)
+    }
+
+    /// [`RunConfig::model_config`] with separate source and target vocabulary sizes (an
+    /// encoder-decoder with two tokenizers); other families need them equal.
+    pub fn model_config_with_vocabs(
+        &self,
+        src_vocab_size: usize,
+        tgt_vocab_size: usize,
+    ) -> Result<ModelConfig> {
+        let vocab_size = tgt_vocab_size;
         let family = self.family()?;
+        if family != Family::EncoderDecoder && src_vocab_size != tgt_vocab_size {
+            return Err(Error::Config(format!(
+                "a {family:?} model has one vocabulary, got source {src_vocab_size} and target \
+                 {tgt_vocab_size} tokens"
+            )));
+        }
         let mut fields = self.model.clone();
         fields.remove("family");
         let preset = match fields.remove("preset") {
@@ -284,26 +339,30 @@ impl RunConfig {
             source,
         })?;
         let obj = base.as_object_mut().expect("configs serialize to objects");
-        let vocab_keys: &[&str] = match family {
-            Family::EncoderDecoder => &["src_vocab_size", "tgt_vocab_size"],
-            _ => &["vocab_size"],
+        let vocab_keys: &[(&str, usize)] = match family {
+            Family::EncoderDecoder => &[
+                ("src_vocab_size", src_vocab_size),
+                ("tgt_vocab_size", tgt_vocab_size),
+            ],
+            _ => &[("vocab_size", vocab_size)],
         };
-        for k in vocab_keys {
-            if fields.contains_key(*k) {
+        for &(k, n) in vocab_keys {
+            if fields.contains_key(k) {
                 return Err(Error::Config(format!(
-                    "model.{k} is set by the tokenizer ({vocab_size}); remove it from the config"
+                    "model.{k} is set by the tokenizer ({n}); remove it from the config"
                 )));
             }
-            obj.insert(k.to_string(), vocab_size.into());
+            obj.insert(k.to_string(), n.into());
         }
-        for (k, v) in fields {
-            let json = serde_json::to_value(&v).map_err(|source| Error::Json {
+        for (k, v) in &fields {
+            let json = serde_json::to_value(v).map_err(|source| Error::Json {
                 what: format!("model.{k}"),
                 source,
             })?;
-            obj.insert(k, json);
+            obj.insert(k.clone(), json);
         }
-        let cfg = ModelConfig::from_json(family, base, "[model] section")?;
+        let cfg = ModelConfig::from_json(family, base, "[model] section")
+            .map_err(|e| bad_model_field(family, &fields).unwrap_or(e))?;
         match &cfg {
             ModelConfig::EncoderDecoder(c) => c.validate()?,
             ModelConfig::DecoderOnly(c) => c.validate()?,
@@ -311,6 +370,27 @@ impl RunConfig {
         }
         Ok(cfg)
     }
+}
+
+/// serde_json's errors say what was wrong (`invalid type: string "x", expected usize`) but not
+/// where; find the `[model]` field at fault by setting each one alone on the family's tiny
+/// preset, which is known to deserialize, so that the error can name it.
+fn bad_model_field(family: Family, fields: &toml::Table) -> Option<Error> {
+    for (k, v) in fields {
+        let mut probe = match family {
+            Family::EncoderDecoder => serde_json::to_value(EncoderDecoderConfig::tiny(2)),
+            Family::DecoderOnly => serde_json::to_value(DecoderOnlyConfig::tiny(2)),
+            Family::EncoderOnly => serde_json::to_value(EncoderOnlyConfig::tiny(2)),
+        }
+        .ok()?;
+        probe
+            .as_object_mut()?
+            .insert(k.clone(), serde_json::to_value(v).ok()?);
+        if let Err(Error::Json { source, .. }) = ModelConfig::from_json(family, probe, "probe") {
+            return Some(Error::Config(format!("model.{k}: {source}")));
+        }
+    }
+    None
 }
 
 /// Set `section.key=value` in a TOML document; the value is parsed as TOML (number, bool,
@@ -407,6 +487,12 @@ min_lr = 1e-4
             .unwrap_err()
             .to_string();
         assert!(e.contains("section.key=value"), "{e}");
+        let cfg = RunConfig::from_toml(CFG, &["model.n_layers=\"x\"".into()], "c").unwrap();
+        let e = cfg.model_config(65).unwrap_err().to_string();
+        assert!(
+            e.contains("model.n_layers") && e.contains("invalid type"),
+            "{e}"
+        );
         let cfg = RunConfig::from_toml(CFG, &["model.n_heads=3".into()], "c").unwrap();
         let e = cfg.model_config(65).unwrap_err().to_string();
         assert!(e.contains("divisible"), "{e}");

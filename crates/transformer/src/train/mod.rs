@@ -16,5 +16,8 @@ pub use config::{DataConfig, Family, ModelConfig, RunConfig, TrainConfig};
 pub use loss::{cross_entropy, CrossEntropyConfig};
 pub use optim::{AdamW, AdamWConfig, AdamWState};
 pub use schedule::LrSchedule;
-pub use tasks::{LmTask, PairSource, Seq2SeqTask};
+pub use tasks::{
+    seq2seq_loss, BucketSchedule, BucketedPairs, BucketedSeq2SeqTask, LmTask, PairSource,
+    Seq2SeqTask,
+};
 pub use trainer::{MetricRecord, Observer, RunSummary, Silent, Task, Trainer, TrainerSetup};

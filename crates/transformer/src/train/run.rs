@@ -5,13 +5,18 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 
-use super::checkpoint::{self, TOKENIZER_FILE};
+use super::checkpoint::{self, SRC_TOKENIZER_FILE, TOKENIZER_FILE};
 use super::config::{DataConfig, ModelConfig, RunConfig};
 use super::loss::CrossEntropyConfig;
 use super::optim::AdamW;
-use super::tasks::{reverse_pair, LmTask, PairSource, Seq2SeqTask};
-use super::trainer::{Task, Trainer, TrainerSetup};
-use crate::data::{read_text, CharTokenizer, LmDataset, Seq2SeqIds, Tokenizer};
+use super::tasks::{
+    reverse_pair, BucketedPairs, BucketedSeq2SeqTask, LmTask, PairSource, Seq2SeqTask,
+};
+use super::trainer::{initial_data_rng, Task, Trainer, TrainerSetup};
+use crate::data::{
+    encode_pairs, read_parallel, read_text, CharTokenizer, LmDataset, Seq2SeqIds, Tokenizer,
+    TokenizerConfig,
+};
 use crate::models::{DecoderOnly, EncoderDecoder};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -43,6 +48,32 @@ pub struct PreparedRun {
     pub tokenizer: Tokenizer,
     pub model_config: ModelConfig,
     pub n_params: usize,
+    /// The source tokenizer of a translation run with separate vocabularies.
+    pub src_tokenizer: Option<Tokenizer>,
+    /// Lines worth showing the user about the data (sizes, filtered pairs).
+    pub data_notes: Vec<String>,
+}
+
+/// The special tokens a translation vocabulary needs, used when `[tokenizer]` lists none.
+pub const SEQ2SEQ_SPECIAL_TOKENS: [&str; 4] = ["<pad>", "<bos>", "<eos>", "<unk>"];
+
+/// `cfg` with [`SEQ2SEQ_SPECIAL_TOKENS`] when it lists no special tokens.
+fn with_seq2seq_specials(cfg: &TokenizerConfig) -> TokenizerConfig {
+    let mut cfg = cfg.clone();
+    if cfg.special_tokens.is_empty() && cfg.kind != crate::data::TokenizerKind::File {
+        cfg.special_tokens = SEQ2SEQ_SPECIAL_TOKENS.map(String::from).to_vec();
+    }
+    cfg
+}
+
+/// The training text of both sides of a parallel corpus, one sentence per line.
+fn corpus_text<'a>(lines: impl Iterator<Item = &'a str>) -> String {
+    let mut text = String::new();
+    for l in lines {
+        text.push_str(l);
+        text.push('\n');
+    }
+    text
 }
 
 /// Build the tokenizer, data, model and optimizer of `cfg` writing into `out_dir`; with
@@ -65,6 +96,10 @@ pub fn prepare_run(
         label_smoothing: cfg.train.label_smoothing,
         ignore_index: None,
     };
+    let mut src_tokenizer: Option<Tokenizer> = None;
+    let mut data_notes = Vec::new();
+    // Model fields a data kind decides unless the [model] section sets them.
+    let mut model_defaults: Vec<(&str, toml::Value)> = Vec::new();
     let (tokenizer, task_builder): (Tokenizer, TaskBuilder) = match &cfg.data {
         DataConfig::Text {
             path,
@@ -167,8 +202,125 @@ pub fn prepare_run(
             };
             (tokenizer, Box::new(builder))
         }
+        DataConfig::Parallel {
+            train_src,
+            train_tgt,
+            val_src,
+            val_tgt,
+            max_tokens,
+            max_len,
+            joint_vocab,
+        } => {
+            let (max_tokens, max_len, joint) = (*max_tokens, *max_len, *joint_vocab);
+            if max_len == 0 {
+                return Err(Error::Config("data.max_len must be > 0".into()));
+            }
+            if max_tokens < max_len {
+                return Err(Error::Config(format!(
+                    "data.max_tokens = {max_tokens} must be at least data.max_len = {max_len}, \
+                     so that every kept sentence pair fits in a batch"
+                )));
+            }
+            let train_lines = read_parallel(train_src, train_tgt)?;
+            let val_lines = read_parallel(val_src, val_tgt)?;
+            let tok_cfg = with_seq2seq_specials(&cfg.tokenizer);
+            let tokenizer = if resume {
+                if !joint {
+                    checkpoint::require_files(&ckpt_dir, &[SRC_TOKENIZER_FILE])?;
+                    src_tokenizer = Some(Tokenizer::load(ckpt_dir.join(SRC_TOKENIZER_FILE))?);
+                }
+                saved_tokenizer()?
+            } else if joint {
+                let text = corpus_text(
+                    train_lines
+                        .iter()
+                        .flat_map(|(s, t)| [s.as_str(), t.as_str()]),
+                );
+                tok_cfg.build(Some(&text))?
+            } else {
+                let src_text = corpus_text(train_lines.iter().map(|(s, _)| s.as_str()));
+                let tgt_text = corpus_text(train_lines.iter().map(|(_, t)| t.as_str()));
+                src_tokenizer = Some(tok_cfg.build(Some(&src_text))?);
+                tok_cfg.build(Some(&tgt_text))?
+            };
+            let ids = Seq2SeqIds::from_tokenizer(&tokenizer)?;
+            if let Some(st) = &src_tokenizer {
+                // The batch pads sources with the target's pad id.
+                if st.pad_id() != Some(ids.pad) {
+                    return Err(Error::Config(format!(
+                        "separate vocabularies need the padding token at the same id on both \
+                         sides; source {:?}, target {}",
+                        st.pad_id(),
+                        ids.pad
+                    )));
+                }
+            }
+            let src_tok = src_tokenizer.as_ref().unwrap_or(&tokenizer);
+            let train = encode_pairs(src_tok, &tokenizer, &train_lines, max_len)?;
+            let val = encode_pairs(src_tok, &tokenizer, &val_lines, max_len)?;
+            for (what, set, n) in [
+                ("training", &train, train_lines.len()),
+                ("validation", &val, val_lines.len()),
+            ] {
+                data_notes.push(format!(
+                    "{what} pairs: {} kept of {n} ({} longer than data.max_len = {max_len}, {} \
+                     with an empty side)",
+                    set.pairs.len(),
+                    set.too_long,
+                    set.empty
+                ));
+            }
+            if train.pairs.is_empty() || val.pairs.is_empty() {
+                return Err(Error::msg(format!(
+                    "no sentence pairs left after filtering ({} training, {} validation); \
+                     raise data.max_len",
+                    train.pairs.len(),
+                    val.pairs.len()
+                )));
+            }
+            model_defaults.push(("share_embeddings", toml::Value::Boolean(joint)));
+            model_defaults.push(("tie_output", toml::Value::Boolean(true)));
+            let max_pairs = cfg.train.batch_size;
+            let device = device.clone();
+            let builder = move |mc: &ModelConfig,
+                                vs: &crate::nn::VarStore,
+                                _: &Tokenizer|
+                  -> Result<Box<dyn Task>> {
+                let ModelConfig::EncoderDecoder(c) = mc else {
+                    return Err(Error::Config(
+                        "data.kind = \"parallel\" trains an encoder_decoder model".into(),
+                    ));
+                };
+                if c.max_len < max_len {
+                    return Err(Error::Config(format!(
+                        "data.max_len = {max_len} is more than the model's positions \
+                         (model.max_len = {}); lower data.max_len or raise model.max_len",
+                        c.max_len
+                    )));
+                }
+                let data = BucketedPairs {
+                    train: train.pairs,
+                    val: val.pairs,
+                    max_tokens,
+                    max_pairs,
+                    initial_rng: initial_data_rng(seed),
+                };
+                let model = EncoderDecoder::new(c, &vs.root())?;
+                Ok(Box::new(BucketedSeq2SeqTask::new(
+                    model, data, ids, loss, device,
+                )?))
+            };
+            (tokenizer, Box::new(builder))
+        }
     };
-    let model_config = cfg.model_config(tokenizer.vocab_size())?;
+    let mut model_cfg = cfg.clone();
+    for (key, value) in model_defaults {
+        model_cfg.model.entry(key.to_string()).or_insert(value);
+    }
+    let src_vocab = src_tokenizer
+        .as_ref()
+        .map_or(tokenizer.vocab_size(), Tokenizer::vocab_size);
+    let model_config = model_cfg.model_config_with_vocabs(src_vocab, tokenizer.vocab_size())?;
     let (init, n_layers) = match &model_config {
         ModelConfig::EncoderDecoder(c) => (c.init, c.n_encoder_layers + c.n_decoder_layers),
         ModelConfig::DecoderOnly(c) => (c.init, c.n_layers),
@@ -186,6 +338,7 @@ pub fn prepare_run(
         family: model_config.family(),
         model_config: model_config.to_json()?,
         tokenizer: Some(tokenizer.clone()),
+        src_tokenizer: src_tokenizer.clone(),
         run_config: Some(cfg.clone()),
     };
     let trainer = if resume {
@@ -199,6 +352,8 @@ pub fn prepare_run(
         tokenizer,
         model_config,
         n_params: vs.num_params(),
+        src_tokenizer,
+        data_notes,
     })
 }
 
@@ -281,6 +436,169 @@ min_lr = 1e-3
         let metrics =
             crate::train::trainer::read_metrics(&dir.join("split").join("metrics.jsonl"))?;
         assert_eq!(metrics.iter().filter(|r| r.event == "eval").count(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    /// A toy parallel corpus: "German" words and their word-for-word "English" translations.
+    fn parallel_dir(name: &str, n: usize) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("transformer-run-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let words = [
+            ("ein", "a"),
+            ("hund", "dog"),
+            ("katze", "cat"),
+            ("läuft", "runs"),
+            ("schläft", "sleeps"),
+            ("rot", "red"),
+            ("groß", "big"),
+        ];
+        let mut rng = Rng::new(5);
+        let (mut de, mut en) = (String::new(), String::new());
+        for _ in 0..n {
+            let len = 2 + rng.below(6) as usize;
+            let idx: Vec<usize> = (0..len)
+                .map(|_| rng.below(words.len() as u64) as usize)
+                .collect();
+            let line = |side: fn(&(&str, &str)) -> String| -> String {
+                idx.iter()
+                    .map(|&i| side(&words[i]))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            de.push_str(&line(|w| w.0.to_string()));
+            de.push('\n');
+            en.push_str(&line(|w| w.1.to_string()));
+            en.push('\n');
+        }
+        for (f, text) in [
+            ("train.de", &de),
+            ("train.en", &en),
+            ("val.de", &de),
+            ("val.en", &en),
+        ] {
+            std::fs::write(dir.join(f), text).unwrap();
+        }
+        dir
+    }
+
+    fn parallel_config(dir: &Path, steps: u64, joint: bool) -> RunConfig {
+        let toml = format!(
+            r#"
+[model]
+family = "encoder_decoder"
+preset = "tiny"
+d_model = 32
+d_ff = 64
+n_heads = 2
+n_encoder_layers = 1
+n_decoder_layers = 1
+max_len = 48
+
+[data]
+kind = "parallel"
+train_src = "{d}/train.de"
+train_tgt = "{d}/train.en"
+val_src = "{d}/val.de"
+val_tgt = "{d}/val.en"
+max_tokens = 96
+max_len = 40
+joint_vocab = {joint}
+
+[tokenizer]
+kind = "bpe"
+vocab_size = 300
+
+[train]
+batch_size = 8
+max_steps = {steps}
+grad_accum = 2
+label_smoothing = 0.1
+eval_every = 3
+log_every = 1
+
+[optimizer]
+beta1 = 0.9
+beta2 = 0.98
+eps = 1e-9
+weight_decay = 0.0
+
+[schedule]
+kind = "noam"
+d_model = 32
+warmup_steps = 4
+factor = 1.0
+"#,
+            d = dir.display()
+        );
+        RunConfig::from_toml(&toml, &[], "test").unwrap()
+    }
+
+    #[test]
+    fn parallel_run_resumes_mid_epoch_exactly() -> Result<()> {
+        // 40 pairs in batches of at most 8: about 6 batches an epoch, so 8 steps of 2
+        // micro-batches cross two epoch boundaries and the split at step 3 falls mid-epoch.
+        let dir = parallel_dir("parallel-resume", 40);
+        let cfg = parallel_config(&dir, 8, true);
+        let mut full = prepare_run(&cfg, &dir.join("full"), false, &Device::Cpu)?;
+        let ModelConfig::EncoderDecoder(mc) = &full.model_config else {
+            panic!("family")
+        };
+        assert!(
+            mc.share_embeddings && mc.tie_output,
+            "joint vocabulary shares embeddings"
+        );
+        assert_eq!(full.tokenizer.special_ids().bos, Some(1));
+        let all = full.trainer.run(full.task.as_mut(), &mut Silent)?;
+        assert_eq!(all.losses.len(), 8);
+
+        let mut first = prepare_run(
+            &parallel_config(&dir, 3, true),
+            &dir.join("split"),
+            false,
+            &Device::Cpu,
+        )?;
+        let a = first.trainer.run(first.task.as_mut(), &mut Silent)?;
+        let mut second = prepare_run(&cfg, &dir.join("split"), true, &Device::Cpu)?;
+        let b = second.trainer.run(second.task.as_mut(), &mut Silent)?;
+        let resumed: Vec<f64> = a.losses.iter().chain(&b.losses).copied().collect();
+        assert_eq!(
+            resumed, all.losses,
+            "resumed losses differ from the uninterrupted run"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
+    fn parallel_run_with_separate_vocabularies() -> Result<()> {
+        let dir = parallel_dir("parallel-separate", 24);
+        let cfg = parallel_config(&dir, 1, false);
+        let out = dir.join("run");
+        let mut run = prepare_run(&cfg, &out, false, &Device::Cpu)?;
+        let ModelConfig::EncoderDecoder(mc) = &run.model_config else {
+            panic!("family")
+        };
+        let src = run.src_tokenizer.as_ref().expect("a source tokenizer");
+        assert_eq!(mc.src_vocab_size, src.vocab_size());
+        assert_eq!(mc.tgt_vocab_size, run.tokenizer.vocab_size());
+        assert!(!mc.share_embeddings);
+        run.trainer.run(run.task.as_mut(), &mut Silent)?;
+        let ckpt = out.join("checkpoint");
+        assert!(ckpt.join(SRC_TOKENIZER_FILE).is_file() && ckpt.join(TOKENIZER_FILE).is_file());
+
+        // Line counts that differ are named with both files.
+        std::fs::write(dir.join("val.en"), "a dog\n").unwrap();
+        let e = prepare_run(&cfg, &dir.join("bad"), false, &Device::Cpu)
+            .err()
+            .expect("mismatched files")
+            .to_string();
+        assert!(
+            e.contains("val.de has 24 lines") && e.contains("val.en has 1 lines"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }

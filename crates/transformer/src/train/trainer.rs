@@ -84,6 +84,7 @@ pub struct Trainer {
     family: Family,
     model_config: serde_json::Value,
     tokenizer: Option<Tokenizer>,
+    src_tokenizer: Option<Tokenizer>,
     run_config: Option<RunConfig>,
     state: TrainerState,
     records: Vec<MetricRecord>,
@@ -100,7 +101,45 @@ pub struct TrainerSetup {
     pub family: Family,
     pub model_config: serde_json::Value,
     pub tokenizer: Option<Tokenizer>,
+    /// The source tokenizer of a translation model with separate vocabularies.
+    pub src_tokenizer: Option<Tokenizer>,
     pub run_config: Option<RunConfig>,
+}
+
+/// The generator that draws the training batches of a run seeded with `seed`, as it is before
+/// the first step. Tasks that replay their data order from the start (to resume exactly in the
+/// middle of an epoch) start from it.
+pub fn initial_data_rng(seed: u64) -> Rng {
+    Rng::new(seed ^ 0x5EED_DA7A)
+}
+
+/// The directory name of the step checkpoint kept for averaging (`train.keep_last`).
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:06}")
+}
+
+/// The step checkpoints (`step-XXXXXX/`) in a run directory, oldest first.
+pub fn step_dirs(out_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut dirs = Vec::new();
+    let entries = match std::fs::read_dir(out_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(dirs),
+        Err(e) => return Err(Error::io(out_dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(out_dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            if entry.path().is_dir() {
+                dirs.push((step, entry.path()));
+            }
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
 }
 
 impl Trainer {
@@ -111,7 +150,7 @@ impl Trainer {
         let state = TrainerState {
             step: 0,
             best_val_loss: None,
-            data_rng: Rng::new(setup.train.seed ^ 0x5EED_DA7A),
+            data_rng: initial_data_rng(setup.train.seed),
             dropout_rng: setup.vs.dropout_rng().state(),
             tokens_seen: 0,
             elapsed_s: 0.0,
@@ -126,6 +165,7 @@ impl Trainer {
             family: setup.family,
             model_config: setup.model_config,
             tokenizer: setup.tokenizer,
+            src_tokenizer: setup.src_tokenizer,
             run_config: setup.run_config,
             state,
             records: Vec::new(),
@@ -254,8 +294,12 @@ impl Trainer {
                 if improved && self.cfg.keep_best {
                     self.save("best", observer, true)?;
                 }
+                if step % ckpt_every == 0 || step == max_steps {
+                    self.save_step()?;
+                }
             } else if step % ckpt_every == 0 {
                 self.save("checkpoint", observer, false)?;
+                self.save_step()?;
             }
         }
         if interrupted {
@@ -356,6 +400,33 @@ impl Trainer {
         crate::models::write_atomic(&self.out_dir.join(METRICS_FILE), text.as_bytes())
     }
 
+    /// With `train.keep_last = N`: the weights of this step in `step-XXXXXX/` (no optimizer
+    /// state: they are only for averaging and translating), and only the last N kept.
+    fn save_step(&mut self) -> Result<()> {
+        let Some(keep) = self.cfg.keep_last else {
+            return Ok(());
+        };
+        let dir = self.out_dir.join(step_dir_name(self.state.step));
+        checkpoint::save_checkpoint(
+            &dir,
+            &CheckpointParts {
+                family: self.family,
+                model_config: &self.model_config,
+                vs: &self.vs,
+                optimizer: None,
+                trainer: Some(&self.state),
+                tokenizer: self.tokenizer.as_ref(),
+                src_tokenizer: self.src_tokenizer.as_ref(),
+                run_config: self.run_config.as_ref(),
+            },
+        )?;
+        let all = step_dirs(&self.out_dir)?;
+        for (_, old) in &all[..all.len().saturating_sub(keep)] {
+            std::fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
+        }
+        Ok(())
+    }
+
     fn save(&mut self, name: &str, observer: &mut dyn Observer, best: bool) -> Result<()> {
         self.state.dropout_rng = self.vs.dropout_rng().state();
         let dir = self.out_dir.join(name);
@@ -368,6 +439,7 @@ impl Trainer {
                 optimizer: Some(&self.optimizer),
                 trainer: Some(&self.state),
                 tokenizer: self.tokenizer.as_ref(),
+                src_tokenizer: self.src_tokenizer.as_ref(),
                 run_config: self.run_config.as_ref(),
             },
         )?;

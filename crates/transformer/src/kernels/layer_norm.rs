@@ -1,0 +1,178 @@
+//! Layer norm over the last dimension with backward, one pass each way.
+//!
+//! Forward: x̂ = (x - μ) / √(σ² + ε), y = x̂ ⊙ w + b (biased variance, as PyTorch).
+//! Backward, with g = dy ⊙ w: dx = (g - mean(g) - x̂ ⊙ mean(g ⊙ x̂)) / √(σ² + ε);
+//! dw = Σ_rows dy ⊙ x̂; db = Σ_rows dy. μ and σ are recomputed from x in the backward.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{slice, with_data, Float, PAR_MIN_ELEMS};
+
+struct LayerNormOp {
+    eps: f64,
+}
+
+fn stats<T: Float>(x: &[T], eps: f64) -> (T, T) {
+    let n = T::of(x.len() as f64);
+    let mut sum = T::ZERO;
+    for &v in x {
+        sum += v;
+    }
+    let mean = sum / n;
+    let mut var = T::ZERO;
+    for &v in x {
+        let d = v - mean;
+        var += d * d;
+    }
+    let rstd = T::ONE / (var / n + T::of(eps)).sqrt_();
+    (mean, rstd)
+}
+
+fn fwd<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let c = w.len();
+    let mut y = vec![T::ZERO; x.len()];
+    let row = |(xr, yr): (&[T], &mut [T])| {
+        let (mean, rstd) = stats(xr, eps);
+        for i in 0..c {
+            yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
+        }
+    };
+    if x.len() >= PAR_MIN_ELEMS {
+        x.par_chunks(c).zip(y.par_chunks_mut(c)).for_each(row);
+    } else {
+        x.chunks(c).zip(y.chunks_mut(c)).for_each(row);
+    }
+    y
+}
+
+/// dx for a block of rows, accumulating dw and db.
+fn bwd_rows<T: Float>(x: &[T], dy: &[T], w: &[T], eps: f64, dx: &mut [T], dw: &mut [T], db: &mut [T]) {
+    let c = w.len();
+    let nf = T::of(c as f64);
+    for ((xr, dyr), dxr) in x.chunks(c).zip(dy.chunks(c)).zip(dx.chunks_mut(c)) {
+        let (mean, rstd) = stats(xr, eps);
+        let (mut sum_g, mut sum_gx) = (T::ZERO, T::ZERO);
+        for i in 0..c {
+            let xh = (xr[i] - mean) * rstd;
+            let g = dyr[i] * w[i];
+            sum_g += g;
+            sum_gx += g * xh;
+            dw[i] += dyr[i] * xh;
+            db[i] += dyr[i];
+        }
+        let (mg, mgx) = (sum_g / nf, sum_gx / nf);
+        for i in 0..c {
+            let xh = (xr[i] - mean) * rstd;
+            dxr[i] = (dyr[i] * w[i] - mg - xh * mgx) * rstd;
+        }
+    }
+}
+
+fn bwd<T: Float>(x: &[T], dy: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let c = w.len();
+    let rows = x.len() / c.max(1);
+    let mut dx = vec![T::ZERO; x.len()];
+    if x.len() >= PAR_MIN_ELEMS && rows >= 2 {
+        // Each thread accumulates its own dw/db over a block of rows; blocks are then summed.
+        let threads = rayon::current_num_threads().max(1);
+        let block = rows.div_ceil(threads) * c;
+        let partial: Vec<(Vec<T>, Vec<T>)> = x
+            .par_chunks(block)
+            .zip(dy.par_chunks(block))
+            .zip(dx.par_chunks_mut(block))
+            .map(|((xb, dyb), dxb)| {
+                let (mut dw, mut db) = (vec![T::ZERO; c], vec![T::ZERO; c]);
+                bwd_rows(xb, dyb, w, eps, dxb, &mut dw, &mut db);
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![T::ZERO; c], vec![T::ZERO; c]);
+        for (pw, pb) in partial {
+            for i in 0..c {
+                dw[i] += pw[i];
+                db[i] += pb[i];
+            }
+        }
+        (dx, dw, db)
+    } else {
+        let (mut dw, mut db) = (vec![T::ZERO; c], vec![T::ZERO; c]);
+        bwd_rows(x, dy, w, eps, &mut dx, &mut dw, &mut db);
+        (dx, dw, db)
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(fwd(
+                slice::<f32>(s1, l1)?,
+                slice::<f32>(s2, l2)?,
+                slice::<f32>(s3, l3)?,
+                self.eps,
+            )),
+            CpuStorage::F64(_) => CpuStorage::F64(fwd(
+                slice::<f64>(s1, l1)?,
+                slice::<f64>(s2, l2)?,
+                slice::<f64>(s3, l3)?,
+                self.eps,
+            )),
+            _ => candle_core::bail!("fused layer norm: only f32/f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        fn run<T: Float>(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+            let (dx, dw, db) = with_data::<T, _>(x, |xs| {
+                with_data::<T, _>(dy, |dys| with_data::<T, _>(w, |ws| Ok(bwd(xs, dys, ws, eps))))
+            })?;
+            let dev = x.device();
+            Ok((
+                Tensor::from_vec(dx, x.shape(), dev)?,
+                Tensor::from_vec(dw, w.shape(), dev)?,
+                Tensor::from_vec(db, w.shape(), dev)?,
+            ))
+        }
+        let (dx, dw, db) = match x.dtype() {
+            DType::F32 => run::<f32>(x, w, grad, self.eps)?,
+            _ => run::<f64>(x, w, grad, self.eps)?,
+        };
+        let _ = b;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Fused layer norm over the last dimension of a contiguous f32/f64 CPU tensor; `bias` of
+/// `None` is a zero bias.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    let zeros;
+    let b = match bias {
+        Some(b) => b,
+        None => {
+            zeros = weight.zeros_like()?.detach();
+            &zeros
+        }
+    };
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &b.contiguous()?, LayerNormOp { eps })
+}

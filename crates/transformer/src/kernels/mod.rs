@@ -1,0 +1,132 @@
+//! Fused CPU kernels as candle custom ops, each with a real backward.
+//!
+//! candle-nn's fused `softmax_last_dim` and `layer_norm` record no backward, and the composed
+//! versions run five to ten passes over memory with a fresh allocation each. These kernels do
+//! one pass forward and one backward, on contiguous f32/f64 CPU tensors. Everywhere else (other
+//! devices or dtypes, or with `TRANSFORMER_KERNELS=composed`) the composed ops in `nn` run, and
+//! they remain the reference the kernels are tested against.
+
+pub mod gelu;
+pub mod layer_norm;
+pub mod softmax;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor, WithDType};
+
+// 0 = not read yet, 1 = on, 2 = off.
+static ENABLED: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the fused kernels are used (default yes; `TRANSFORMER_KERNELS=composed` turns
+/// them off).
+pub fn enabled() -> bool {
+    match ENABLED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = std::env::var("TRANSFORMER_KERNELS").map_or(true, |v| v != "composed");
+            ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+/// Turn the fused kernels on or off for the whole process (tests compare both paths).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// True when a fused kernel can take `t`: CPU, f32 or f64.
+pub(crate) fn applies(t: &Tensor) -> bool {
+    enabled() && matches!(t.device(), Device::Cpu) && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// The elements of a contiguous CPU storage as a slice.
+pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let data = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("fused kernel needs a contiguous input"),
+    }
+}
+
+/// Run `f` on the CPU data of a contiguous tensor.
+pub(crate) fn with_data<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => f(slice::<T>(s, layout)?),
+        _ => candle_core::bail!("fused kernel: tensor is not on the CPU"),
+    }
+}
+
+/// Rows processed in parallel only when there is enough work to pay for the threads.
+pub(crate) const PAR_MIN_ELEMS: usize = 1 << 15;
+
+/// Float operations the kernels need, for f32 and f64.
+pub(crate) trait Float:
+    WithDType + num_traits_like::Float + Send + Sync + Copy + 'static
+{
+}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// The few float operations used by the kernels (a tiny stand-in for num-traits).
+pub(crate) mod num_traits_like {
+    pub trait Float:
+        Copy
+        + PartialOrd
+        + std::ops::Add<Output = Self>
+        + std::ops::Sub<Output = Self>
+        + std::ops::Mul<Output = Self>
+        + std::ops::Div<Output = Self>
+        + std::ops::AddAssign
+        + std::ops::MulAssign
+        + std::ops::Neg<Output = Self>
+    {
+        const ZERO: Self;
+        const ONE: Self;
+        const NEG_INF: Self;
+        fn exp_(self) -> Self;
+        fn sqrt_(self) -> Self;
+        fn of(v: f64) -> Self;
+        fn max_(self, o: Self) -> Self;
+    }
+    impl Float for f32 {
+        const ZERO: Self = 0.0;
+        const ONE: Self = 1.0;
+        const NEG_INF: Self = f32::NEG_INFINITY;
+        fn exp_(self) -> Self {
+            f32::exp(self)
+        }
+        fn sqrt_(self) -> Self {
+            f32::sqrt(self)
+        }
+        fn of(v: f64) -> Self {
+            v as f32
+        }
+        fn max_(self, o: Self) -> Self {
+            f32::max(self, o)
+        }
+    }
+    impl Float for f64 {
+        const ZERO: Self = 0.0;
+        const ONE: Self = 1.0;
+        const NEG_INF: Self = f64::NEG_INFINITY;
+        fn exp_(self) -> Self {
+            f64::exp(self)
+        }
+        fn sqrt_(self) -> Self {
+            f64::sqrt(self)
+        }
+        fn of(v: f64) -> Self {
+            v
+        }
+        fn max_(self, o: Self) -> Self {
+            f64::max(self, o)
+        }
+    }
+}
