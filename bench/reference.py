@@ -446,7 +446,8 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("BENCH_TORCH_THREADS", "2")))
+    # bench/run.sh sets BENCH_THREADS for both sides (default 2, the machine of issue 5).
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     torch.manual_seed(args.seed)
     warmup, steps = DEFAULT_STEPS[args.case]
     warmup = warmup if args.warmup is None else args.warmup

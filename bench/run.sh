@@ -23,7 +23,9 @@
 #   BENCH_QUIET_TIMEOUT [60]      seconds to wait for quiet CPUs before a run (0: never wait)
 #   BENCH_MAX_BUSY [0.25]         "quiet": at most this fraction of the CPUs busy over 2 s
 #   BENCH_WRITE [1]               0: print the table only, leave BENCHMARKS.md alone
-#   BENCH_TORCH_THREADS [2]       torch.set_num_threads
+#   BENCH_THREADS [2]             threads of both sides: torch.set_num_threads, and
+#                                 RAYON_NUM_THREADS for ours unless that is set (candle sizes its
+#                                 pool to every CPU it sees, even under taskset, otherwise)
 #   PYTHON, PIP_INDEX_URL         passed to scripts/py-env.sh
 set -euo pipefail
 
@@ -46,7 +48,11 @@ log="${out_dir}/run-${stamp}.log"
 
 echo "bench: building the CLI in release" >&2
 cargo build --release -p transformer-cli
-ours="${root}/target/release/transformer"
+# A private copy: others may rebuild target/release while the benchmark runs.
+ours="${out_dir}/transformer-${stamp}"
+cp "${root}/target/release/transformer" "${ours}"
+export BENCH_THREADS="${BENCH_THREADS:-2}"
+export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-${BENCH_THREADS}}"
 
 echo "bench: preparing the Python environment" >&2
 py="$("${root}/scripts/py-env.sh" | tail -n 1)"
@@ -118,7 +124,7 @@ print(json.dumps(d))' "${line}" "${rep}" "${busy}" | tee -a "${results}"
 # PyTorch's sgemm on 1024³ for context (the MFU uses the fixed peak above).
 probe="$("${py}" - <<'EOF'
 import os, time, torch
-torch.set_num_threads(int(os.environ.get("BENCH_TORCH_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
 for _ in range(3):
     a @ b
@@ -150,4 +156,5 @@ fi
 env_desc="$(env | grep -E '^BENCH_[A-Z_]+=' | sort | sed -E 's/=(.*)/="\1"/' | tr '\n' ' ' || true)"
 "${py}" bench/summarize.py "${results}" --peak-gflops "${peak}" --probe-gflops "${probe}" \
     --command "${env_desc}bench/run.sh" "${write_args[@]}"
+rm -f "${ours}"
 echo "bench: raw results in ${results}, stderr of the runs in ${log}" >&2

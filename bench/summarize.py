@@ -136,9 +136,9 @@ def checks(runs):
     notes = []
     for case in sorted({c for _, c in runs}):
         ours, theirs = ok(runs, "ours", case), ok(runs, "pytorch", case)
-        failed = [(i, c) for (i, c), rs in runs.items() if c == case for r in rs if r.get("error")]
+        failed = [i for (i, c), rs in runs.items() if c == case for r in rs if r.get("error")]
         if failed:
-            notes.append(f"case {case}: {len(failed)} failed run(s) ({', '.join(sorted({i for i, _ in failed}))})")
+            notes.append(f"case {case}: {len(failed)} FAILED run(s) ({', '.join(sorted(set(failed)))})")
         if ours and theirs:
             n_ours, n_torch = ours[0]["n_params"], theirs[0]["n_params"]
             if n_ours != n_torch:
@@ -153,6 +153,10 @@ def checks(runs):
     if busy:
         notes.append(f"CPU busy fraction in the 2 s before each run: median {statistics.median(busy):.2f}, "
                      f"max {max(busy):.2f} (0 = idle machine)")
+    loads = [r["loadavg_after"][0] for rs in runs.values() for r in rs if r.get("loadavg_after")]
+    if loads:
+        notes.append(f"1-minute load average after each run: median {statistics.median(loads):.1f}, "
+                     f"max {max(loads):.1f} (2 CPUs)")
     threads = sorted({(i, r.get("threads")) for (i, _), rs in runs.items() for r in rs if r.get("threads")})
     if threads:
         notes.append("threads: " + ", ".join(f"{i} {t}" for i, t in threads))
@@ -181,9 +185,9 @@ def section(runs, args):
         table(runs, args.peak_gflops),
         "",
         f"- MFU = (6·N + 12·L·C·T) FLOPs per position × positions/s / {args.peak_gflops:g} GFLOP/s, "
-        "the issue's measured f32 FMA peak on 2 threads (fixed, not re-measured; "
-        + (f"PyTorch's sgemm reached {args.probe_gflops} GFLOP/s on 1024³ at the start of this run). "
-           if args.probe_gflops else "). ")
+        "the issue's measured f32 FMA peak on 2 threads (fixed, not re-measured"
+        + (f"; PyTorch's sgemm reached {args.probe_gflops} GFLOP/s on 1024³ at the start of this "
+           "run, which shows the load at that moment). " if args.probe_gflops else "). ")
         + "A/B: N without the position embedding, as nanoGPT's `estimate_mfu`. C: N all parameters, "
         "L = 3 + 2·3 attention blocks, T = 24, per padded target position (source and target are "
         "both padded to 24); its tokens/s counts non-padding target tokens only.",

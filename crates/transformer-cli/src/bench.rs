@@ -205,8 +205,9 @@ fn lm_config_b() -> DecoderOnlyConfig {
     }
 }
 
-/// C: the paper's base model shrunk to d_model 256, 8 heads, d_ff 512, 3+3 layers, vocab 8000
-/// (post-norm, ReLU, dropout 0.1, sinusoidal positions, shared embeddings tied to the output).
+/// C: the paper's base model shrunk to d_model 256, 8 heads, d_ff 512, 3+3 layers, vocab 8000.
+/// The fields that bench/reference.py's `nn.Transformer` model mirrors are spelled out, so that
+/// a change of the `base` preset cannot silently make the two programs differ.
 fn seq2seq_config_c() -> EncoderDecoderConfig {
     EncoderDecoderConfig {
         d_model: 256,
@@ -214,7 +215,17 @@ fn seq2seq_config_c() -> EncoderDecoderConfig {
         d_ff: 512,
         n_encoder_layers: 3,
         n_decoder_layers: 3,
+        dropout: 0.1,
+        activation: Activation::Relu,
+        norm_first: false,
+        layer_norm_eps: 1e-5,
+        bias: true,
         max_len: 64,
+        positional: PositionalKind::Sinusoidal,
+        share_embeddings: true,
+        tie_output: true,
+        final_norm: true,
+        scale_embeddings: true,
         ..EncoderDecoderConfig::base(C_VOCAB)
     }
 }
@@ -381,7 +392,6 @@ impl Task for Seq2SeqBench {
 
 fn bench_seq2seq(warmup: usize, steps: usize, seed: u64, device: &Device) -> Result<Measurement> {
     let cfg = seq2seq_config_c();
-    debug_assert_eq!(cfg.activation, Activation::Relu);
     let (model, vs) = EncoderDecoder::init(&cfg, DType::F32, device, seed)?;
     let n_params = vs.num_params();
     let mut task = Seq2SeqBench {

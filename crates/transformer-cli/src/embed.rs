@@ -58,7 +58,9 @@ pub fn run(args: EmbedArgs) -> Result<()> {
         .with_context(|| format!("loading the model {}", args.model.display()))?;
     let opts = options(&args, &model);
     // Check the options now, before reading any input, so that a bad flag fails at once.
-    model.tokenize("", &opts).context("invalid --batch-size or --max-length")?;
+    model
+        .check_options(&opts)
+        .context("invalid --batch-size or --max-length")?;
 
     let stdin = std::io::stdin();
     let mut input = stdin.lock();
@@ -70,21 +72,22 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let n = input
-            .read_until(b'\n', &mut buf)
-            .context("reading stdin")?;
+        let n = input.read_until(b'\n', &mut buf).context("reading stdin")?;
         if n > 0 {
             line_no += 1;
             lines.push(line_text(&mut buf, line_no)?);
         }
         if (n == 0 && !lines.is_empty()) || lines.len() == chunk {
             let texts: Vec<&str> = lines.iter().map(String::as_str).collect();
-            let emb = model
-                .embed(&texts, &opts)
-                .with_context(|| format!("embedding lines {}..={line_no}", line_no + 1 - lines.len()))?;
+            let emb = model.embed(&texts, &opts).with_context(|| {
+                format!("embedding lines {}..={line_no}", line_no + 1 - lines.len())
+            })?;
             for row in emb.to_vec2::<f32>()? {
-                serde_json::to_writer(&mut out, &Output { embedding: &row })?;
-                out.write_all(b"\n")?;
+                // Serialized apart from the write, so that a closed pipe surfaces as the
+                // io::Error that main treats as a normal stop (serde_json would wrap it).
+                let mut line = serde_json::to_vec(&Output { embedding: &row })?;
+                line.push(b'\n');
+                out.write_all(&line)?;
             }
             out.flush()?;
             lines.clear();

@@ -44,8 +44,12 @@ fn tiny_dir() -> PathBuf {
 
 fn fixture() -> Value {
     let path = repo().join("tests/fixtures/embeddings/minilm.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run tests/fixtures/gen_embeddings.py)", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run tests/fixtures/gen_embeddings.py)",
+            path.display()
+        )
+    });
     serde_json::from_str(&text).expect("minilm.json is JSON")
 }
 
@@ -77,11 +81,7 @@ fn text(bytes: &[u8]) -> String {
 
 /// The embeddings printed by a successful run, one per line.
 fn parse_embeddings(out: &Output) -> Vec<Vec<f64>> {
-    assert!(
-        out.status.success(),
-        "embed failed: {}",
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "embed failed: {}", text(&out.stderr));
     text(&out.stdout)
         .lines()
         .map(|line| {
@@ -112,7 +112,10 @@ fn minilm_tokenizes_like_sentence_transformers() {
     let fx = fixture();
     let model = HfBert::load(&minilm_dir(), &candle_core::Device::Cpu).expect("load MiniLM");
     let opts = model.embed_options();
-    assert_eq!(opts.max_length, 256, "sentence_bert_config.json's max_seq_length");
+    assert_eq!(
+        opts.max_length, 256,
+        "sentence_bert_config.json's max_seq_length"
+    );
     assert!(opts.normalize, "modules.json lists a Normalize module");
     for (i, (t, want)) in texts_of(&fx)
         .iter()
@@ -138,7 +141,13 @@ fn minilm_embeddings_match_sentence_transformers() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| e.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .map(|e| {
+            e.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
         .collect();
     let stdin = texts.join("\n") + "\n";
     // The model's defaults (mean pooling, normalized, 256 tokens), in one batch and in batches
@@ -152,7 +161,11 @@ fn minilm_embeddings_match_sentence_transformers() {
         let mut worst = (0.0f64, 0usize);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g.len(), 384, "text {i}");
-            let d = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            let d = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
             assert!(
                 d <= TOLERANCE,
                 "batch {batch}: text {i} ({:?}) differs from sentence-transformers by {d:e}",
@@ -180,7 +193,10 @@ fn flags_override_the_model_defaults() {
     let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
     assert!((norm(&plain[0]) - 1.0).abs() > 1e-3);
 
-    let cls = parse_embeddings(&embed(&["--model", dir, "--pooling", "cls", "--normalize"], input));
+    let cls = parse_embeddings(&embed(
+        &["--model", dir, "--pooling", "cls", "--normalize"],
+        input,
+    ));
     assert_eq!(cls.len(), 3);
     for v in &cls {
         assert!((norm(v) - 1.0).abs() < 1e-5, "normalized: {}", norm(v));
@@ -207,7 +223,10 @@ fn invalid_utf8_names_the_line() {
     );
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("stdin line 3") && err.contains("UTF-8"), "{err}");
+    assert!(
+        err.contains("stdin line 3") && err.contains("UTF-8"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -225,5 +244,8 @@ fn bad_model_and_flags_are_errors() {
     );
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("--max-length") && err.contains("1000"), "{err}");
+    assert!(
+        err.contains("--max-length") && err.contains("1000"),
+        "{err}"
+    );
 }

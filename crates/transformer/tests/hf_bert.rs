@@ -26,8 +26,12 @@ fn fixture_dir() -> PathBuf {
 
 fn expected() -> Value {
     let path = fixture_dir().join("expected.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run tests/fixtures/gen_embeddings.py)", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run tests/fixtures/gen_embeddings.py)",
+            path.display()
+        )
+    });
     serde_json::from_str(&text).expect("expected.json is JSON")
 }
 
@@ -95,13 +99,23 @@ fn check_matches_transformers(dir: &Path) -> Result<()> {
         .map(|x| x.as_u64().unwrap() as usize)
         .collect();
     assert_eq!(hidden.dims(), shape.as_slice());
-    let want = Tensor::from_vec(f32s(&exp["last_hidden_state"]), shape.as_slice(), &Device::Cpu)?;
+    let want = Tensor::from_vec(
+        f32s(&exp["last_hidden_state"]),
+        shape.as_slice(),
+        &Device::Cpu,
+    )?;
     let diff = max_abs_diff(&hidden, &want)?;
-    println!("{}: last_hidden_state max |diff| = {diff:.2e}", dir.display());
+    println!(
+        "{}: last_hidden_state max |diff| = {diff:.2e}",
+        dir.display()
+    );
     assert!(diff <= 1e-5, "last_hidden_state differs by {diff}");
 
     // BertPooler: tanh(dense(h[:, 0])).
-    let w = m.vars.get("pooler.weight").expect("the fixture has a pooler");
+    let w = m
+        .vars
+        .get("pooler.weight")
+        .expect("the fixture has a pooler");
     let bias = m.vars.get("pooler.bias").expect("pooler bias");
     let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?; // (B, E)
     let pooled = cls
@@ -237,7 +251,10 @@ fn missing_files_are_named() -> Result<()> {
     let mut ck = Checkpoint::from_fixture()?;
     ck.tokenizer = false;
     ck.write(dir)?;
-    expect_err(HfBert::load(dir, &Device::Cpu), &["tokenizer.json", "missing"]);
+    expect_err(
+        HfBert::load(dir, &Device::Cpu),
+        &["tokenizer.json", "missing"],
+    );
 
     std::fs::copy(
         fixture_dir().join("tokenizer.json"),
@@ -305,8 +322,10 @@ fn wrong_shapes_name_the_tensor_and_both_shapes() -> Result<()> {
     let t = tmp();
     let name = "bert.encoder.layer.1.intermediate.dense.weight";
     let mut ck = Checkpoint::from_fixture()?;
-    ck.tensors
-        .insert(name.into(), Tensor::zeros((33, 16), DType::F32, &Device::Cpu)?);
+    ck.tensors.insert(
+        name.into(),
+        Tensor::zeros((33, 16), DType::F32, &Device::Cpu)?,
+    );
     ck.write(t.path())?;
     expect_err(
         HfBert::load(t.path(), &Device::Cpu),
@@ -330,7 +349,11 @@ fn wrong_shapes_name_the_tensor_and_both_shapes() -> Result<()> {
     ck.write(t.path())?;
     expect_err(
         HfBert::load(t.path(), &Device::Cpu),
-        &["bert.embeddings.position_embeddings.weight", "[20, 16]", "[24, 16]"],
+        &[
+            "bert.embeddings.position_embeddings.weight",
+            "[20, 16]",
+            "[24, 16]",
+        ],
     );
     Ok(())
 }
@@ -365,8 +388,10 @@ fn tokenizer_of_another_vocabulary_is_refused() -> Result<()> {
     ck.config["vocab_size"] = 36.into();
     // Keep the weights consistent with the config, so that only the tokenizer disagrees.
     let name = "bert.embeddings.word_embeddings.weight";
-    ck.tensors
-        .insert(name.into(), Tensor::zeros((36, 16), DType::F32, &Device::Cpu)?);
+    ck.tensors.insert(
+        name.into(),
+        Tensor::zeros((36, 16), DType::F32, &Device::Cpu)?,
+    );
     ck.write(t.path())?;
     expect_err(
         HfBert::load(t.path(), &Device::Cpu),
@@ -413,12 +438,20 @@ fn sentence_transformers_files_set_the_defaults() -> Result<()> {
     // No sentence-transformers files: a plain Hugging Face model gets mean pooling.
     let opts = HfBert::load(dir, &Device::Cpu)?.embed_options();
     assert_eq!(
-        (opts.pooling, opts.normalize, opts.max_length, opts.do_lower_case),
+        (
+            opts.pooling,
+            opts.normalize,
+            opts.max_length,
+            opts.do_lower_case
+        ),
         (Pooling::Mean, false, 24, false)
     );
 
     write_json(&dir.join("modules.json"), modules(true));
-    write_json(&dir.join("1_Pooling/config.json"), pooling_config(true, false, false));
+    write_json(
+        &dir.join("1_Pooling/config.json"),
+        pooling_config(true, false, false),
+    );
     write_json(
         &dir.join("sentence_bert_config.json"),
         serde_json::json!({"max_seq_length": 6, "do_lower_case": true}),
@@ -426,7 +459,12 @@ fn sentence_transformers_files_set_the_defaults() -> Result<()> {
     let m = HfBert::load(dir, &Device::Cpu)?;
     let opts = m.embed_options();
     assert_eq!(
-        (opts.pooling, opts.normalize, opts.max_length, opts.do_lower_case),
+        (
+            opts.pooling,
+            opts.normalize,
+            opts.max_length,
+            opts.do_lower_case
+        ),
         (Pooling::Cls, true, 6, true)
     );
     // Truncation keeps [CLS] first and [SEP] last.
@@ -445,12 +483,18 @@ fn unsupported_sentence_transformers_modules_are_named() -> Result<()> {
     let dir = t.path();
     Checkpoint::from_fixture()?.write(dir)?;
     write_json(&dir.join("modules.json"), modules(false));
-    write_json(&dir.join("1_Pooling/config.json"), pooling_config(false, false, true));
+    write_json(
+        &dir.join("1_Pooling/config.json"),
+        pooling_config(false, false, true),
+    );
     expect_err(
         HfBert::load(dir, &Device::Cpu),
         &["1_Pooling/config.json", "pooling_mode_max_tokens"],
     );
-    write_json(&dir.join("1_Pooling/config.json"), pooling_config(false, true, false));
+    write_json(
+        &dir.join("1_Pooling/config.json"),
+        pooling_config(false, true, false),
+    );
     let mut m = modules(true);
     m.as_array_mut().unwrap().push(serde_json::json!(
         {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}
@@ -483,9 +527,15 @@ fn embeddings_do_not_depend_on_batching_or_padding() -> Result<()> {
         for (i, text) in texts.iter().enumerate() {
             let alone = m.embed(&[text], &opts)?;
             let diff = max_abs_diff(&alone, &all.narrow(0, i, 1)?)?;
-            assert!(diff <= 1e-5, "{pooling:?} text {i}: alone vs batch differs by {diff}");
+            assert!(
+                diff <= 1e-5,
+                "{pooling:?} text {i}: alone vs batch differs by {diff}"
+            );
             let diff = max_abs_diff(&alone, &batched.narrow(0, i, 1)?)?;
-            assert!(diff <= 1e-5, "{pooling:?} text {i}: batch of 2 differs by {diff}");
+            assert!(
+                diff <= 1e-5,
+                "{pooling:?} text {i}: batch of 2 differs by {diff}"
+            );
         }
     }
     assert_eq!(m.embed(&[], &m.embed_options())?.dims(), &[0, 16]);

@@ -220,7 +220,9 @@ fn hf_source(ours: &str) -> Option<HfSource> {
                 ["self_attn", "in_proj", leaf] => Some(HfSource::Qkv(
                     ["query", "key", "value"].map(|p| format!("{l}.attention.self.{p}.{leaf}")),
                 )),
-                ["self_attn", "out_proj", leaf] => one(format!("{l}.attention.output.dense.{leaf}")),
+                ["self_attn", "out_proj", leaf] => {
+                    one(format!("{l}.attention.output.dense.{leaf}"))
+                }
                 ["norm1", leaf] => norm(&format!("{l}.attention.output"), leaf),
                 ["ff", "linear1", leaf] => one(format!("{l}.intermediate.dense.{leaf}")),
                 ["ff", "linear2", leaf] => one(format!("{l}.output.dense.{leaf}")),
@@ -338,12 +340,11 @@ pub fn map_state_dict(
 pub fn read_weights(dir: &Path) -> Result<(HashMap<String, Tensor>, PathBuf)> {
     let st = dir.join(HF_SAFETENSORS_FILE);
     if st.is_file() {
-        let map = candle_core::safetensors::load(&st, &Device::Cpu).map_err(|e| {
-            Error::Weights {
+        let map =
+            candle_core::safetensors::load(&st, &Device::Cpu).map_err(|e| Error::Weights {
                 source_name: st.display().to_string(),
                 msg: format!("cannot read safetensors: {e}"),
-            }
-        })?;
+            })?;
         return Ok((map, st));
     }
     let pt = dir.join(HF_PYTORCH_FILE);
@@ -357,7 +358,9 @@ pub fn read_weights(dir: &Path) -> Result<(HashMap<String, Tensor>, PathBuf)> {
         })?;
         return Ok((list.into_iter().collect(), pt));
     }
-    let sharded = dir.join(format!("{HF_SAFETENSORS_FILE}.index.json")).is_file()
+    let sharded = dir
+        .join(format!("{HF_SAFETENSORS_FILE}.index.json"))
+        .is_file()
         || dir.join(format!("{HF_PYTORCH_FILE}.index.json")).is_file();
     Err(Error::msg(format!(
         "{}: no {HF_SAFETENSORS_FILE} or {HF_PYTORCH_FILE}{}",
@@ -562,12 +565,15 @@ pub fn transformer_dir(dir: &Path) -> Result<PathBuf> {
 /// Options of [`HfBert::embed`]; [`HfBert::embed_options`] gives the model's defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EmbedOptions {
+    /// Mean over the text's tokens ([CLS] and [SEP] included, padding excluded) or [CLS].
     pub pooling: Pooling,
+    /// L2-normalize each embedding.
     pub normalize: bool,
     /// Texts per forward pass.
     pub batch_size: usize,
     /// Tokens per text after truncation, [CLS] and [SEP] included.
     pub max_length: usize,
+    /// Lowercase texts before tokenizing (sentence-transformers' `do_lower_case`).
     pub do_lower_case: bool,
 }
 
@@ -575,7 +581,8 @@ pub struct EmbedOptions {
 /// sentence-transformers settings.
 pub struct HfBert {
     /// The network (the pooler is loaded when the checkpoint has one; sentence embeddings do
-    /// not use it, as in sentence-transformers).
+    /// not use it, as in sentence-transformers). Built for inference: its forward passes record
+    /// no autograd graph ([`VarStore::for_inference`]).
     pub model: EncoderOnly,
     /// Its parameters.
     pub vars: VarStore,
@@ -643,7 +650,11 @@ impl HfBert {
         let prefix = body_prefix(&hf_weights);
         let has_pooler = hf_weights.contains_key(&format!("{prefix}pooler.dense.weight"));
         let cfg = hf_config.to_encoder_only(has_pooler, sentence.pooling, &config_shown)?;
-        let (model, vars) = EncoderOnly::init(&cfg, DType::F32, device, 0)?;
+        // Inference views: forward passes record no autograd graph (see for_inference).
+        let vars = VarStore::new(DType::F32, device, cfg.init, 0)
+            .with_n_layers(cfg.n_layers)
+            .for_inference();
+        let model = EncoderOnly::new(&cfg, &vars.root())?;
         let params: Vec<(String, Vec<usize>)> = vars
             .vars()
             .iter()
@@ -693,7 +704,11 @@ impl HfBert {
         }
         let tok_err = |e| Error::msg(format!("tokenizing {text:?}: {e}"));
         let mut enc = self.tokenizer.encode_fast(text, false).map_err(tok_err)?;
-        enc.truncate(opts.max_length - self.n_special, 0, TruncationDirection::Right);
+        enc.truncate(
+            opts.max_length - self.n_special,
+            0,
+            TruncationDirection::Right,
+        );
         let enc = self
             .tokenizer
             .post_process(enc, None, true)
@@ -701,7 +716,9 @@ impl HfBert {
         Ok(enc.get_ids().to_vec())
     }
 
-    fn check_options(&self, opts: &EmbedOptions) -> Result<()> {
+    /// Check `opts` against the model: `max_length` leaves room for a token besides [CLS] and
+    /// [SEP] and fits the position table, `batch_size` is positive.
+    pub fn check_options(&self, opts: &EmbedOptions) -> Result<()> {
         let max = self.hf_config.max_position_embeddings;
         if opts.max_length <= self.n_special || opts.max_length > max {
             return Err(Error::Config(format!(
@@ -746,7 +763,7 @@ impl HfBert {
             pooled.push(self.embed_batch(batch.iter().map(|&i| &ids[i][..]), opts)?);
         }
         let sorted = Tensor::cat(&pooled, 0)?.contiguous()?; // (N, E) in `order`
-        // Row k of `sorted` is text order[k]: invert the permutation.
+                                                             // Row k of `sorted` is text order[k]: invert the permutation.
         let mut inverse = vec![0u32; order.len()];
         for (k, &i) in order.iter().enumerate() {
             inverse[i] = k as u32;
@@ -777,11 +794,14 @@ impl HfBert {
         let padding = AttnMask::from_lengths(&lengths, t, device)?; // (B, T), 1 = padding
         let hidden = self.model.forward(&ids, None, Some(&padding), false)?; // (B, T, E)
         let pooled = pool(&hidden, Some(&padding), opts.pooling)?; // (B, E)
-        if opts.normalize {
-            Ok(l2_normalize(&pooled)?)
+        let pooled = if opts.normalize {
+            l2_normalize(&pooled)?
         } else {
-            Ok(pooled)
-        }
+            pooled
+        };
+        // A no-op with the inference store of `load`; with variables (a model built some
+        // other way) it keeps one batch's graph of activations from outliving the batch.
+        Ok(pooled.detach())
     }
 }
 
@@ -791,7 +811,11 @@ impl HfBert {
 /// # Shapes
 /// `x`: (B, E) → (B, E)
 pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?; // (B, 1)
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?; // (B, 1)
     x.broadcast_div(&norm)
 }
 
@@ -815,7 +839,9 @@ fn prepare_tokenizer(t: &HfTokenizer) -> Result<(tokenizers::Tokenizer, usize, u
     tok.with_truncation(None)
         .map_err(|e| Error::msg(format!("tokenizer: {e}")))?;
     tok.with_padding(None);
-    let n_special = tok.get_post_processor().map_or(0, |p| p.added_tokens(false));
+    let n_special = tok
+        .get_post_processor()
+        .map_or(0, |p| p.added_tokens(false));
     // Padded positions are masked out, so the pad id only has to be a valid id.
     let pad_id = t
         .inner()
@@ -824,4 +850,60 @@ fn prepare_tokenizer(t: &HfTokenizer) -> Result<(tokenizers::Tokenizer, usize, u
         .or_else(|| tok.token_to_id("[PAD]"))
         .unwrap_or(0);
     Ok((tok, n_special, pad_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(ours: &str) -> Vec<String> {
+        match hf_source(ours) {
+            Some(HfSource::One(n)) => n,
+            Some(HfSource::Qkv(n)) => n.to_vec(),
+            None => vec![],
+        }
+    }
+
+    #[test]
+    fn every_parameter_has_its_hugging_face_name() {
+        assert_eq!(
+            names("embed.tok.weight"),
+            ["embeddings.word_embeddings.weight"]
+        );
+        assert_eq!(
+            names("embed.norm.bias"),
+            ["embeddings.LayerNorm.bias", "embeddings.LayerNorm.beta"]
+        );
+        assert_eq!(
+            names("layers.3.self_attn.in_proj.weight"),
+            [
+                "encoder.layer.3.attention.self.query.weight",
+                "encoder.layer.3.attention.self.key.weight",
+                "encoder.layer.3.attention.self.value.weight",
+            ]
+        );
+        assert_eq!(
+            names("layers.0.norm1.weight"),
+            [
+                "encoder.layer.0.attention.output.LayerNorm.weight",
+                "encoder.layer.0.attention.output.LayerNorm.gamma",
+            ]
+        );
+        assert_eq!(
+            names("layers.11.ff.linear1.bias"),
+            ["encoder.layer.11.intermediate.dense.bias"]
+        );
+        assert_eq!(
+            names("layers.1.ff.linear2.weight"),
+            ["encoder.layer.1.output.dense.weight"]
+        );
+        assert_eq!(names("pooler.weight"), ["pooler.dense.weight"]);
+        assert!(names("classifier.weight").is_empty());
+        // Every parameter of a BERT-shaped model is covered.
+        let cfg = EncoderOnlyConfig::tiny(10);
+        let (_, vs) = EncoderOnly::init(&cfg, DType::F32, &Device::Cpu, 0).unwrap();
+        for (name, _) in vs.vars() {
+            assert!(!names(&name).is_empty(), "{name} has no Hugging Face name");
+        }
+    }
 }

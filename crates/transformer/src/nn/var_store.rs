@@ -64,6 +64,8 @@ pub struct VarStore {
     scheme: InitScheme,
     n_layers: usize,
     dropout_rng: SharedRng,
+    /// Modules get detached views of the parameters (see [`VarStore::for_inference`]).
+    inference: bool,
 }
 
 impl VarStore {
@@ -82,12 +84,25 @@ impl VarStore {
             scheme,
             n_layers: 1,
             dropout_rng,
+            inference: false,
         }
     }
 
     /// Tell the GPT-2 scheme how many layers scale the residual projections.
     pub fn with_n_layers(mut self, n_layers: usize) -> Self {
         self.n_layers = n_layers.max(1);
+        self
+    }
+
+    /// Hand modules detached views of the parameters, for inference: a forward pass then
+    /// records no autograd graph, so each activation is freed as soon as it has been used
+    /// instead of living until the output is dropped (for a BERT forward, the difference
+    /// between a few MB and ~100 MB of fresh pages per batch). The views share the variables'
+    /// storage, so [`VarStore::load`] / [`VarStore::load_map`] still fill them; gradients
+    /// never reach the variables. Parameters start at zero instead of the scheme's random
+    /// draws: such a store is there to be loaded.
+    pub fn for_inference(mut self) -> Self {
+        self.inference = true;
         self
     }
 
@@ -146,26 +161,41 @@ impl VarStore {
                     shape,
                 ));
             }
-            return Ok(v.as_tensor().clone());
+            return Ok(self.view(v.as_tensor()));
         }
-        let n: usize = shape.iter().product();
-        let values = init_values(
-            &mut inner.init_rng,
-            self.scheme,
-            self.n_layers,
-            shape,
-            init,
-            n,
-        );
-        let t = Tensor::from_vec(values, shape, &Device::Cpu)?
-            .to_dtype(self.dtype)?
-            .to_device(&self.device)?;
+        let t = if self.inference {
+            // To be loaded: random draws would be overwritten (and cost a second per 20M
+            // parameters).
+            Tensor::zeros(shape, self.dtype, &self.device)?
+        } else {
+            let n: usize = shape.iter().product();
+            let values = init_values(
+                &mut inner.init_rng,
+                self.scheme,
+                self.n_layers,
+                shape,
+                init,
+                n,
+            );
+            Tensor::from_vec(values, shape, &Device::Cpu)?
+                .to_dtype(self.dtype)?
+                .to_device(&self.device)?
+        };
         let var = Var::from_tensor(&t)?;
         let out = var.as_tensor().clone();
         let idx = inner.vars.len();
         inner.vars.push((name.clone(), var));
         inner.index.insert(name, idx);
-        Ok(out)
+        Ok(self.view(&out))
+    }
+
+    /// What modules get for a variable's tensor: itself, or a detached view for inference.
+    fn view(&self, t: &Tensor) -> Tensor {
+        if self.inference {
+            t.detach()
+        } else {
+            t.clone()
+        }
     }
 
     /// All parameters as a name → tensor map (for saving).
@@ -402,6 +432,22 @@ mod tests {
         );
         let e = a.load_map(&map, "test").unwrap_err().to_string();
         assert!(e.contains("unexpected tensors: b.extra"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn inference_views_see_loaded_values_and_record_no_graph() -> Result<()> {
+        let vs = VarStore::new(DType::F32, &Device::Cpu, InitScheme::Gpt2, 0).for_inference();
+        let w = vs.root().var("w", &[2], Init::Ones)?;
+        assert!(!w.track_op(), "a detached view");
+        assert_eq!(w.to_vec1::<f32>()?, [0., 0.], "zeros until loaded");
+        let map = HashMap::from([("w".to_string(), Tensor::new(&[3f32, 4.], &Device::Cpu)?)]);
+        vs.load_map(&map, "test")?;
+        assert_eq!(w.to_vec1::<f32>()?, [3., 4.]);
+        assert!(!(&w * 2.0)?.track_op());
+        // The default store hands out the variables themselves.
+        let vs = VarStore::new(DType::F32, &Device::Cpu, InitScheme::Gpt2, 0);
+        assert!(vs.root().var("w", &[2], Init::Ones)?.track_op());
         Ok(())
     }
 }
