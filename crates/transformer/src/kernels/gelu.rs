@@ -62,7 +62,10 @@ fn bwd_f32(x: &[f32], dy: &[f32]) -> Vec<f32> {
     };
     let mut dx = vec![0f32; x.len()];
     if x.len() >= PAR_MIN_ELEMS {
-        dx.par_iter_mut().zip(x.par_iter()).zip(dy.par_iter()).for_each(f);
+        dx.par_iter_mut()
+            .zip(x.par_iter())
+            .zip(dy.par_iter())
+            .for_each(f);
     } else {
         dx.iter_mut().zip(x.iter()).zip(dy.iter()).for_each(f);
     }
@@ -104,11 +107,15 @@ impl CustomOp1 for Gelu {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let dx = match x.dtype() {
             DType::F32 => {
-                let v = with_data::<f32, _>(x, |xs| with_data::<f32, _>(grad, |gs| Ok(bwd_f32(xs, gs))))?;
+                let v = with_data::<f32, _>(x, |xs| {
+                    with_data::<f32, _>(grad, |gs| Ok(bwd_f32(xs, gs)))
+                })?;
                 Tensor::from_vec(v, x.shape(), x.device())?
             }
             _ => {
-                let v = with_data::<f64, _>(x, |xs| with_data::<f64, _>(grad, |gs| Ok(bwd_f64(xs, gs))))?;
+                let v = with_data::<f64, _>(x, |xs| {
+                    with_data::<f64, _>(grad, |gs| Ok(bwd_f64(xs, gs)))
+                })?;
                 Tensor::from_vec(v, x.shape(), x.device())?
             }
         };

@@ -47,7 +47,15 @@ fn fwd<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
 }
 
 /// dx for a block of rows, accumulating dw and db.
-fn bwd_rows<T: Float>(x: &[T], dy: &[T], w: &[T], eps: f64, dx: &mut [T], dw: &mut [T], db: &mut [T]) {
+fn bwd_rows<T: Float>(
+    x: &[T],
+    dy: &[T],
+    w: &[T],
+    eps: f64,
+    dx: &mut [T],
+    dw: &mut [T],
+    db: &mut [T],
+) {
     let c = w.len();
     let nf = T::of(c as f64);
     for ((xr, dyr), dxr) in x.chunks(c).zip(dy.chunks(c)).zip(dx.chunks_mut(c)) {
@@ -142,9 +150,16 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Float>(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+        fn run<T: Float>(
+            x: &Tensor,
+            w: &Tensor,
+            dy: &Tensor,
+            eps: f64,
+        ) -> Result<(Tensor, Tensor, Tensor)> {
             let (dx, dw, db) = with_data::<T, _>(x, |xs| {
-                with_data::<T, _>(dy, |dys| with_data::<T, _>(w, |ws| Ok(bwd(xs, dys, ws, eps))))
+                with_data::<T, _>(dy, |dys| {
+                    with_data::<T, _>(w, |ws| Ok(bwd(xs, dys, ws, eps)))
+                })
             })?;
             let dev = x.device();
             Ok((

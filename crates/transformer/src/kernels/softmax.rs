@@ -45,9 +45,15 @@ fn softmax_bwd_rows<T: Float>(y: &[T], dy: &[T], dx: &mut [T], n: usize) {
         }
     };
     if y.len() >= PAR_MIN_ELEMS {
-        y.par_chunks(n).zip(dy.par_chunks(n)).zip(dx.par_chunks_mut(n)).for_each(row);
+        y.par_chunks(n)
+            .zip(dy.par_chunks(n))
+            .zip(dx.par_chunks_mut(n))
+            .for_each(row);
     } else {
-        y.chunks(n).zip(dy.chunks(n)).zip(dx.chunks_mut(n)).for_each(row);
+        y.chunks(n)
+            .zip(dy.chunks(n))
+            .zip(dx.chunks_mut(n))
+            .for_each(row);
     }
 }
 

@@ -10,7 +10,10 @@ use crate::rng::Rng;
 fn randn(rng: &mut Rng, dims: &[usize], dtype: DType) -> Tensor {
     let n: usize = dims.iter().product();
     let v: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
-    Tensor::from_vec(v, dims, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    Tensor::from_vec(v, dims, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -38,14 +41,22 @@ fn both_paths(
         .iter()
         .map(|&on| {
             super::set_enabled(on);
-            let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+            let vars: Vec<Var> = inputs
+                .iter()
+                .map(|t| Var::from_tensor(t).unwrap())
+                .collect();
             let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
             let y = f(&ts);
             let loss = (&y * g).unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();
             let gs = vars
                 .iter()
-                .map(|v| grads.get(v).cloned().unwrap_or_else(|| v.zeros_like().unwrap()))
+                .map(|v| {
+                    grads
+                        .get(v)
+                        .cloned()
+                        .unwrap_or_else(|| v.zeros_like().unwrap())
+                })
                 .collect();
             super::set_enabled(true);
             (y, gs)
@@ -60,7 +71,9 @@ fn softmax_matches_composed_with_masked_rows() {
     // Fully mask row 0 of the first block, and some entries elsewhere.
     let mut mask = vec![0f32; 3 * 4 * 70];
     mask[..70].iter_mut().for_each(|m| *m = f32::NEG_INFINITY);
-    mask[200..230].iter_mut().for_each(|m| *m = f32::NEG_INFINITY);
+    mask[200..230]
+        .iter_mut()
+        .for_each(|m| *m = f32::NEG_INFINITY);
     let mask = Tensor::from_vec(mask, (3, 4, 70), &Device::Cpu).unwrap();
     let x = (x + mask).unwrap();
     let g = randn(&mut rng, &[3, 4, 70], DType::F32);
@@ -69,7 +82,15 @@ fn softmax_matches_composed_with_masked_rows() {
     assert!(max_diff(&fused.0, &composed.0) < 1e-6);
     assert!(max_diff(&fused.1[0], &composed.1[0]) < 1e-6);
     let row0 = fused.0.flatten_all().unwrap().narrow(0, 0, 70).unwrap();
-    assert_eq!(row0.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    assert_eq!(
+        row0.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
     // Large input runs the parallel path.
     let x = randn(&mut rng, &[64, 1024], DType::F32);
     let g = randn(&mut rng, &[64, 1024], DType::F32);
@@ -81,7 +102,11 @@ fn softmax_matches_composed_with_masked_rows() {
 #[test]
 fn layer_norm_matches_composed() {
     let mut rng = Rng::new(2);
-    for (dims, bias) in [(vec![2, 5, 16], true), (vec![2, 5, 16], false), (vec![512, 128], true)] {
+    for (dims, bias) in [
+        (vec![2, 5, 16], true),
+        (vec![2, 5, 16], false),
+        (vec![512, 128], true),
+    ] {
         let c = *dims.last().unwrap();
         let x = randn(&mut rng, &dims, DType::F32);
         let w = randn(&mut rng, &[c], DType::F32).affine(0.1, 1.0).unwrap();
@@ -107,7 +132,15 @@ fn layer_norm_matches_composed() {
 fn finite_difference_check(x: &Tensor, g: &Tensor, f: &dyn Fn(&Tensor) -> Tensor) {
     let var = Var::from_tensor(x).unwrap();
     let loss = (f(var.as_tensor()) * g).unwrap().sum_all().unwrap();
-    let grad = loss.backward().unwrap().get(&var).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let grad = loss
+        .backward()
+        .unwrap()
+        .get(&var)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let base = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let h = 1e-6;
     for i in 0..base.len() {
@@ -115,10 +148,19 @@ fn finite_difference_check(x: &Tensor, g: &Tensor, f: &dyn Fn(&Tensor) -> Tensor
             let mut v = base.clone();
             v[i] += delta;
             let t = Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap();
-            (f(&t) * g).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            (f(&t) * g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
         let fd = (eval(h) - eval(-h)) / (2.0 * h);
-        assert!((fd - grad[i]).abs() < 1e-6 + 1e-6 * fd.abs(), "element {i}: fd {fd} vs {}", grad[i]);
+        assert!(
+            (fd - grad[i]).abs() < 1e-6 + 1e-6 * fd.abs(),
+            "element {i}: fd {fd} vs {}",
+            grad[i]
+        );
     }
 }
 
@@ -131,7 +173,9 @@ fn kernels_backward_matches_finite_differences_f64() {
     finite_difference_check(&x, &g, &|t| softmax::softmax_last_dim(t).unwrap());
     let w = randn(&mut rng, &[7], DType::F64).affine(0.1, 1.0).unwrap();
     let b = randn(&mut rng, &[7], DType::F64);
-    finite_difference_check(&x, &g, &|t| layer_norm::layer_norm(t, &w, Some(&b), 1e-5).unwrap());
+    finite_difference_check(&x, &g, &|t| {
+        layer_norm::layer_norm(t, &w, Some(&b), 1e-5).unwrap()
+    });
     // And with respect to the weight and bias.
     let xw = x.clone();
     finite_difference_check(&w, &randn(&mut rng, &[3, 7], DType::F64), &|t| {
@@ -145,15 +189,27 @@ fn kernels_backward_matches_finite_differences_f64() {
 #[test]
 fn gelu_matches_composed_and_finite_differences() {
     let mut rng = Rng::new(4);
-    let x = randn(&mut rng, &[4, 9, 33], DType::F32).affine(3.0, 0.0).unwrap();
+    let x = randn(&mut rng, &[4, 9, 33], DType::F32)
+        .affine(3.0, 0.0)
+        .unwrap();
     let g = randn(&mut rng, &[4, 9, 33], DType::F32);
     let r = both_paths(&[x], &g, &|t| {
         crate::nn::Activation::Gelu.apply(&t[0]).unwrap()
     });
-    assert!(max_diff(&r[0].0, &r[1].0) < 1e-6, "forward {}", max_diff(&r[0].0, &r[1].0));
-    assert!(max_diff(&r[0].1[0], &r[1].1[0]) < 1e-5, "backward {}", max_diff(&r[0].1[0], &r[1].1[0]));
+    assert!(
+        max_diff(&r[0].0, &r[1].0) < 1e-6,
+        "forward {}",
+        max_diff(&r[0].0, &r[1].0)
+    );
+    assert!(
+        max_diff(&r[0].1[0], &r[1].1[0]) < 1e-5,
+        "backward {}",
+        max_diff(&r[0].1[0], &r[1].1[0])
+    );
     super::set_enabled(true);
-    let x = randn(&mut rng, &[2, 6], DType::F64).affine(2.0, 0.0).unwrap();
+    let x = randn(&mut rng, &[2, 6], DType::F64)
+        .affine(2.0, 0.0)
+        .unwrap();
     let g = randn(&mut rng, &[2, 6], DType::F64);
     finite_difference_check(&x, &g, &|t| super::gelu::gelu_erf(t).unwrap());
 }
