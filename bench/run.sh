@@ -24,8 +24,8 @@
 #   BENCH_MAX_BUSY [0.25]         "quiet": at most this fraction of the CPUs busy over 2 s
 #   BENCH_WRITE [1]               0: print the table only, leave BENCHMARKS.md alone
 #   BENCH_THREADS [2]             threads of both sides: torch.set_num_threads, and
-#                                 RAYON_NUM_THREADS for ours unless that is set (candle sizes its
-#                                 pool to every CPU it sees, even under taskset, otherwise)
+#                                 TRANSFORMER_THREADS for ours unless that is set (otherwise ours
+#                                 sizes its pool to every CPU it sees, even under taskset)
 #   PYTHON, PIP_INDEX_URL         passed to scripts/py-env.sh
 set -euo pipefail
 
@@ -48,11 +48,17 @@ log="${out_dir}/run-${stamp}.log"
 
 echo "bench: building the CLI in release" >&2
 cargo build --release -p transformer-cli
+# What the binary was built from (HEAD may move while the benchmark runs).
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+if [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
+    commit="${commit} with uncommitted changes"
+fi
+commit="${commit}, built $(date -u '+%H:%M UTC')"
 # A private copy: others may rebuild target/release while the benchmark runs.
 ours="${out_dir}/transformer-${stamp}"
 cp "${root}/target/release/transformer" "${ours}"
 export BENCH_THREADS="${BENCH_THREADS:-2}"
-export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-${BENCH_THREADS}}"
+export TRANSFORMER_THREADS="${TRANSFORMER_THREADS:-${BENCH_THREADS}}"
 
 echo "bench: preparing the Python environment" >&2
 py="$("${root}/scripts/py-env.sh" | tail -n 1)"
@@ -155,6 +161,6 @@ fi
 # The command as run, with the BENCH_* settings that were given.
 env_desc="$(env | grep -E '^BENCH_[A-Z_]+=' | sort | sed -E 's/=(.*)/="\1"/' | tr '\n' ' ' || true)"
 "${py}" bench/summarize.py "${results}" --peak-gflops "${peak}" --probe-gflops "${probe}" \
-    --command "${env_desc}bench/run.sh" "${write_args[@]}"
+    --commit "${commit}" --command "${env_desc}bench/run.sh" "${write_args[@]}"
 rm -f "${ours}"
 echo "bench: raw results in ${results}, stderr of the runs in ${log}" >&2

@@ -157,9 +157,35 @@ def checks(runs):
     if loads:
         notes.append(f"1-minute load average after each run: median {statistics.median(loads):.1f}, "
                      f"max {max(loads):.1f} (2 CPUs)")
-    threads = sorted({(i, r.get("threads")) for (i, _), rs in runs.items() for r in rs if r.get("threads")})
+    threads = sorted({(i, r.get("threads"), r.get("elementwise_threads"))
+                      for (i, _), rs in runs.items() for r in rs if r.get("threads")})
     if threads:
-        notes.append("threads: " + ", ".join(f"{i} {t}" for i, t in threads))
+        notes.append("threads: " + ", ".join(
+            f"{i} {t}" + (f" (element-wise ops: {e})" if e else "") for i, t, e in threads))
+    return notes
+
+
+def load_notes(runs, quiet):
+    """Warn when most runs started on busy CPUs, and give the ratios of the runs that did not:
+    under contention PyTorch's OpenMP threads lose far more than ours, so loaded ratios flatter
+    ours."""
+    busy = [r["cpu_busy_before"] for rs in runs.values() for r in rs
+            if r.get("cpu_busy_before") is not None]
+    if not busy or statistics.median(busy) <= 0.5:
+        return []
+    notes = [f"**MEASURED UNDER LOAD**: the CPUs were busy before most runs (median "
+             f"{statistics.median(busy):.2f}), so these figures are indicative only; rerun on an "
+             "idle machine before quoting a ratio. Contention hurts the two sides unequally."]
+    for label, field, our_case, torch_case, _, _ in ROWS:
+        if field != "tokens_per_s":
+            continue
+        a = [r[field] for r in ok(runs, "ours", our_case) if r.get("cpu_busy_before", 1) <= quiet]
+        b = [r[field] for r in ok(runs, "pytorch", torch_case)
+             if r.get("cpu_busy_before", 1) <= quiet]
+        if a and b:
+            notes.append(f"runs that started on quiet CPUs (≤ {quiet:g} busy), {label}: ours "
+                         f"{fmt(statistics.median(a))}, PyTorch {fmt(statistics.median(b))}, "
+                         f"ratio {statistics.median(a) / statistics.median(b):.2f}×")
     return notes
 
 
@@ -172,7 +198,7 @@ def section(runs, args):
     out = [
         SECTION,
         "",
-        f"Measured {now} on {cpu_model()}; commit {git_rev()}; PyTorch "
+        f"Measured {now} on {cpu_model()}; commit {args.commit or git_rev()}; PyTorch "
         f"{', '.join(torch_versions) or '?'} (eager, f32); {reps} repetition(s), alternating ours "
         "and PyTorch, each run a fresh process; medians, with the range over repetitions in "
         "parentheses.",
@@ -198,6 +224,7 @@ def section(runs, args):
         + " (D: generations of 500 tokens from a one-token prompt, temperature 1, random weights).",
     ]
     out += [f"- {n}" for n in checks(runs)]
+    out += [f"- {n}" for n in load_notes(runs, args.quiet_busy)]
     out.append("- The machine is shared: other processes (compiles, training runs) can slow either "
                "side; run.sh waits for quiet CPUs before each run, and the busy fraction above says "
                "how well that worked.")
@@ -228,6 +255,9 @@ def main():
     ap.add_argument("--peak-gflops", type=float, default=230.0)
     ap.add_argument("--probe-gflops")
     ap.add_argument("--command")
+    ap.add_argument("--commit", help="what our binary was built from (default: HEAD now)")
+    ap.add_argument("--quiet-busy", type=float, default=0.25,
+                    help="a run 'started quiet' when at most this fraction of the CPUs was busy")
     ap.add_argument("--write", metavar="BENCHMARKS_MD")
     args = ap.parse_args()
     runs = load(args.results)

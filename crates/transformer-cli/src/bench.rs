@@ -169,6 +169,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "positions_per_step": m.positions_per_step,
                 "max_rss_mb": max_rss_mb,
                 "threads": candle_core::utils::get_num_threads(),
+                "elementwise_threads": elementwise_threads(),
             })
         );
     } else {
@@ -484,6 +485,16 @@ fn bench_generate(
         flops_per_position: None,
         positions_per_step: None,
     })
+}
+
+/// Threads of candle's element-wise pool: `CANDLE_NUM_THREADS` (which `main` sets), else the
+/// matrix-product pool's.
+fn elementwise_threads() -> usize {
+    std::env::var("CANDLE_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(candle_core::utils::get_num_threads)
 }
 
 /// This process's peak resident set size in MB (`getrusage(RUSAGE_SELF).ru_maxrss`, which

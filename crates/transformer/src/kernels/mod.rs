@@ -6,6 +6,8 @@
 //! devices or dtypes, or with `TRANSFORMER_KERNELS=composed`) the composed ops in `nn` run, and
 //! they remain the reference the kernels are tested against.
 
+pub mod attention;
+pub mod cross_entropy;
 pub mod gelu;
 pub mod layer_norm;
 pub mod softmax;
@@ -95,6 +97,7 @@ pub(crate) mod num_traits_like {
         const NEG_INF: Self;
         fn exp_(self) -> Self;
         fn sqrt_(self) -> Self;
+        fn ln_(self) -> Self;
         fn of(v: f64) -> Self;
         fn max_(self, o: Self) -> Self;
     }
@@ -107,6 +110,9 @@ pub(crate) mod num_traits_like {
         }
         fn sqrt_(self) -> Self {
             f32::sqrt(self)
+        }
+        fn ln_(self) -> Self {
+            f32::ln(self)
         }
         fn of(v: f64) -> Self {
             v as f32
@@ -124,6 +130,9 @@ pub(crate) mod num_traits_like {
         }
         fn sqrt_(self) -> Self {
             f64::sqrt(self)
+        }
+        fn ln_(self) -> Self {
+            f64::ln(self)
         }
         fn of(v: f64) -> Self {
             v

@@ -213,3 +213,241 @@ fn gelu_matches_composed_and_finite_differences() {
     let g = randn(&mut rng, &[2, 6], DType::F64);
     finite_difference_check(&x, &g, &|t| super::gelu::gelu_erf(t).unwrap());
 }
+
+/// (B, H, T, S, D, Dv)
+type Dims = (usize, usize, usize, usize, usize, usize);
+
+/// Context and the gradients of q, k and v of `sdpa` with the fused kernel and composed.
+fn attention_both_paths(
+    rng: &mut Rng,
+    dims: Dims,
+    opts: &crate::nn::SdpaOptions,
+    dtype: DType,
+) -> (f64, [f64; 3]) {
+    let (b, h, t, s, d, dv) = dims;
+    let q = randn(rng, &[b, h, t, d], dtype);
+    let k = randn(rng, &[b, h, s, d], dtype);
+    let v = randn(rng, &[b, h, s, dv], dtype);
+    let g = randn(rng, &[b, h, t, dv], dtype);
+    let r = both_paths(&[q, k, v], &g, &|x| {
+        crate::nn::scaled_dot_product_attention(&x[0], &x[1], &x[2], opts)
+            .unwrap()
+            .context
+    });
+    (
+        max_diff(&r[0].0, &r[1].0),
+        [0, 1, 2].map(|i| max_diff(&r[0].1[i], &r[1].1[i])),
+    )
+}
+
+#[test]
+fn fused_attention_matches_composed_with_every_mask() {
+    use crate::nn::{AttnMask, SdpaOptions};
+    let mut rng = Rng::new(5);
+    let dev = Device::Cpu;
+    // Tiles of 64: these sizes give partial tiles, several tiles, and a KV-cache offset.
+    let causal = SdpaOptions {
+        causal: true,
+        ..Default::default()
+    };
+    let plain = SdpaOptions::default();
+    // Batch 1 has every key padded: its rows must come out as zeros on both paths.
+    let kpm = AttnMask::from_lengths(&[150, 0, 37], 150, &dev).unwrap();
+    let padded = SdpaOptions {
+        key_padding_mask: Some(&kpm),
+        causal: false,
+        ..Default::default()
+    };
+    let mut blocks = vec![0u8; 70 * 70];
+    for (i, m) in blocks.iter_mut().enumerate() {
+        *m = u8::from((i * 7919) % 5 == 0);
+    }
+    let block = AttnMask::Block(Tensor::from_vec(blocks, (70, 70), &dev).unwrap());
+    let additive = AttnMask::Additive(
+        randn(&mut rng, &[2 * 3, 70, 70], DType::F32)
+            .affine(0.5, 0.0)
+            .unwrap(),
+    );
+    type Case<'a> = (&'a str, Dims, SdpaOptions<'a>);
+    let cases: Vec<Case> = vec![
+        ("causal", (2, 3, 70, 70, 16, 8), causal),
+        ("causal with cache offset", (2, 2, 5, 80, 16, 16), causal),
+        ("causal, several tiles", (1, 2, 130, 130, 8, 8), causal),
+        ("no mask", (2, 2, 130, 150, 16, 24), plain),
+        ("fewer keys than queries", (2, 2, 70, 9, 8, 8), plain),
+        ("key padding", (3, 2, 20, 150, 8, 8), padded),
+        (
+            "bool (T, S) mask and causal",
+            (2, 3, 70, 70, 8, 8),
+            SdpaOptions {
+                attn_mask: Some(&block),
+                causal: true,
+                ..Default::default()
+            },
+        ),
+        (
+            "additive (B·H, T, S) mask",
+            (2, 3, 70, 70, 8, 8),
+            SdpaOptions {
+                attn_mask: Some(&additive),
+                ..Default::default()
+            },
+        ),
+        (
+            "custom scale",
+            (1, 1, 9, 9, 4, 4),
+            SdpaOptions {
+                scale: Some(0.3),
+                causal: true,
+                ..Default::default()
+            },
+        ),
+    ];
+    for (name, dims, opts) in cases {
+        let (fwd, grads) = attention_both_paths(&mut rng, dims, &opts, DType::F32);
+        assert!(fwd < 2e-6, "{name}: forward differs by {fwd}");
+        for (which, d) in ["q", "k", "v"].iter().zip(grads) {
+            assert!(d < 2e-5, "{name}: grad of {which} differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn fused_attention_reads_strided_inputs_and_zeroes_masked_rows() {
+    let mut rng = Rng::new(6);
+    // (B, T, H, D) transposed to (B, H, T, D): not contiguous.
+    let q = randn(&mut rng, &[2, 10, 3, 8], DType::F32);
+    let k = randn(&mut rng, &[2, 12, 3, 8], DType::F32);
+    let v = randn(&mut rng, &[2, 12, 3, 8], DType::F32);
+    let (qt, kt, vt) = (
+        q.transpose(1, 2).unwrap(),
+        k.transpose(1, 2).unwrap(),
+        v.transpose(1, 2).unwrap(),
+    );
+    assert!(!qt.is_contiguous());
+    let mut bias = vec![0f32; 2 * 12];
+    bias[12..].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+    let opts = super::attention::FlashOptions {
+        scale: 0.25,
+        causal: false,
+        bias: Some(Tensor::from_vec(bias, (2, 1, 1, 12), &Device::Cpu).unwrap()),
+        dropout: None,
+    };
+    let fused = super::attention::attention(&qt, &kt, &vt, &opts).unwrap();
+    let reference = super::attention::attention(
+        &qt.contiguous().unwrap(),
+        &kt.contiguous().unwrap(),
+        &vt.contiguous().unwrap(),
+        &opts,
+    )
+    .unwrap();
+    assert_eq!(fused.dims(), &[2, 3, 10, 8]);
+    assert!(max_diff(&fused, &reference) == 0.0);
+    let masked = fused.get(1).unwrap().abs().unwrap().sum_all().unwrap();
+    assert_eq!(masked.to_scalar::<f32>().unwrap(), 0.0);
+    let kept = fused.get(0).unwrap().abs().unwrap().sum_all().unwrap();
+    assert!(kept.to_scalar::<f32>().unwrap() > 0.0);
+}
+
+#[test]
+fn fused_attention_backward_matches_finite_differences_f64() {
+    let mut rng = Rng::new(7);
+    let (b, h, t, s, d) = (1, 2, 5, 7, 3);
+    let q = randn(&mut rng, &[b, h, t, d], DType::F64);
+    let k = randn(&mut rng, &[b, h, s, d], DType::F64);
+    let v = randn(&mut rng, &[b, h, s, d], DType::F64);
+    let g = randn(&mut rng, &[b, h, t, d], DType::F64);
+    let mut bias = vec![0f64; t * s];
+    bias[3] = f64::NEG_INFINITY;
+    bias[10] = 0.7;
+    let bias = Tensor::from_vec(bias, (1, 1, t, s), &Device::Cpu).unwrap();
+    // Dropout with a fixed seed is a fixed function of the inputs, so its backward can be
+    // checked too: the mask must be the forward's.
+    for dropout in [None, Some((0.3, 11u64))] {
+        let opts = super::attention::FlashOptions {
+            scale: 0.6,
+            causal: true,
+            bias: Some(bias.clone()),
+            dropout,
+        };
+        let f = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            super::attention::attention(q, k, v, &opts).unwrap()
+        };
+        finite_difference_check(&q, &g, &|x| f(x, &k, &v));
+        finite_difference_check(&k, &g, &|x| f(&q, x, &v));
+        finite_difference_check(&v, &g, &|x| f(&q, &k, x));
+    }
+}
+
+#[test]
+fn fused_attention_dropout_drops_p_and_rescales() {
+    let (b, h, t, s) = (2, 4, 64, 64);
+    let q = Tensor::zeros((b, h, t, 4), DType::F32, &Device::Cpu).unwrap();
+    let k = Tensor::zeros((b, h, s, 4), DType::F32, &Device::Cpu).unwrap();
+    let v = Tensor::ones((b, h, s, 1), DType::F32, &Device::Cpu).unwrap();
+    let run = |p: f64, seed: u64| {
+        let opts = super::attention::FlashOptions {
+            scale: 1.0,
+            causal: false,
+            bias: None,
+            dropout: Some((p, seed)),
+        };
+        super::attention::attention(&q, &k, &v, &opts)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    // Uniform weights 1/64 over ones: each output is (kept keys / 64) / (1 - p).
+    let out = run(0.25, 1);
+    let mean = out.iter().sum::<f32>() / out.len() as f32;
+    assert!((mean - 1.0).abs() < 0.02, "mean {mean}");
+    let kept: f32 = out.iter().map(|o| o * 0.75 * 64.0).sum::<f32>() / (out.len() * 64) as f32;
+    assert!((kept - 0.75).abs() < 0.01, "kept fraction {kept}");
+    assert_eq!(out, run(0.25, 1), "same seed, same mask");
+    assert_ne!(out, run(0.25, 2), "another seed, another mask");
+}
+
+#[test]
+fn fused_cross_entropy_matches_composed_and_finite_differences() {
+    use crate::train::loss::{cross_entropy, CrossEntropyConfig};
+    let mut rng = Rng::new(8);
+    // Small (serial) and large (parallel) inputs; smoothing on and off; padding ignored.
+    for (n, v, eps, ignore) in [
+        (7, 11, 0.0, None),
+        (7, 11, 0.1, Some(0u32)),
+        (300, 500, 0.1, Some(3u32)),
+    ] {
+        let logits = randn(&mut rng, &[n, v], DType::F32)
+            .affine(3.0, 0.0)
+            .unwrap();
+        let ids: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+        let targets = Tensor::from_vec(ids, n, &Device::Cpu).unwrap();
+        let cfg = CrossEntropyConfig {
+            label_smoothing: eps,
+            ignore_index: ignore,
+        };
+        let g = Tensor::new(1.7f32, &Device::Cpu).unwrap();
+        let r = both_paths(&[logits], &g, &|x| {
+            cross_entropy(&x[0], &targets, &cfg).unwrap()
+        });
+        let (f, c) = (&r[0], &r[1]);
+        assert!(
+            max_diff(&f.0, &c.0) < 1e-5,
+            "loss {n}x{v}: {}",
+            max_diff(&f.0, &c.0)
+        );
+        assert!(max_diff(&f.1[0], &c.1[0]) < 1e-6, "grad {n}x{v}");
+    }
+    super::set_enabled(true);
+    let x = randn(&mut rng, &[4, 6], DType::F64);
+    let targets = Tensor::from_vec(vec![2u32, 0, 5, 9], 4, &Device::Cpu).unwrap();
+    let g = randn(&mut rng, &[4], DType::F64);
+    finite_difference_check(&x, &g, &|t| {
+        super::cross_entropy::cross_entropy_rows(t, &targets, 0.2, Some(9)).unwrap()
+    });
+    // A target out of range (and not ignored) is an error, not a wrong loss.
+    let err = super::cross_entropy::cross_entropy_rows(&x, &targets, 0.2, None).unwrap_err();
+    assert!(err.to_string().contains("out of range"), "{err}");
+}

@@ -9,9 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{
-    AbsolutePositions, Activation, AttnMask, Decoder, DecoderState, Dropout, Encoder, InitScheme,
-    LayerConfig, LayerOptions, Linear, Masks, NeedWeights, PositionalKind, TokenEmbedding, VarPath,
-    VarStore,
+    AbsolutePositions, Activation, AttnMask, Decoder, DecoderState, Dropout, Encoder, Init,
+    InitScheme, LayerConfig, LayerOptions, Linear, Masks, NeedWeights, PositionalKind,
+    TokenEmbedding, VarPath, VarStore,
 };
 use crate::{Error, Result};
 
@@ -67,6 +67,13 @@ pub struct EncoderDecoderConfig {
     /// Parameter initialization.
     #[serde(default)]
     pub init: InitScheme,
+    /// Initialize the token embeddings from normal(0, this std) instead of `init`'s scheme.
+    /// tensor2tensor and fairseq use d_model^-0.5, so that the scaled embeddings (×√d_model)
+    /// start at unit scale, above the positional encodings; with Xavier's much smaller values a
+    /// joint, shared and tied vocabulary let the output softmax pull every source-only token
+    /// the same way and the encoder learned to ignore positions (issue 4, BENCHMARKS.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embed_init_std: Option<f64>,
 }
 
 impl EncoderDecoderConfig {
@@ -93,6 +100,7 @@ impl EncoderDecoderConfig {
             final_norm: true,
             scale_embeddings: true,
             init: InitScheme::XavierUniform,
+            embed_init_std: None,
         }
     }
 
@@ -159,6 +167,13 @@ impl EncoderDecoderConfig {
                 self.src_vocab_size, self.tgt_vocab_size
             )));
         }
+        if let Some(std) = self.embed_init_std {
+            if !std.is_finite() || std <= 0.0 {
+                return Err(Error::Config(format!(
+                    "embed_init_std must be a finite number > 0, got {std}"
+                )));
+            }
+        }
         if self.positional == PositionalKind::Rope {
             return Err(Error::Config(
                 "positional = \"rope\" is only available for decoder-only models".into(),
@@ -202,15 +217,25 @@ impl EncoderDecoder {
     pub fn new(cfg: &EncoderDecoderConfig, vp: &VarPath) -> Result<Self> {
         cfg.validate()?;
         let scale = cfg.scale_embeddings;
-        let src_embed =
-            TokenEmbedding::new(cfg.src_vocab_size, cfg.d_model, scale, &vp.pp("src_embed"))?;
+        let embed_init = match cfg.embed_init_std {
+            Some(std) => Init::Normal { std },
+            None => Init::Weight { residual: false },
+        };
+        let src_embed = TokenEmbedding::with_init(
+            cfg.src_vocab_size,
+            cfg.d_model,
+            scale,
+            embed_init,
+            &vp.pp("src_embed"),
+        )?;
         let tgt_embed = if cfg.share_embeddings {
             None
         } else {
-            Some(TokenEmbedding::new(
+            Some(TokenEmbedding::with_init(
                 cfg.tgt_vocab_size,
                 cfg.d_model,
                 scale,
+                embed_init,
                 &vp.pp("tgt_embed"),
             )?)
         };
@@ -429,5 +454,70 @@ impl EncoderDecoder {
         )?;
         state.position += t_new;
         Ok((self.generate_logits(&out.x)?, out.cross_weights))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (mean, std) of a tensor's elements.
+    fn moments(t: &Tensor) -> (f64, f64) {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        (mean, var.sqrt())
+    }
+
+    /// Regression test for issue 4: with Xavier-initialized shared embeddings the Multi30k model
+    /// never learned to attend to the source; `embed_init_std` gives the tensor2tensor/fairseq
+    /// initialization, and leaving it out keeps the old configs and checkpoints as they were.
+    #[test]
+    fn embed_init_std_draws_the_embeddings_from_that_normal() {
+        let base = EncoderDecoderConfig {
+            share_embeddings: false,
+            ..EncoderDecoderConfig::tiny(500)
+        };
+        let xavier = (6.0f64 / (500.0 + 64.0)).sqrt() / 3f64.sqrt();
+        let (_, vs) = EncoderDecoder::init(&base, DType::F32, &Device::Cpu, 1).unwrap();
+        let (_, std) = moments(&vs.get("src_embed.weight").unwrap());
+        assert!(
+            (std - xavier).abs() < 0.1 * xavier,
+            "{std} vs Xavier {xavier}"
+        );
+        let json = serde_json::to_string(&base).unwrap();
+        assert!(
+            !json.contains("embed_init_std"),
+            "absent unless set: {json}"
+        );
+
+        let cfg = EncoderDecoderConfig {
+            embed_init_std: Some(0.125),
+            ..base.clone()
+        };
+        let (_, vs) = EncoderDecoder::init(&cfg, DType::F32, &Device::Cpu, 1).unwrap();
+        for name in ["src_embed.weight", "tgt_embed.weight"] {
+            let (mean, std) = moments(&vs.get(name).unwrap());
+            assert!(
+                mean.abs() < 0.01 && (std - 0.125).abs() < 0.005,
+                "{name}: {mean} {std}"
+            );
+        }
+        let back: EncoderDecoderConfig =
+            serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+
+        for bad in [0.0, -1.0, f64::NAN] {
+            let cfg = EncoderDecoderConfig {
+                embed_init_std: Some(bad),
+                ..base.clone()
+            };
+            assert!(cfg
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("embed_init_std"));
+        }
     }
 }

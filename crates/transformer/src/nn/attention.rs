@@ -113,7 +113,8 @@ pub struct AttnOutput {
     pub weights: Option<Tensor>,
 }
 
-/// softmax(Q Kᵀ · scale + masks) V, composed of differentiable candle ops.
+/// softmax(Q Kᵀ · scale + masks) V: the fused kernel (`kernels::attention`) on CPU f32/f64
+/// when the weights are not requested, else composed of differentiable candle ops.
 ///
 /// A query row whose keys are all masked out gets all-zero weights (and a zero context),
 /// not NaN.
@@ -151,6 +152,40 @@ pub fn scaled_dot_product_attention(
         ));
     }
     let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt());
+    if !opts.need_weights
+        && crate::kernels::applies(q)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+    {
+        // The fused kernel applies the causal mask itself, without a (T, S) tensor.
+        if opts.causal && s < t {
+            causal_mask(t, s, q.device())?;
+        }
+        let no_causal = SdpaOptions {
+            causal: false,
+            ..*opts
+        };
+        let bias = mask_bias(b, h, t, s, &no_causal, q.dtype(), q.device())?;
+        let dropout = match opts.dropout {
+            Some(drop) if opts.train && drop.p() > 0.0 => Some((drop.p(), drop.seed())),
+            _ => None,
+        };
+        let context = crate::kernels::attention::attention(
+            q,
+            k,
+            v,
+            &crate::kernels::attention::FlashOptions {
+                scale,
+                causal: opts.causal,
+                bias,
+                dropout,
+            },
+        )?;
+        return Ok(AttnOutput {
+            context,
+            weights: None,
+        });
+    }
     let bias = mask_bias(b, h, t, s, opts, q.dtype(), q.device())?;
 
     // (B, H, T, D) x (B, H, D, S) -> (B, H, T, S)

@@ -23,6 +23,11 @@ impl Dropout {
         self.p
     }
 
+    /// A fresh seed from the model's generator, for kernels that draw their own masks.
+    pub fn seed(&self) -> u64 {
+        self.rng.with(|r| r.next_u64())
+    }
+
     /// Zero each element with probability p and scale the rest by 1/(1-p) when `train`;
     /// the identity otherwise.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {

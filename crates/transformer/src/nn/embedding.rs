@@ -15,18 +15,31 @@ pub struct TokenEmbedding {
 }
 
 impl TokenEmbedding {
-    /// Parameter: `weight` (vocab_size, d_model).
+    /// Parameter: `weight` (vocab_size, d_model), initialized by the store's scheme.
     pub fn new(
         vocab_size: usize,
         d_model: usize,
         scale_by_sqrt_d: bool,
         vp: &VarPath,
     ) -> Result<Self> {
-        let weight = vp.var(
-            "weight",
-            &[vocab_size, d_model],
+        Self::with_init(
+            vocab_size,
+            d_model,
+            scale_by_sqrt_d,
             Init::Weight { residual: false },
-        )?;
+            vp,
+        )
+    }
+
+    /// [`TokenEmbedding::new`] with an explicit initialization of the table.
+    pub fn with_init(
+        vocab_size: usize,
+        d_model: usize,
+        scale_by_sqrt_d: bool,
+        init: Init,
+        vp: &VarPath,
+    ) -> Result<Self> {
+        let weight = vp.var("weight", &[vocab_size, d_model], init)?;
         Ok(TokenEmbedding {
             weight,
             scale: scale_by_sqrt_d.then(|| (d_model as f64).sqrt()),

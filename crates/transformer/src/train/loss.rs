@@ -2,9 +2,10 @@
 //!
 //! Dimension legend: `N` rows (tokens), `V` vocabulary (classes), `B` batch, `T` time.
 //!
-//! The log-softmax is composed of plain ops (max-subtract, `exp`, `sum`, `log`) on purpose:
-//! candle's fused `softmax_last_dim` records no backward, so a loss built on it would silently
-//! stop the gradient.
+//! On CPU f32/f64 the fused kernel (`kernels::cross_entropy`) computes it in one pass each
+//! way. Elsewhere the log-softmax is composed of plain ops (max-subtract, `exp`, `sum`, `log`)
+//! on purpose: candle's fused `softmax_last_dim` records no backward, so a loss built on it
+//! would silently stop the gradient.
 
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
@@ -83,6 +84,25 @@ pub fn cross_entropy(
             format!("({n},) to match logits (N, V) = ({n}, {v})"),
             targets.dims(),
         ));
+    }
+
+    if crate::kernels::applies(&logits) {
+        let per_row = crate::kernels::cross_entropy::cross_entropy_rows(
+            &logits,
+            &targets,
+            eps,
+            cfg.ignore_index,
+        )?; // (N,), 0 on ignored rows
+        let count = match cfg.ignore_index {
+            Some(ignore) => targets
+                .ne(ignore)?
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?,
+            None => n as f64,
+        };
+        // 0 / 0 = NaN when every target is ignored, as in PyTorch.
+        return Ok(per_row.sum_all()?.affine(1.0 / count, 0.0)?);
     }
 
     // Log-softmax over V. Subtracting the row max is exact (log-softmax is shift invariant), so
