@@ -70,12 +70,34 @@ pub enum NeedWeights {
 }
 
 /// Keys and values kept between decoding steps of self-attention.
-#[derive(Debug, Clone, Default)]
+///
+/// The positions live in buffers with spare capacity that grow by doubling, and each step
+/// writes its new keys and values in place: appending by concatenation would copy the whole
+/// cache at every generated token. Attention reads the cached positions as a strided view.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    /// (B, H, S, D)
+    /// (B, H, capacity, D); positions 0..len are the cache.
     k: Option<Tensor>,
-    /// (B, H, S, D)
+    /// (B, H, capacity, Dv)
     v: Option<Tensor>,
+    len: usize,
+}
+
+impl Clone for KvCache {
+    /// A deep copy: the clone must not write into the original's buffers.
+    fn clone(&self) -> Self {
+        KvCache {
+            k: self
+                .k
+                .as_ref()
+                .map(|t| t.copy().expect("copying a KV cache")),
+            v: self
+                .v
+                .as_ref()
+                .map(|t| t.copy().expect("copying a KV cache")),
+            len: self.len,
+        }
+    }
 }
 
 impl KvCache {
@@ -85,7 +107,7 @@ impl KvCache {
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dims()[2])
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -95,10 +117,20 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.k = None;
         self.v = None;
+        self.len = 0;
+    }
+
+    /// The cached keys and values, (B, H, len, D) views.
+    fn cached(&self) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(match (&self.k, &self.v) {
+            (Some(k), Some(v)) => Some((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)),
+            _ => None,
+        })
     }
 
     /// Keep only the batch rows in `indices` (beam search reorders hypotheses).
     pub fn select_rows(&mut self, indices: &Tensor) -> Result<()> {
+        // Whole buffers (contiguous, as index_select needs), so the capacity is kept.
         if let (Some(k), Some(v)) = (&self.k, &self.v) {
             self.k = Some(k.index_select(indices, 0)?);
             self.v = Some(v.index_select(indices, 0)?);
@@ -110,21 +142,42 @@ impl KvCache {
     pub fn truncate_front(&mut self, max_len: usize) -> Result<()> {
         let len = self.len();
         if len > max_len {
+            let (k, v) = self.cached()?.expect("a non-empty cache has buffers");
             let drop = len - max_len;
-            self.k = Some(self.k.as_ref().unwrap().narrow(2, drop, max_len)?);
-            self.v = Some(self.v.as_ref().unwrap().narrow(2, drop, max_len)?);
+            self.k = Some(k.narrow(2, drop, max_len)?.contiguous()?);
+            self.v = Some(v.narrow(2, drop, max_len)?.contiguous()?);
+            self.len = max_len;
         }
         Ok(())
     }
 
     fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match (&self.k, &self.v) {
-            (Some(pk), Some(pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-            _ => (k, v),
-        };
-        self.k = Some(k.clone());
-        self.v = Some(v.clone());
-        Ok((k, v))
+        let t = k.dims()[2];
+        let need = self.len + t;
+        let capacity = self.k.as_ref().map_or(0, |k| k.dims()[2]);
+        if need > capacity {
+            let capacity = need.next_power_of_two().max(16);
+            let grow = |new: &Tensor, old: Option<Tensor>| -> Result<Tensor> {
+                let (b, h, _, d) = new.dims4()?;
+                let buf = Tensor::zeros((b, h, capacity, d), new.dtype(), new.device())?;
+                if let Some(old) = old {
+                    buf.slice_set(&old.contiguous()?, 2, 0)?;
+                }
+                Ok(buf)
+            };
+            let old = self.cached()?;
+            let (old_k, old_v) = match old {
+                Some((k, v)) => (Some(k), Some(v)),
+                None => (None, None),
+            };
+            self.k = Some(grow(&k, old_k)?);
+            self.v = Some(grow(&v, old_v)?);
+        }
+        let (kb, vb) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = need;
+        Ok(self.cached()?.expect("just filled"))
     }
 }
 
