@@ -340,11 +340,20 @@ pub fn map_state_dict(
 pub fn read_weights(dir: &Path) -> Result<(HashMap<String, Tensor>, PathBuf)> {
     let st = dir.join(HF_SAFETENSORS_FILE);
     if st.is_file() {
-        let map =
-            candle_core::safetensors::load(&st, &Device::Cpu).map_err(|e| Error::Weights {
-                source_name: st.display().to_string(),
-                msg: format!("cannot read safetensors: {e}"),
-            })?;
+        let bad = |e: candle_core::Error| Error::Weights {
+            source_name: st.display().to_string(),
+            msg: format!("cannot read safetensors: {e}"),
+        };
+        // Mapped rather than read: reading copied the whole file into a fresh buffer first,
+        // and that page faulting and copying was most of `embed`'s start-up time.
+        // SAFETY: the mapping is only read, and dropped before this function returns; a model
+        // file changed by another process while it loads is not supported.
+        let mm = unsafe { candle_core::safetensors::MmapedSafetensors::new(&st) }.map_err(bad)?;
+        let mut map = HashMap::new();
+        for (name, _) in mm.tensors() {
+            let t = mm.load(&name, &Device::Cpu).map_err(bad)?;
+            map.insert(name, t);
+        }
         return Ok((map, st));
     }
     let pt = dir.join(HF_PYTORCH_FILE);
