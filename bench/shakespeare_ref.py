@@ -20,6 +20,7 @@ Dimension letters: B batch, T time, C channels (d_model), V vocab, nh heads, hs 
 import argparse
 import json
 import math
+import statistics
 import time
 
 import torch
@@ -179,6 +180,22 @@ def full_val_loss(model, val, T, batch_size=64):
     return total / count
 
 
+def estimate_spread(model, val, T, B, reps, iters=20):
+    """nanoGPT's val estimate (mean loss of `iters` random batches), drawn `reps` times."""
+    g = torch.Generator().manual_seed(0)
+    ests = []
+    with torch.no_grad():
+        for _ in range(reps):
+            tot = 0.0
+            for _ in range(iters):
+                ix = torch.randint(len(val) - T, (B,), generator=g)
+                x = torch.stack([val[i:i + T] for i in ix])
+                y = torch.stack([val[i + 1:i + T + 1] for i in ix])
+                tot += model(x, y)[1].item()
+            ests.append(tot / iters)
+    return ests
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="data/tinyshakespeare/input.txt")
@@ -193,6 +210,9 @@ def main():
     ap.add_argument("--wd", type=float, default=0.1)
     ap.add_argument("--no-clip", action="store_true")
     ap.add_argument("--eval-only", help="our model.safetensors: print its full val-split loss")
+    ap.add_argument("--estimate-reps", type=int, default=0,
+                    help="with --eval-only: also draw nanoGPT's 20-batch val estimate this many "
+                         "times and print its spread")
     ap.add_argument("--print-first-batch", action="store_true")
     ap.add_argument("--out", help="write per-step losses (and val loss) as JSON here")
     args = ap.parse_args()
@@ -210,6 +230,10 @@ def main():
     if args.eval_only:
         model.load_ours(args.eval_only)
         print(f"full val-split loss of {args.eval_only}: {full_val_loss(model, val, T):.6f}")
+        if args.estimate_reps:
+            ests = estimate_spread(model, val, T, B, args.estimate_reps)
+            print(f"20-batch estimate over {len(ests)} draws: mean {statistics.mean(ests):.4f} "
+                  f"sd {statistics.stdev(ests):.4f} min {min(ests):.4f} max {max(ests):.4f}")
         return
     if args.own:
         torch.manual_seed(args.seed)

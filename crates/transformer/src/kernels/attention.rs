@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::Float;
+use super::{with_data, Float};
 
 /// Queries per tile.
 const BR: usize = 64;
@@ -639,6 +639,16 @@ impl FlashAttention {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// Run `f` with the bias's data (already contiguous and of the query's dtype), if any.
+    fn with_bias<T: Float, R>(&self, f: impl FnOnce(Option<&[T]>) -> Result<R>) -> Result<R> {
+        match &self.bias {
+            Some(m) => with_data::<T, _>(m, |b| f(Some(b))),
+            None => f(None),
+        }
+    }
+
+    /// The context, (B, T, H, Dv); the log-sum-exp of each row is kept for the backward.
+    #[allow(clippy::too_many_arguments)]
     fn fwd<T: Float>(
         &self,
         s1: &CpuStorage,
@@ -647,19 +657,20 @@ impl FlashAttention {
         l2: &Layout,
         s3: &CpuStorage,
         l3: &Layout,
-    ) -> Result<(Vec<T>, Vec<T>, Shape)> {
-        let bias_data: Option<Vec<T>> = match &self.bias {
-            Some(m) => Some(m.flatten_all()?.to_vec1::<T>()?),
-            None => None,
-        };
-        let c = self.ctx(
-            (T::cpu_storage_as_slice(s1)?, l1),
-            (T::cpu_storage_as_slice(s2)?, l2),
-            (T::cpu_storage_as_slice(s3)?, l3),
-            bias_data.as_deref(),
-        )?;
-        let (out, lse) = forward(&c);
-        Ok((out, lse, Shape::from((c.b, c.t, c.h, c.dv))))
+    ) -> Result<(Vec<T>, Shape)> {
+        let (out, lse, (b, t, h, dv)) = self.with_bias::<T, _>(|bias| {
+            let c = self.ctx(
+                (T::cpu_storage_as_slice(s1)?, l1),
+                (T::cpu_storage_as_slice(s2)?, l2),
+                (T::cpu_storage_as_slice(s3)?, l3),
+                bias,
+            )?;
+            let (out, lse) = forward(&c);
+            Ok((out, lse, (c.b, c.t, c.h, c.dv)))
+        })?;
+        *self.lse.lock().unwrap() =
+            Some(Tensor::from_vec(lse, (b, h, t), &candle_core::Device::Cpu)?);
+        Ok((out, Shape::from((b, t, h, dv))))
     }
 }
 
@@ -677,24 +688,17 @@ impl CustomOp3 for FlashAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (out, shape) = match s1 {
+        Ok(match s1 {
             CpuStorage::F32(_) => {
-                let (out, lse, shape) = self.fwd::<f32>(s1, l1, s2, l2, s3, l3)?;
-                let (b, t, h, _) = shape.dims4()?;
-                *self.lse.lock().unwrap() =
-                    Some(Tensor::from_vec(lse, (b, h, t), &candle_core::Device::Cpu)?);
+                let (out, shape) = self.fwd::<f32>(s1, l1, s2, l2, s3, l3)?;
                 (CpuStorage::F32(out), shape)
             }
             CpuStorage::F64(_) => {
-                let (out, lse, shape) = self.fwd::<f64>(s1, l1, s2, l2, s3, l3)?;
-                let (b, t, h, _) = shape.dims4()?;
-                *self.lse.lock().unwrap() =
-                    Some(Tensor::from_vec(lse, (b, h, t), &candle_core::Device::Cpu)?);
+                let (out, shape) = self.fwd::<f64>(s1, l1, s2, l2, s3, l3)?;
                 (CpuStorage::F64(out), shape)
             }
             _ => candle_core::bail!("fused attention: only f32/f64"),
-        };
-        Ok((out, shape))
+        })
     }
 
     fn bwd(
@@ -735,20 +739,22 @@ impl FlashAttention {
             cpu_slice::<T>(&ks)?,
             cpu_slice::<T>(&vs)?,
         );
-        let bias_data: Option<Vec<T>> = match &self.bias {
-            Some(m) => Some(m.flatten_all()?.to_vec1::<T>()?),
-            None => None,
-        };
-        let c = self.ctx((qd, ql), (kd, kl), (vd, vl), bias_data.as_deref())?;
-        let o = res.contiguous()?.flatten_all()?.to_vec1::<T>()?;
-        let d_o = grad.contiguous()?.flatten_all()?.to_vec1::<T>()?;
-        let lse = lse.flatten_all()?.to_vec1::<T>()?;
-        let (dq, dk, dv) = backward(&c, &o, &d_o, &lse);
+        // Read in place: O, dO and the log-sum-exp are not copied.
+        let (dq, dk, dv, c) = self.with_bias::<T, _>(|bias| {
+            let c = self.ctx((qd, ql), (kd, kl), (vd, vl), bias)?;
+            let (dq, dk, dv) = with_data::<T, _>(res, |o| {
+                with_data::<T, _>(grad, |d_o| {
+                    with_data::<T, _>(lse, |lse| Ok(backward(&c, o, d_o, lse)))
+                })
+            })?;
+            Ok((dq, dk, dv, (c.b, c.h, c.t, c.s, c.d, c.dv)))
+        })?;
+        let (b, h, t, s, d, dv_width) = c;
         let dev = q.device();
         Ok((
-            Tensor::from_vec(dq, (c.b, c.h, c.t, c.d), dev)?,
-            Tensor::from_vec(dk, (c.b, c.h, c.s, c.d), dev)?,
-            Tensor::from_vec(dv, (c.b, c.h, c.s, c.dv), dev)?,
+            Tensor::from_vec(dq, (b, h, t, d), dev)?,
+            Tensor::from_vec(dk, (b, h, s, d), dev)?,
+            Tensor::from_vec(dv, (b, h, s, dv_width), dev)?,
         ))
     }
 }
