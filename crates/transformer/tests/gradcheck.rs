@@ -52,6 +52,7 @@ fn layer_config(activation: Activation, norm_first: bool) -> LayerConfig {
         norm_first,
         layer_norm_eps: 1e-5,
         bias: true,
+        ffn_dropout: None,
     }
 }
 

@@ -89,6 +89,7 @@ fn layer_config(fx: &Fixture, d_model: usize) -> Result<LayerConfig> {
         norm_first: fx.meta_parse("norm_first")?,
         layer_norm_eps: fx.meta_parse("layer_norm_eps")?,
         bias: true,
+        ffn_dropout: None,
     })
 }
 

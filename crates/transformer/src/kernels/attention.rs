@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::dropout::{keep, threshold};
 use super::{with_data, Float};
 
 /// Queries per tile.
@@ -252,17 +253,6 @@ impl<T: Float> Ctx<T> {
             self.s
         }
     }
-}
-
-/// Keep decision of dropout for element `idx`: splitmix64 of (seed, idx), kept with
-/// probability 1 - threshold / 2³².
-#[inline]
-fn keep(seed: u64, idx: u64, threshold: u32) -> bool {
-    let mut z = seed.wrapping_add(idx.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 32) as u32 >= threshold
 }
 
 /// dst (m × n, row stride `dst_rs`, unit column stride) = [dst +] beta · lhs (m × k) · rhs
@@ -617,10 +607,9 @@ impl FlashAttention {
             }
             _ => None,
         };
-        let dropout = self.dropout.map(|(p, seed)| {
-            let threshold = (p * 4_294_967_296.0).min(4_294_967_295.0) as u32;
-            (threshold, T::of(1.0 / (1.0 - p)), seed)
-        });
+        let dropout = self
+            .dropout
+            .map(|(p, seed)| (threshold(p), T::of(1.0 / (1.0 - p)), seed));
         Ok(Ctx {
             b,
             h,

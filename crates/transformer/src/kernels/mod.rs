@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod dropout;
 pub mod gelu;
 pub mod layer_norm;
 pub mod softmax;

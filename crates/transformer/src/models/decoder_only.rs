@@ -143,6 +143,8 @@ impl DecoderOnlyConfig {
             norm_first: self.norm_first,
             layer_norm_eps: self.layer_norm_eps,
             bias: self.bias,
+            // GPT-2's MLP drops out only its output, in the residual connection.
+            ffn_dropout: Some(0.0),
         }
     }
 

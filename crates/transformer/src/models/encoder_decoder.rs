@@ -150,6 +150,7 @@ impl EncoderDecoderConfig {
             norm_first: self.norm_first,
             layer_norm_eps: self.layer_norm_eps,
             bias: self.bias,
+            ffn_dropout: None,
         }
     }
 

@@ -150,6 +150,7 @@ impl EncoderOnlyConfig {
             norm_first: self.norm_first,
             layer_norm_eps: self.layer_norm_eps,
             bias: true,
+            ffn_dropout: None,
         }
     }
 

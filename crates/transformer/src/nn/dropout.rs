@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::kernels;
 use crate::rng::SharedRng;
 use crate::{Error, Result};
 
@@ -34,8 +35,30 @@ impl Dropout {
         if !train || self.p == 0.0 {
             return Ok(x.clone());
         }
+        if kernels::applies(x) {
+            // The mask is a hash of a seed and the position: nothing kept for the backward.
+            return Ok(kernels::dropout::dropout(x, self.p, self.seed())?);
+        }
         let mask = dropout_mask(&self.rng, x.dims(), self.p, x.dtype(), x.device())?;
         Ok(x.mul(&mask)?)
+    }
+
+    /// `x + dropout(y)`, a residual connection: one fused pass on CPU.
+    ///
+    /// # Shapes
+    /// `x`, `y`: the same shape → that shape
+    pub fn add_to(&self, x: &Tensor, y: &Tensor, train: bool) -> Result<Tensor> {
+        if train && self.p > 0.0 && kernels::applies(x) && x.dtype() == y.dtype() {
+            if x.dims() != y.dims() {
+                return Err(Error::shape(
+                    "residual branch",
+                    format!("{:?}", x.dims()),
+                    y.dims(),
+                ));
+            }
+            return Ok(kernels::dropout::dropout_add(x, y, self.p, self.seed())?);
+        }
+        Ok((x + self.forward(y, train)?)?)
     }
 }
 

@@ -29,6 +29,10 @@ pub struct LayerConfig {
     pub layer_norm_eps: f64,
     /// Biases in the linear and norm layers.
     pub bias: bool,
+    /// Dropout on the feed-forward's hidden activations; `None` means `dropout`, as in
+    /// PyTorch's `nn.TransformerEncoderLayer`. GPT-2 and nanoGPT have none (`Some(0.0)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ffn_dropout: Option<f64>,
 }
 
 impl LayerConfig {
@@ -104,12 +108,14 @@ fn residual(
     x: &Tensor,
     norm: &LayerNorm,
     norm_first: bool,
+    dropout: &Dropout,
+    train: bool,
     f: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     if norm_first {
-        Ok((x + f(&norm.forward(x)?)?)?)
+        dropout.add_to(x, &f(&norm.forward(x)?)?, train)
     } else {
-        norm.forward(&(x + f(x)?)?)
+        norm.forward(&dropout.add_to(x, &f(x)?, train)?)
     }
 }
 
@@ -136,7 +142,7 @@ impl EncoderLayer {
                 cfg.d_model,
                 cfg.d_ff,
                 cfg.activation,
-                cfg.dropout,
+                cfg.ffn_dropout.unwrap_or(cfg.dropout),
                 cfg.bias,
                 &vp.pp("ff"),
             )?,
@@ -174,24 +180,35 @@ impl EncoderLayer {
         cache: Option<&mut KvCache>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let mut weights = None;
-        let x = residual(x, &self.norm1, self.norm_first, |h| {
-            let out = self.self_attn.forward(
-                MhaInput::self_attn(h)
-                    .key_padding_mask(masks.key_padding)
-                    .attn_mask(masks.attn)
-                    .causal(masks.causal)
-                    .need_weights(opts.need_weights)
-                    .cache(cache)
-                    .rope(opts.rope)
-                    .train(opts.train),
-            )?;
-            weights = out.weights;
-            self.dropout1.forward(&out.context, opts.train)
-        })?;
-        let x = residual(&x, &self.norm2, self.norm_first, |h| {
-            self.dropout2
-                .forward(&self.ff.forward(h, opts.train)?, opts.train)
-        })?;
+        let x = residual(
+            x,
+            &self.norm1,
+            self.norm_first,
+            &self.dropout1,
+            opts.train,
+            |h| {
+                let out = self.self_attn.forward(
+                    MhaInput::self_attn(h)
+                        .key_padding_mask(masks.key_padding)
+                        .attn_mask(masks.attn)
+                        .causal(masks.causal)
+                        .need_weights(opts.need_weights)
+                        .cache(cache)
+                        .rope(opts.rope)
+                        .train(opts.train),
+                )?;
+                weights = out.weights;
+                Ok(out.context)
+            },
+        )?;
+        let x = residual(
+            &x,
+            &self.norm2,
+            self.norm_first,
+            &self.dropout2,
+            opts.train,
+            |h| self.ff.forward(h, opts.train),
+        )?;
         Ok((x, weights))
     }
 }
@@ -234,7 +251,7 @@ impl DecoderLayer {
                 cfg.d_model,
                 cfg.d_ff,
                 cfg.activation,
-                cfg.dropout,
+                cfg.ffn_dropout.unwrap_or(cfg.dropout),
                 cfg.bias,
                 &vp.pp("ff"),
             )?,
@@ -283,39 +300,57 @@ impl DecoderLayer {
         cache: Option<&mut KvCache>,
     ) -> Result<DecoderLayerOutput> {
         let (mut self_weights, mut cross_weights) = (None, None);
-        let x = residual(x, &self.norm1, self.norm_first, |h| {
-            let out = self.self_attn.forward(
-                MhaInput::self_attn(h)
-                    .key_padding_mask(tgt.key_padding)
-                    .attn_mask(tgt.attn)
-                    .causal(tgt.causal)
-                    .need_weights(opts.need_weights)
-                    .cache(cache)
-                    .train(opts.train),
-            )?;
-            self_weights = out.weights;
-            self.dropout1.forward(&out.context, opts.train)
-        })?;
-        let x = residual(&x, &self.norm2, self.norm_first, |h| {
-            let input = match memory {
-                Memory::Raw(m) => MhaInput::cross_attn(h, m),
-                Memory::Projected(kv) => MhaInput::self_attn(h).static_kv(Some(kv)),
-            };
-            let out = self.cross_attn.forward(
-                input
-                    .key_padding_mask(mem.key_padding)
-                    .attn_mask(mem.attn)
-                    .causal(mem.causal)
-                    .need_weights(opts.need_weights)
-                    .train(opts.train),
-            )?;
-            cross_weights = out.weights;
-            self.dropout2.forward(&out.context, opts.train)
-        })?;
-        let x = residual(&x, &self.norm3, self.norm_first, |h| {
-            self.dropout3
-                .forward(&self.ff.forward(h, opts.train)?, opts.train)
-        })?;
+        let x = residual(
+            x,
+            &self.norm1,
+            self.norm_first,
+            &self.dropout1,
+            opts.train,
+            |h| {
+                let out = self.self_attn.forward(
+                    MhaInput::self_attn(h)
+                        .key_padding_mask(tgt.key_padding)
+                        .attn_mask(tgt.attn)
+                        .causal(tgt.causal)
+                        .need_weights(opts.need_weights)
+                        .cache(cache)
+                        .train(opts.train),
+                )?;
+                self_weights = out.weights;
+                Ok(out.context)
+            },
+        )?;
+        let x = residual(
+            &x,
+            &self.norm2,
+            self.norm_first,
+            &self.dropout2,
+            opts.train,
+            |h| {
+                let input = match memory {
+                    Memory::Raw(m) => MhaInput::cross_attn(h, m),
+                    Memory::Projected(kv) => MhaInput::self_attn(h).static_kv(Some(kv)),
+                };
+                let out = self.cross_attn.forward(
+                    input
+                        .key_padding_mask(mem.key_padding)
+                        .attn_mask(mem.attn)
+                        .causal(mem.causal)
+                        .need_weights(opts.need_weights)
+                        .train(opts.train),
+                )?;
+                cross_weights = out.weights;
+                Ok(out.context)
+            },
+        )?;
+        let x = residual(
+            &x,
+            &self.norm3,
+            self.norm_first,
+            &self.dropout3,
+            opts.train,
+            |h| self.ff.forward(h, opts.train),
+        )?;
         Ok(DecoderLayerOutput {
             x,
             self_weights,
@@ -522,5 +557,27 @@ impl Decoder {
             None => x,
         };
         Ok(DecoderOutput { x, cross_weights })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::{DecoderOnlyConfig, EncoderDecoderConfig};
+
+    #[test]
+    fn ffn_dropout_is_optional_and_gpt_has_none() {
+        // A layer config saved before the field existed still loads, meaning `dropout`.
+        let json = r#"{"d_model": 8, "n_heads": 2, "d_ff": 16, "dropout": 0.1,
+            "activation": "relu", "norm_first": false, "layer_norm_eps": 1e-5, "bias": true}"#;
+        let cfg: LayerConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(cfg.ffn_dropout, None);
+        assert!(!serde_json::to_string(&cfg).unwrap().contains("ffn_dropout"));
+        // GPT-2 / nanoGPT: dropout after the MLP's output only; the paper's model (and
+        // PyTorch's layers) also inside it.
+        let mut gpt = DecoderOnlyConfig::tiny(10);
+        gpt.dropout = 0.2;
+        assert_eq!(gpt.layer().ffn_dropout, Some(0.0));
+        assert_eq!(EncoderDecoderConfig::tiny(10).layer().ffn_dropout, None);
     }
 }

@@ -488,15 +488,12 @@ impl MultiHeadAttention {
                     D::Minus1,
                 )?,
             };
-            // (B, T, 3E) -> (B, T, 3, H, D) -> (3, B, H, T, D)
+            // (B, T, 3E) -> (B, T, 3, H, D) -> (3, B, H, T, D), as strided views: the fused
+            // kernel reads them in place, the other paths copy what they need.
             let qkv = qkv
                 .reshape((b, t, 3, self.n_heads, self.head_dim()))?
                 .permute((2, 0, 3, 1, 4))?;
-            (
-                qkv.get(0)?.contiguous()?,
-                qkv.get(1)?.contiguous()?,
-                qkv.get(2)?.contiguous()?,
-            )
+            (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?)
         } else {
             let key = key.unwrap();
             let (bk, _) = self.check_width("key", key, self.kdim)?;
