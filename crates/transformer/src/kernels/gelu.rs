@@ -164,21 +164,23 @@ impl CustomOp1 for Gelu {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let dx = match x.dtype() {
-            DType::F32 => {
-                let v = with_data::<f32, _>(x, |xs| {
-                    with_data::<f32, _>(grad, |gs| Ok(bwd_f32(xs, gs)))
-                })?;
-                Tensor::from_vec(v, x.shape(), x.device())?
-            }
-            _ => {
-                let v = with_data::<f64, _>(x, |xs| {
-                    with_data::<f64, _>(grad, |gs| Ok(bwd_f64(xs, gs)))
-                })?;
-                Tensor::from_vec(v, x.shape(), x.device())?
-            }
-        };
-        Ok(Some(dx))
+        Ok(Some(gelu_erf_backward(x, grad)?))
+    }
+}
+
+/// dy·GELU'(x) for f32/f64 CPU tensors of the same shape.
+pub(crate) fn gelu_erf_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F32 => {
+            let v =
+                with_data::<f32, _>(x, |xs| with_data::<f32, _>(grad, |gs| Ok(bwd_f32(xs, gs))))?;
+            Tensor::from_vec(v, x.shape(), x.device())
+        }
+        _ => {
+            let v =
+                with_data::<f64, _>(x, |xs| with_data::<f64, _>(grad, |gs| Ok(bwd_f64(xs, gs))))?;
+            Tensor::from_vec(v, x.shape(), x.device())
+        }
     }
 }
 

@@ -11,6 +11,7 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod gelu;
 pub mod layer_norm;
+pub mod projection;
 pub mod softmax;
 
 #[cfg(test)]

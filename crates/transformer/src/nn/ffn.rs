@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 use super::dropout::Dropout;
 use super::linear::Linear;
 use super::var_store::VarPath;
+use crate::kernels::{
+    self,
+    projection::{project, Act, Projection},
+};
 use crate::Result;
 
 /// The non-linearity between the two projections.
@@ -66,5 +70,71 @@ impl FeedForward {
         let h = self.activation.apply(&self.linear1.forward(x)?)?;
         let h = self.dropout.forward(&h, train)?;
         self.linear2.forward(&h)
+    }
+
+    /// The feed-forward up to linear1: the rest is left to the layer's residual connection,
+    /// which fuses it.
+    pub(crate) fn branch(&self, x: &Tensor) -> Result<Branch<'_>> {
+        Ok(Branch {
+            h: self.linear1.forward(x)?,
+            act: Some(self.activation),
+            dropout_in: Some(&self.dropout),
+            linear: &self.linear2,
+        })
+    }
+}
+
+/// A sub-layer's output before its last projection: `linear(dropout_in(act(h)))`.
+pub(crate) struct Branch<'a> {
+    pub h: Tensor,
+    pub act: Option<Activation>,
+    pub dropout_in: Option<&'a Dropout>,
+    pub linear: &'a Linear,
+}
+
+impl<'a> Branch<'a> {
+    /// An attention output and W^O.
+    pub fn projection(h: Tensor, linear: &'a Linear) -> Self {
+        Branch {
+            h,
+            act: None,
+            dropout_in: None,
+            linear,
+        }
+    }
+
+    /// The residual connection `x + dropout(branch)`. In training on CPU this is one node
+    /// (`kernels::projection`) that keeps none of the branch's intermediates.
+    ///
+    /// # Shapes
+    /// `x`: (B, T, E), `h`: (B, T, F) → (B, T, E)
+    pub fn add_to(self, x: &Tensor, dropout: &Dropout, train: bool) -> Result<Tensor> {
+        let act = match self.act {
+            None => Some(Act::Identity),
+            Some(Activation::Relu) => Some(Act::Relu),
+            Some(Activation::Gelu) => Some(Act::GeluErf),
+            Some(Activation::GeluTanh) => None,
+        };
+        let dtype = self.h.dtype();
+        let same_dtype = x.dtype() == dtype && self.linear.weight().dtype() == dtype;
+        if let (true, true, true, Some(act)) = (train, same_dtype, kernels::applies(&self.h), act) {
+            let mask = |d: &Dropout| (d.p() > 0.0).then(|| (d.p(), d.seed()));
+            let cfg = Projection {
+                act,
+                dropout_in: self.dropout_in.and_then(mask),
+                dropout_out: mask(dropout),
+            };
+            let w = self.linear.weight();
+            return Ok(project(&self.h, w, self.linear.bias(), Some(x), cfg)?);
+        }
+        let a = match self.act {
+            Some(act) => act.apply(&self.h)?,
+            None => self.h,
+        };
+        let a = match self.dropout_in {
+            Some(d) => d.forward(&a, train)?,
+            None => a,
+        };
+        dropout.add_to(x, &self.linear.forward(&a)?, train)
     }
 }

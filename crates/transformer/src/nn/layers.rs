@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::attention::AttnMask;
 use super::dropout::Dropout;
 use super::embedding::Rope;
-use super::ffn::{Activation, FeedForward};
+use super::ffn::{Activation, Branch, FeedForward};
 use super::mha::{KvCache, MhaConfig, MhaInput, MultiHeadAttention, NeedWeights, ProjectedKv};
 use super::norm::LayerNorm;
 use super::var_store::VarPath;
@@ -104,18 +104,18 @@ pub struct LayerOptions<'a> {
     pub need_weights: NeedWeights,
 }
 
-fn residual(
+fn residual<'a>(
     x: &Tensor,
     norm: &LayerNorm,
     norm_first: bool,
     dropout: &Dropout,
     train: bool,
-    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+    f: impl FnOnce(&Tensor) -> Result<Branch<'a>>,
 ) -> Result<Tensor> {
     if norm_first {
-        dropout.add_to(x, &f(&norm.forward(x)?)?, train)
+        f(&norm.forward(x)?)?.add_to(x, dropout, train)
     } else {
-        norm.forward(&dropout.add_to(x, &f(x)?, train)?)
+        norm.forward(&f(x)?.add_to(x, dropout, train)?)
     }
 }
 
@@ -187,7 +187,7 @@ impl EncoderLayer {
             &self.dropout1,
             opts.train,
             |h| {
-                let out = self.self_attn.forward(
+                let out = self.self_attn.forward_heads(
                     MhaInput::self_attn(h)
                         .key_padding_mask(masks.key_padding)
                         .attn_mask(masks.attn)
@@ -198,7 +198,7 @@ impl EncoderLayer {
                         .train(opts.train),
                 )?;
                 weights = out.weights;
-                Ok(out.context)
+                Ok(Branch::projection(out.context, self.self_attn.out_proj()))
             },
         )?;
         let x = residual(
@@ -207,7 +207,7 @@ impl EncoderLayer {
             self.norm_first,
             &self.dropout2,
             opts.train,
-            |h| self.ff.forward(h, opts.train),
+            |h| self.ff.branch(h),
         )?;
         Ok((x, weights))
     }
@@ -307,7 +307,7 @@ impl DecoderLayer {
             &self.dropout1,
             opts.train,
             |h| {
-                let out = self.self_attn.forward(
+                let out = self.self_attn.forward_heads(
                     MhaInput::self_attn(h)
                         .key_padding_mask(tgt.key_padding)
                         .attn_mask(tgt.attn)
@@ -317,7 +317,7 @@ impl DecoderLayer {
                         .train(opts.train),
                 )?;
                 self_weights = out.weights;
-                Ok(out.context)
+                Ok(Branch::projection(out.context, self.self_attn.out_proj()))
             },
         )?;
         let x = residual(
@@ -331,7 +331,7 @@ impl DecoderLayer {
                     Memory::Raw(m) => MhaInput::cross_attn(h, m),
                     Memory::Projected(kv) => MhaInput::self_attn(h).static_kv(Some(kv)),
                 };
-                let out = self.cross_attn.forward(
+                let out = self.cross_attn.forward_heads(
                     input
                         .key_padding_mask(mem.key_padding)
                         .attn_mask(mem.attn)
@@ -340,7 +340,7 @@ impl DecoderLayer {
                         .train(opts.train),
                 )?;
                 cross_weights = out.weights;
-                Ok(out.context)
+                Ok(Branch::projection(out.context, self.cross_attn.out_proj()))
             },
         )?;
         let x = residual(
@@ -349,7 +349,7 @@ impl DecoderLayer {
             self.norm_first,
             &self.dropout3,
             opts.train,
-            |h| self.ff.forward(h, opts.train),
+            |h| self.ff.branch(h),
         )?;
         Ok(DecoderLayerOutput {
             x,
@@ -564,6 +564,105 @@ impl Decoder {
 mod tests {
     use super::*;
     use crate::models::{DecoderOnlyConfig, EncoderDecoderConfig};
+    use crate::nn::var_store::{InitScheme, VarStore};
+    use crate::nn::AttnMask;
+    use candle_core::{DType, Device};
+
+    fn randn(rng: &mut crate::rng::Rng, dims: &[usize]) -> Tensor {
+        let n: usize = dims.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    /// Output and every parameter's gradient of `sum(layer(x) * g)`.
+    fn run(vs: &VarStore, out: Tensor, g: &Tensor) -> (Vec<f64>, Vec<(String, Vec<f64>)>) {
+        let grads = (&out * g).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let params = vs
+            .vars()
+            .into_iter()
+            .map(|(name, v)| {
+                let g = grads
+                    .get(&v)
+                    .unwrap_or_else(|| panic!("no gradient for {name}"));
+                (name, flat(g))
+            })
+            .collect();
+        (flat(&out), params)
+    }
+
+    fn assert_close(
+        what: &str,
+        a: &(Vec<f64>, Vec<(String, Vec<f64>)>),
+        b: &(Vec<f64>, Vec<(String, Vec<f64>)>),
+    ) {
+        let worst = |x: &[f64], y: &[f64]| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f64::max)
+        };
+        assert!(worst(&a.0, &b.0) < 1e-12, "{what}: outputs differ");
+        for ((name, ga), (_, gb)) in a.1.iter().zip(&b.1) {
+            let d = worst(ga, gb);
+            assert!(d < 1e-10, "{what}: d{name} differs by {d}");
+        }
+    }
+
+    /// With dropout 0, training (the fused output projections of `kernels::projection`) and
+    /// evaluation (linear layers, activation and sum as separate ops) compute the same
+    /// function: same outputs and parameter gradients, for each activation and norm placement,
+    /// with and without biases.
+    #[test]
+    fn fused_residual_projections_equal_the_composed_layers() {
+        let mut rng = crate::rng::Rng::new(11);
+        let (b, t, s, e) = (2, 5, 4, 8);
+        let cases = [
+            (Activation::Relu, false, true),
+            (Activation::Gelu, true, false),
+            (Activation::GeluTanh, true, true),
+        ];
+        for (activation, norm_first, bias) in cases {
+            let cfg = LayerConfig {
+                d_model: e,
+                n_heads: 2,
+                d_ff: 16,
+                dropout: 0.0,
+                activation,
+                norm_first,
+                layer_norm_eps: 1e-5,
+                bias,
+                ffn_dropout: None,
+            };
+            let what = format!("{activation:?} norm_first {norm_first} bias {bias}");
+            let x = randn(&mut rng, &[b, t, e]);
+            let memory = randn(&mut rng, &[b, s, e]);
+            let g = randn(&mut rng, &[b, t, e]);
+            let pad = AttnMask::from_lengths(&[4, 2], s, &Device::Cpu).unwrap();
+            let mem_masks = Masks::none().with_key_padding(Some(&pad));
+
+            let vs = VarStore::new(DType::F64, &Device::Cpu, InitScheme::XavierUniform, 1);
+            let enc = EncoderLayer::new(&cfg, &vs.root().pp("enc")).unwrap();
+            let runs: Vec<_> = [true, false]
+                .iter()
+                .map(|&train| run(&vs, enc.forward(&x, &Masks::causal(), train).unwrap(), &g))
+                .collect();
+            assert_close(&format!("encoder layer, {what}"), &runs[0], &runs[1]);
+
+            let vs = VarStore::new(DType::F64, &Device::Cpu, InitScheme::XavierUniform, 2);
+            let dec = DecoderLayer::new(&cfg, &vs.root().pp("dec")).unwrap();
+            let runs: Vec<_> = [true, false]
+                .iter()
+                .map(|&train| {
+                    let out = dec
+                        .forward(&x, &memory, &Masks::causal(), &mem_masks, train)
+                        .unwrap();
+                    run(&vs, out, &g)
+                })
+                .collect();
+            assert_close(&format!("decoder layer, {what}"), &runs[0], &runs[1]);
+        }
+    }
 
     #[test]
     fn ffn_dropout_is_optional_and_gpt_has_none() {

@@ -452,6 +452,21 @@ impl MultiHeadAttention {
     /// - key_padding_mask (B, S); attn_mask (T, S) or (B·H, T, S)
     /// - returns context (B, T, E) and weights (B, T, S) or (B, H, T, S)
     pub fn forward(&self, input: MhaInput) -> Result<MhaOutput> {
+        let out = self.forward_heads(input)?;
+        Ok(MhaOutput {
+            context: self.out_proj.forward(&out.context)?,
+            weights: out.weights,
+        })
+    }
+
+    /// The output projection W^O, which [`Self::forward_heads`] leaves to the caller.
+    pub(crate) fn out_proj(&self) -> &Linear {
+        &self.out_proj
+    }
+
+    /// [`Self::forward`] up to Concat(head_1..head_h), before W^O: a layer applies W^O fused
+    /// with its residual connection.
+    pub(crate) fn forward_heads(&self, input: MhaInput) -> Result<MhaOutput> {
         let MhaInput {
             query,
             key,
@@ -541,7 +556,6 @@ impl MultiHeadAttention {
         )?;
         // (B, H, T, D) -> (B, T, E)
         let context = out.context.transpose(1, 2)?.reshape((b, t, e))?;
-        let context = self.out_proj.forward(&context)?;
         let weights = match (need_weights, out.weights) {
             (NeedWeights::Averaged, Some(w)) => Some(w.mean(1)?),
             (NeedWeights::PerHead, Some(w)) => Some(w),
