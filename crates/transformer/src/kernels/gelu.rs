@@ -20,15 +20,20 @@ const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 #[inline(always)]
 fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    // Ties to even: one vroundps, so the loop vectorizes (`round` is a libm call).
-    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    // n = x·log2(e) rounded to nearest even, by adding 1.5·2²³: the sum's low mantissa bits
+    // then hold n as an integer. Unlike `round_ties_even` plus `n as i32` (a saturating cast
+    // that stays scalar, with a NaN check per lane), every step here vectorizes.
+    const MAGIC: f32 = 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     // ln 2 split in two (Cody-Waite) so that r keeps its precision for large |x|.
     let r = (x - n * 0.693_359_4) + n * 2.121_944_4e-4;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // 2ⁿ: n + 127 in the exponent field (n is in -126..=127 after the clamp).
+    let bits = t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23;
     p * f32::from_bits(bits)
 }
 
