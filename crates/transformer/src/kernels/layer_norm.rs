@@ -146,34 +146,43 @@ impl CustomOp3 for LayerNormOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        b: &Tensor,
+        _b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Float>(
-            x: &Tensor,
-            w: &Tensor,
-            dy: &Tensor,
-            eps: f64,
-        ) -> Result<(Tensor, Tensor, Tensor)> {
-            let (dx, dw, db) = with_data::<T, _>(x, |xs| {
-                with_data::<T, _>(dy, |dys| {
-                    with_data::<T, _>(w, |ws| Ok(bwd(xs, dys, ws, eps)))
-                })
-            })?;
-            let dev = x.device();
-            Ok((
-                Tensor::from_vec(dx, x.shape(), dev)?,
-                Tensor::from_vec(dw, w.shape(), dev)?,
-                Tensor::from_vec(db, w.shape(), dev)?,
-            ))
-        }
-        let (dx, dw, db) = match x.dtype() {
-            DType::F32 => run::<f32>(x, w, grad, self.eps)?,
-            _ => run::<f64>(x, w, grad, self.eps)?,
-        };
-        let _ = b;
+        let (dx, dw, db) = layer_norm_backward(x, w, grad, self.eps)?;
         Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// (dx, dw, db) of the layer norm of `x` (rows of w.len()) with weight `w`, given dy.
+pub(crate) fn layer_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    fn run<T: Float>(
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (dx, dw, db) = with_data::<T, _>(x, |xs| {
+            with_data::<T, _>(dy, |dys| {
+                with_data::<T, _>(w, |ws| Ok(bwd(xs, dys, ws, eps)))
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Tensor::from_vec(dx, x.shape(), dev)?,
+            Tensor::from_vec(dw, w.shape(), dev)?,
+            Tensor::from_vec(db, w.shape(), dev)?,
+        ))
+    }
+    match x.dtype() {
+        DType::F32 => run::<f32>(x, w, dy, eps),
+        _ => run::<f64>(x, w, dy, eps),
     }
 }
 

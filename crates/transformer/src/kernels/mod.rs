@@ -11,6 +11,7 @@ pub mod cross_entropy;
 pub mod dropout;
 pub mod gelu;
 pub mod layer_norm;
+pub mod norm_linear;
 pub mod projection;
 pub mod softmax;
 
@@ -18,8 +19,9 @@ pub mod softmax;
 mod tests;
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
 
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 
 // 0 = not read yet, 1 = on, 2 = off.
 static ENABLED: AtomicU8 = AtomicU8::new(0);
@@ -67,6 +69,34 @@ pub(crate) fn with_data<T: WithDType, R>(
     match &*storage {
         candle_core::Storage::Cpu(s) => f(slice::<T>(s, layout)?),
         _ => candle_core::bail!("fused kernel: tensor is not on the CPU"),
+    }
+}
+
+/// The value of a custom op, computed before the op is made (ordinary candle ops on detached
+/// inputs) and handed over once by the op's `cpu_fwd`. The graph then holds the op's inputs
+/// but none of the intermediates of its value, which the op's backward recomputes.
+pub(crate) struct Stash(Mutex<Option<Tensor>>);
+
+impl Stash {
+    pub(crate) fn new(value: Tensor) -> Self {
+        Stash(Mutex::new(Some(value)))
+    }
+
+    /// The value as the op's output storage (once: a node's forward runs once).
+    pub(crate) fn take(&self) -> Result<(CpuStorage, Shape)> {
+        let v = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("stashed op value taken twice".into()))?;
+        let flat = v.flatten_all()?;
+        let storage = match v.dtype() {
+            DType::F32 => CpuStorage::F32(flat.to_vec1()?),
+            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
+            dt => candle_core::bail!("fused kernel: only f32/f64, got {dt:?}"),
+        };
+        Ok((storage, v.shape().clone()))
     }
 }
 

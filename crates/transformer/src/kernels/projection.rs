@@ -12,14 +12,12 @@
 //! is made; the custom op's forward only hands it over. A candle custom op takes at most three
 //! tensors, so [`project`] with both a bias and a residual adds the residual in a second node.
 
-use std::sync::Mutex;
-
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::dropout::{dropout, dropout_add};
 use super::gelu::{gelu_erf, gelu_erf_backward};
-use super::{with_data, Float, PAR_MIN_ELEMS};
+use super::{with_data, Float, Stash, PAR_MIN_ELEMS};
 
 /// The activation applied to `h` before the product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +111,7 @@ pub fn project(
     };
     let op = ProjectOp {
         cfg,
-        value: Mutex::new(Some(value)),
+        value: Stash::new(value),
     };
     match (x, b) {
         (Some(x), None) => x.apply_op3(h, w, op),
@@ -125,27 +123,10 @@ pub fn project(
 
 struct ProjectOp {
     cfg: Projection,
-    value: Mutex<Option<Tensor>>,
+    value: Stash,
 }
 
 impl ProjectOp {
-    /// Hands over the value computed in [`project`] (once: the node's forward runs once).
-    fn take_value(&self) -> Result<(CpuStorage, Shape)> {
-        let v = self
-            .value
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("projection value taken twice".into()))?;
-        let flat = v.flatten_all()?;
-        let storage = match v.dtype() {
-            DType::F32 => CpuStorage::F32(flat.to_vec1()?),
-            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
-            dt => candle_core::bail!("fused projection: only f32/f64, got {dt:?}"),
-        };
-        Ok((storage, v.shape().clone()))
-    }
-
     /// (dh, dW, db): the gradients of everything but the residual, whose gradient is `grad`.
     fn grads(
         &self,
@@ -196,7 +177,7 @@ impl CustomOp2 for ProjectOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.take_value()
+        self.value.take()
     }
 
     fn bwd(
@@ -225,7 +206,7 @@ impl CustomOp3 for ProjectOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.take_value()
+        self.value.take()
     }
 
     /// Inputs are (x, h, W) with a residual, (h, W, b) with a bias.

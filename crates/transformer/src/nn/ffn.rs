@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::dropout::Dropout;
 use super::linear::Linear;
+use super::norm::NormedInput;
 use super::var_store::VarPath;
 use crate::kernels::{
     self,
@@ -74,9 +75,9 @@ impl FeedForward {
 
     /// The feed-forward up to linear1: the rest is left to the layer's residual connection,
     /// which fuses it.
-    pub(crate) fn branch(&self, x: &Tensor) -> Result<Branch<'_>> {
+    pub(crate) fn branch(&self, x: NormedInput<'_>, train: bool) -> Result<Branch<'_>> {
         Ok(Branch {
-            h: self.linear1.forward(x)?,
+            h: x.linear(&self.linear1, train)?,
             act: Some(self.activation),
             dropout_in: Some(&self.dropout),
             linear: &self.linear2,

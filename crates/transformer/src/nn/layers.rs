@@ -12,7 +12,7 @@ use super::dropout::Dropout;
 use super::embedding::Rope;
 use super::ffn::{Activation, Branch, FeedForward};
 use super::mha::{KvCache, MhaConfig, MhaInput, MultiHeadAttention, NeedWeights, ProjectedKv};
-use super::norm::LayerNorm;
+use super::norm::{LayerNorm, NormedInput};
 use super::var_store::VarPath;
 use crate::{Error, Result};
 
@@ -110,12 +110,17 @@ fn residual<'a>(
     norm_first: bool,
     dropout: &Dropout,
     train: bool,
-    f: impl FnOnce(&Tensor) -> Result<Branch<'a>>,
+    f: impl FnOnce(NormedInput<'_>) -> Result<Branch<'a>>,
 ) -> Result<Tensor> {
     if norm_first {
-        f(&norm.forward(x)?)?.add_to(x, dropout, train)
+        let input = NormedInput {
+            x,
+            norm: Some(norm),
+        };
+        f(input)?.add_to(x, dropout, train)
     } else {
-        norm.forward(&f(x)?.add_to(x, dropout, train)?)
+        let input = NormedInput { x, norm: None };
+        norm.forward(&f(input)?.add_to(x, dropout, train)?)
     }
 }
 
@@ -188,7 +193,8 @@ impl EncoderLayer {
             opts.train,
             |h| {
                 let out = self.self_attn.forward_heads(
-                    MhaInput::self_attn(h)
+                    MhaInput::self_attn(h.x)
+                        .query_norm(h.norm)
                         .key_padding_mask(masks.key_padding)
                         .attn_mask(masks.attn)
                         .causal(masks.causal)
@@ -207,7 +213,7 @@ impl EncoderLayer {
             self.norm_first,
             &self.dropout2,
             opts.train,
-            |h| self.ff.branch(h),
+            |h| self.ff.branch(h, opts.train),
         )?;
         Ok((x, weights))
     }
@@ -308,7 +314,8 @@ impl DecoderLayer {
             opts.train,
             |h| {
                 let out = self.self_attn.forward_heads(
-                    MhaInput::self_attn(h)
+                    MhaInput::self_attn(h.x)
+                        .query_norm(h.norm)
                         .key_padding_mask(tgt.key_padding)
                         .attn_mask(tgt.attn)
                         .causal(tgt.causal)
@@ -328,8 +335,10 @@ impl DecoderLayer {
             opts.train,
             |h| {
                 let input = match memory {
-                    Memory::Raw(m) => MhaInput::cross_attn(h, m),
-                    Memory::Projected(kv) => MhaInput::self_attn(h).static_kv(Some(kv)),
+                    Memory::Raw(m) => MhaInput::cross_attn(h.x, m).query_norm(h.norm),
+                    Memory::Projected(kv) => MhaInput::self_attn(h.x)
+                        .static_kv(Some(kv))
+                        .query_norm(h.norm),
                 };
                 let out = self.cross_attn.forward_heads(
                     input
@@ -349,7 +358,7 @@ impl DecoderLayer {
             self.norm_first,
             &self.dropout3,
             opts.train,
-            |h| self.ff.branch(h),
+            |h| self.ff.branch(h, opts.train),
         )?;
         Ok(DecoderLayerOutput {
             x,

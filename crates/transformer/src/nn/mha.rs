@@ -10,6 +10,7 @@ use super::attention::{scaled_dot_product_attention, AttnMask, SdpaOptions};
 use super::dropout::Dropout;
 use super::embedding::Rope;
 use super::linear::{linear, Linear};
+use super::norm::LayerNorm;
 use super::var_store::{Init, VarPath};
 use crate::{Error, Result};
 
@@ -222,6 +223,9 @@ pub struct MhaInput<'a> {
     /// Rotary position embedding applied to queries and keys.
     pub rope: Option<&'a Rope>,
     pub train: bool,
+    /// Pre-norm: attend from `norm(query)` (and, in self-attention, to it), computed here so
+    /// that in training it fuses with the packed input projection.
+    pub query_norm: Option<&'a LayerNorm>,
 }
 
 impl<'a> MhaInput<'a> {
@@ -238,6 +242,7 @@ impl<'a> MhaInput<'a> {
             static_kv: None,
             rope: None,
             train: false,
+            query_norm: None,
         }
     }
 
@@ -294,6 +299,11 @@ impl<'a> MhaInput<'a> {
 
     pub fn train(mut self, train: bool) -> Self {
         self.train = train;
+        self
+    }
+
+    pub fn query_norm(mut self, norm: Option<&'a LayerNorm>) -> Self {
+        self.query_norm = norm;
         self
     }
 }
@@ -479,10 +489,22 @@ impl MultiHeadAttention {
             static_kv,
             rope,
             train,
+            query_norm,
         } = input;
         let e = self.d_model;
         let (b, t) = self.check_width("query", query, e)?;
         let is_self = key.is_none() && static_kv.is_none();
+        // Self-attention through the packed projection takes norm(query) fused with it;
+        // the other paths use the normalized query itself.
+        let fuse_norm = is_self && matches!(self.in_proj, InProj::Packed(_));
+        let normed;
+        let query = match query_norm {
+            Some(norm) if !fuse_norm => {
+                normed = norm.forward(query)?;
+                &normed
+            }
+            _ => query,
+        };
 
         // Q, K, V: (B, H, L, D)
         let (q, k, v) = if let Some(kv) = static_kv {
@@ -492,9 +514,10 @@ impl MultiHeadAttention {
                 kv.v.clone(),
             )
         } else if is_self {
-            let qkv = match &self.in_proj {
-                InProj::Packed(p) => p.forward(query)?,
-                InProj::Separate { .. } => Tensor::cat(
+            let qkv = match (&self.in_proj, query_norm) {
+                (InProj::Packed(p), Some(norm)) => norm.forward_linear(query, p, train)?,
+                (InProj::Packed(p), None) => p.forward(query)?,
+                (InProj::Separate { .. }, _) => Tensor::cat(
                     &[
                         self.project(query, 0)?,
                         self.project(query, 1)?,
@@ -503,12 +526,13 @@ impl MultiHeadAttention {
                     D::Minus1,
                 )?,
             };
-            // (B, T, 3E) -> (B, T, 3, H, D) -> (3, B, H, T, D), as strided views: the fused
-            // kernel reads them in place, the other paths copy what they need.
-            let qkv = qkv
-                .reshape((b, t, 3, self.n_heads, self.head_dim()))?
-                .permute((2, 0, 3, 1, 4))?;
-            (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?)
+            // (B, T, 3E) -> (B, T, 3H, D), then each of q, k, v as a strided (B, H, T, D)
+            // view: the fused kernel reads them in place, the other paths copy what they
+            // need. (`Tensor::get` would copy: it reshapes the non-contiguous slice.)
+            let h = self.n_heads;
+            let qkv = qkv.reshape((b, t, 3 * h, self.head_dim()))?;
+            let part = |i: usize| qkv.narrow(2, i * h, h)?.transpose(1, 2);
+            (part(0)?, part(1)?, part(2)?)
         } else {
             let key = key.unwrap();
             let (bk, _) = self.check_width("key", key, self.kdim)?;

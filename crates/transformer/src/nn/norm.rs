@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Tensor, D};
 
+use super::linear::Linear;
 use super::var_store::{Init, VarPath};
 use crate::{Error, Result};
 
@@ -38,6 +39,50 @@ impl LayerNorm {
             ));
         }
         Ok(layer_norm(x, &self.weight, self.bias.as_ref(), self.eps)?)
+    }
+
+    /// `linear(norm(x))`. In training on CPU, with neither the norm nor the linear layer
+    /// having a bias (GPT-style pre-norm models), one node (`kernels::norm_linear`) that
+    /// recomputes the norm in its backward instead of keeping its output.
+    ///
+    /// # Shapes
+    /// `x`: (..., d_model) → (..., d_out)
+    pub fn forward_linear(&self, x: &Tensor, linear: &Linear, train: bool) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let fusable = train
+            && self.bias.is_none()
+            && linear.bias().is_none()
+            && crate::kernels::applies(x)
+            && self.weight.dtype() == dtype
+            && linear.weight().dtype() == dtype
+            && linear.d_in() == self.weight.dims()[0];
+        if fusable {
+            return Ok(crate::kernels::norm_linear::norm_linear(
+                x,
+                &self.weight,
+                linear.weight(),
+                self.eps,
+            )?);
+        }
+        linear.forward(&self.forward(x)?)
+    }
+}
+
+/// A sub-layer's input: `x` itself (post-norm), or `norm(x)` not computed yet (pre-norm), so
+/// that the norm can fuse with the sub-layer's first linear layer.
+#[derive(Clone, Copy)]
+pub(crate) struct NormedInput<'a> {
+    pub x: &'a Tensor,
+    pub norm: Option<&'a LayerNorm>,
+}
+
+impl NormedInput<'_> {
+    /// `linear(input)`.
+    pub fn linear(&self, linear: &Linear, train: bool) -> Result<Tensor> {
+        match self.norm {
+            Some(norm) => norm.forward_linear(self.x, linear, train),
+            None => linear.forward(self.x),
+        }
     }
 }
 

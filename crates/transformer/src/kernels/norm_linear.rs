@@ -1,0 +1,133 @@
+//! `LN(x) Wᵀ`, a layer norm without bias followed by a linear layer without bias (a pre-norm
+//! sub-layer's first step in GPT-style models), as one autograd node that recomputes the
+//! norm in its backward. The graph then keeps `x` (the residual stream, kept anyway) instead
+//! of the norm's output: one (B·T·d_model) tensor less per sub-layer.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::layer_norm::{layer_norm, layer_norm_backward};
+use super::Stash;
+
+/// `layer_norm(x, gamma, no bias, eps) · Wᵀ`.
+///
+/// # Shapes
+/// `x`: (..., C), `gamma`: (C,), `w`: (C_out, C) → (..., C_out)
+pub fn norm_linear(x: &Tensor, gamma: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let (c_out, c) = w.dims2()?;
+    if x.dims().last() != Some(&c) || gamma.dims() != [c] {
+        candle_core::bail!(
+            "norm-linear: x {:?}, norm weight {:?}, linear weight ({c_out}, {c})",
+            x.dims(),
+            gamma.dims()
+        );
+    }
+    let n = x.elem_count() / c;
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().unwrap() = c_out;
+    let normed = layer_norm(&x.detach(), &gamma.detach(), None, eps)?.reshape((n, c))?;
+    let value = normed.matmul(&w.detach().t()?)?.reshape(out_dims)?;
+    drop(normed);
+    let op = NormLinear {
+        eps,
+        value: Stash::new(value),
+    };
+    x.contiguous()?.apply_op3(gamma, w, op)
+}
+
+struct NormLinear {
+    eps: f64,
+    value: Stash,
+}
+
+impl CustomOp3 for NormLinear {
+    fn name(&self) -> &'static str {
+        "fused-norm-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.value.take()
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached: gradients built from graph tensors would keep the graph alive.
+        let (x, gamma, w) = (x.detach(), gamma.detach(), w.detach());
+        let (c_out, c) = w.dims2()?;
+        let n = x.elem_count() / c;
+        let x2 = x.reshape((n, c))?;
+        let g = grad.contiguous()?.reshape((n, c_out))?;
+        let dw = {
+            let normed = layer_norm(&x2, &gamma, None, self.eps)?;
+            g.t()?.matmul(&normed)?
+        };
+        let d_normed = g.matmul(&w.contiguous()?)?;
+        let (dx, dgamma, _) = layer_norm_backward(&x2, &gamma, &d_normed, self.eps)?;
+        Ok((Some(dx.reshape(x.shape())?), Some(dgamma), Some(dw)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use candle_core::{DType, Device, Var};
+
+    fn randn(rng: &mut Rng, dims: &[usize]) -> Var {
+        let n: usize = dims.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
+        Var::from_tensor(&Tensor::from_vec(v, dims, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    fn max_abs(t: &Tensor) -> f64 {
+        let t = t.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    #[test]
+    fn matches_norm_then_matmul_in_value_and_gradients() {
+        let mut rng = Rng::new(9);
+        let (b, t, c, c_out) = (3, 70, 12, 20);
+        let x = randn(&mut rng, &[b, t, c]);
+        let gamma = randn(&mut rng, &[c]);
+        let w = randn(&mut rng, &[c_out, c]);
+        let g = randn(&mut rng, &[b, t, c_out]);
+        let fused = norm_linear(&x, &gamma, &w, 1e-5).unwrap();
+        let composed = crate::nn::norm::layer_norm_composed(&x, &gamma, None, 1e-5)
+            .unwrap()
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap();
+        assert!(max_abs(&(&fused - &composed).unwrap()) < 1e-12);
+        let gf = (fused * g.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (composed * g.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &x), ("gamma", &gamma), ("w", &w)] {
+            let d = max_abs(&(gf.get(v).unwrap() - gc.get(v).unwrap()).unwrap());
+            assert!(d < 1e-10, "d{name} differs by {d}");
+        }
+        // Bad shapes are errors, not panics.
+        assert!(norm_linear(&x, &gamma, &w.t().unwrap(), 1e-5).is_err());
+    }
+}
