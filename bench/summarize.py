@@ -239,8 +239,14 @@ def write_section(path, text):
     if start is None:
         new = old.rstrip("\n") + "\n\n" + text
     else:
-        end = next((j for j in range(start + 1, len(lines))
-                    if lines[j].startswith("## ") or lines[j].startswith("# ")), len(lines))
+        # The next heading outside code blocks (whose shell comments also start with "# ").
+        end, fenced = len(lines), False
+        for j in range(start + 1, len(lines)):
+            if lines[j].startswith("```"):
+                fenced = not fenced
+            elif not fenced and (lines[j].startswith("## ") or lines[j].startswith("# ")):
+                end = j
+                break
         tail = "".join(lines[end:])
         new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
     tmp = path + ".tmp-write"
