@@ -118,7 +118,8 @@ impl<'a> Branch<'a> {
         };
         let dtype = self.h.dtype();
         let same_dtype = x.dtype() == dtype && self.linear.weight().dtype() == dtype;
-        if let (true, true, true, Some(act)) = (train, same_dtype, kernels::applies(&self.h), act) {
+        let fusable = train && same_dtype && kernels::applies(&self.h);
+        if let Some(act) = act.filter(|_| fusable) {
             let mask = |d: &Dropout| (d.p() > 0.0).then(|| (d.p(), d.seed()));
             let cfg = Projection {
                 act,

@@ -104,6 +104,9 @@ pub struct LayerOptions<'a> {
     pub need_weights: NeedWeights,
 }
 
+/// One residual sub-layer: `x + dropout(f(norm(x)))` (pre-norm) or `norm(x + dropout(f(x)))`
+/// (post-norm). `f` returns its output before its last projection, so that the projection,
+/// the dropout and the sum fuse; in pre-norm the norm is left to `f`, to fuse with its first.
 fn residual<'a>(
     x: &Tensor,
     norm: &LayerNorm,
