@@ -165,6 +165,7 @@ pub fn dropout_add(x: &Tensor, y: &Tensor, p: f64, seed: u64) -> Result<Tensor> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::tests::max_diff;
     use candle_core::{DType, Device, Var};
 
     fn ramp(n: usize, dtype: DType) -> Tensor {
@@ -208,16 +209,7 @@ mod tests {
             let y = Var::from_tensor(&ramp(N, dtype).affine(0.5, 0.0).unwrap()).unwrap();
             let fused = dropout_add(&x, &y, p, seed).unwrap();
             let composed = (x.as_tensor() + dropout(&y, p, seed).unwrap()).unwrap();
-            let diff = (&fused - &composed)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let diff = max_diff(&fused, &composed);
             assert_eq!(diff, 0.0, "{dtype:?}");
             // Weighted sum, so that each element's gradient is its own weight.
             let w = ramp(N, dtype).affine(0.001, 0.0).unwrap();
@@ -228,14 +220,7 @@ mod tests {
             assert_eq!(dx.to_vec1::<f64>().unwrap(), w64.to_vec1::<f64>().unwrap());
             // dy = w where kept (scaled), 0 where dropped: dropout of w with the same mask.
             let want = dropout(&w, p, seed).unwrap().to_dtype(DType::F64).unwrap();
-            let err = (dy - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let err = max_diff(&dy, &want);
             assert!(err < 1e-6, "{dtype:?}: {err}");
         }
     }

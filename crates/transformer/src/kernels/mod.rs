@@ -16,7 +16,7 @@ pub mod projection;
 pub mod softmax;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;

@@ -83,18 +83,12 @@ impl CustomOp3 for NormLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::tests::max_diff;
     use crate::rng::Rng;
-    use candle_core::{DType, Device, Var};
+    use candle_core::{DType, Var};
 
     fn randn(rng: &mut Rng, dims: &[usize]) -> Var {
-        let n: usize = dims.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
-        Var::from_tensor(&Tensor::from_vec(v, dims, &Device::Cpu).unwrap()).unwrap()
-    }
-
-    fn max_abs(t: &Tensor) -> f64 {
-        let t = t.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        Var::from_tensor(&crate::kernels::tests::randn(rng, dims, DType::F64)).unwrap()
     }
 
     #[test]
@@ -110,7 +104,7 @@ mod tests {
             .unwrap()
             .broadcast_matmul(&w.t().unwrap())
             .unwrap();
-        assert!(max_abs(&(&fused - &composed).unwrap()) < 1e-12);
+        assert!(max_diff(&fused, &composed) < 1e-12);
         let gf = (fused * g.as_tensor())
             .unwrap()
             .sum_all()
@@ -124,7 +118,7 @@ mod tests {
             .backward()
             .unwrap();
         for (name, v) in [("x", &x), ("gamma", &gamma), ("w", &w)] {
-            let d = max_abs(&(gf.get(v).unwrap() - gc.get(v).unwrap()).unwrap());
+            let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
             assert!(d < 1e-10, "d{name} differs by {d}");
         }
         // Bad shapes are errors, not panics.

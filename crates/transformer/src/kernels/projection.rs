@@ -253,13 +253,12 @@ fn relu_backward(h: &Tensor, dy: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::tests::max_diff;
     use crate::rng::Rng;
     use candle_core::{Device, Var};
 
     fn randn(rng: &mut Rng, dims: &[usize]) -> Var {
-        let n: usize = dims.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
-        Var::from_tensor(&Tensor::from_vec(v, dims, &Device::Cpu).unwrap()).unwrap()
+        Var::from_tensor(&crate::kernels::tests::randn(rng, dims, DType::F64)).unwrap()
     }
 
     /// The same function from ordinary ops (and the same dropout masks).
@@ -295,17 +294,6 @@ mod tests {
         }
     }
 
-    fn max_abs(t: &Tensor) -> f64 {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
-
     #[test]
     fn matches_composed_value_and_gradients() {
         let mut rng = Rng::new(3);
@@ -334,7 +322,7 @@ mod tests {
                         let case = format!("{cfg:?} bias {with_b} residual {with_x}");
                         let fused = project(&h, &w, bo, xo, cfg).unwrap();
                         let reference = composed(&h, &w, bo, xo, cfg);
-                        let d = max_abs(&(&fused - &reference).unwrap());
+                        let d = max_diff(&fused, &reference);
                         assert!(d < 1e-12, "{case}: value differs by {d}");
                         let gf = (fused * g.as_tensor())
                             .unwrap()
@@ -360,7 +348,7 @@ mod tests {
                                 .get(v)
                                 .unwrap_or_else(|| panic!("{case}: no grad for {name}"));
                             let r = gr.get(v).unwrap();
-                            let d = max_abs(&(a - r).unwrap());
+                            let d = max_diff(a, r);
                             assert!(d < 1e-10, "{case}: d{name} differs by {d}");
                         }
                     }
@@ -382,7 +370,7 @@ mod tests {
         let y = project(&h, &w, None, None, cfg).unwrap();
         assert_eq!(y.dims(), &[3, 4]);
         let want = composed(&h, &w, None, None, cfg);
-        assert!(max_abs(&(y - want).unwrap().to_dtype(DType::F64).unwrap()) < 1e-5);
+        assert!(max_diff(&y, &want) < 1e-5);
         assert!(project(&h, &w.t().unwrap(), None, None, cfg).is_err());
         let x = Tensor::zeros((3, 5), DType::F32, &Device::Cpu).unwrap();
         assert!(project(&h, &w, None, Some(&x), cfg).is_err());

@@ -7,7 +7,8 @@ use crate::nn::attention::{masked_softmax_last_dim, softmax_last_dim};
 use crate::nn::norm::layer_norm_composed;
 use crate::rng::Rng;
 
-fn randn(rng: &mut Rng, dims: &[usize], dtype: DType) -> Tensor {
+/// Standard normal values of the given shape (tests across the crate share it).
+pub(crate) fn randn(rng: &mut Rng, dims: &[usize], dtype: DType) -> Tensor {
     let n: usize = dims.iter().product();
     let v: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
     Tensor::from_vec(v, dims, &Device::Cpu)
@@ -16,7 +17,8 @@ fn randn(rng: &mut Rng, dims: &[usize], dtype: DType) -> Tensor {
         .unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+/// The largest |a - b| element, as f64.
+pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b)
         .unwrap()
         .abs()

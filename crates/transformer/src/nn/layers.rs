@@ -581,9 +581,7 @@ mod tests {
     use candle_core::{DType, Device};
 
     fn randn(rng: &mut crate::rng::Rng, dims: &[usize]) -> Tensor {
-        let n: usize = dims.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+        crate::kernels::tests::randn(rng, dims, DType::F64)
     }
 
     /// Output and every parameter's gradient of `sum(layer(x) * g)`.
