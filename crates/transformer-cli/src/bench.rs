@@ -314,7 +314,7 @@ fn bench_lm(
         .map(|_| data_rng.below(cfg.vocab_size as u64) as u32)
         .collect();
     let mut task = LmTask {
-        model,
+        model: Box::new(model),
         data: LmDataset::from_tokens(stream, 1.0)?,
         batch_size,
         block_size: cfg.block_size,
@@ -397,7 +397,7 @@ fn bench_seq2seq(warmup: usize, steps: usize, seed: u64, device: &Device) -> Res
     let n_params = vs.num_params();
     let mut task = Seq2SeqBench {
         inner: Seq2SeqTask {
-            model,
+            model: Box::new(model),
             train: PairSource::Fixed(Vec::new()),
             val: Vec::new(),
             batch_size: C_BATCH,
@@ -405,6 +405,7 @@ fn bench_seq2seq(warmup: usize, steps: usize, seed: u64, device: &Device) -> Res
             loss: CrossEntropyConfig {
                 label_smoothing: C_LABEL_SMOOTHING,
                 ignore_index: Some(C_IDS.ignore),
+                kernels: transformer::kernels::Kernels::from_env(),
             },
             device: device.clone(),
         },

@@ -3,48 +3,54 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use transformer::data::{Seq2SeqIds, Tokenizer};
 use transformer::decode::SpecialTokens;
-use transformer::models::{
-    DecoderOnly, DecoderOnlyConfig, EncoderDecoder, EncoderDecoderConfig, CONFIG_FILE, WEIGHTS_FILE,
-};
+use transformer::models::{family, CausalLm, LoadedModel, Seq2Seq, CONFIG_FILE, WEIGHTS_FILE};
 use transformer::train::checkpoint::{
     read_meta, require_files, resolve_model_dir, SRC_TOKENIZER_FILE, TOKENIZER_FILE,
 };
-use transformer::train::Family;
 
-/// A decoder-only model with its tokenizer.
+/// A causal language model with its tokenizer.
 pub struct LoadedLm {
     pub dir: PathBuf,
-    pub model: DecoderOnly,
+    pub model: Box<dyn CausalLm>,
     pub tokenizer: Tokenizer,
 }
 
-/// Load a decoder-only checkpoint (a checkpoint directory or a run directory).
+/// The model of a checkpoint directory, through the family its `meta.json` names.
+fn load_model(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    let meta = read_meta(dir)?;
+    let family = family(&meta.family).with_context(|| format!("{}: meta.json", dir.display()))?;
+    family
+        .load(dir, device, DType::F32)
+        .with_context(|| format!("loading {}", dir.display()))
+}
+
+/// Load a language-model checkpoint (a checkpoint directory or a run directory).
 pub fn load_lm(path: &Path, device: &Device) -> Result<LoadedLm> {
     let dir = resolve_model_dir(path)?;
     require_files(&dir, &[CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE])?;
-    let meta = read_meta(&dir)?;
-    if meta.family != Family::DecoderOnly {
-        bail!(
-            "{}: holds a {:?} model; this command needs a decoder_only (language) model",
-            dir.display(),
-            meta.family
-        );
-    }
+    let family = read_meta(&dir)?.family;
     let tokenizer = Tokenizer::load(dir.join(TOKENIZER_FILE))?;
-    let cfg: DecoderOnlyConfig = transformer::models::read_config(&dir.join(CONFIG_FILE))?;
-    if cfg.vocab_size != tokenizer.vocab_size() {
+    let model = load_model(&dir, device)?
+        .model
+        .into_causal_lm("this command")
+        .with_context(|| {
+            format!(
+                "{}: holds a {family} model; this command needs a language model \
+                 (decoder_only)",
+                dir.display()
+            )
+        })?;
+    if model.vocab_size() != tokenizer.vocab_size() {
         bail!(
             "{}: the model's vocab_size is {} but {TOKENIZER_FILE} has {} tokens",
             dir.display(),
-            cfg.vocab_size,
+            model.vocab_size(),
             tokenizer.vocab_size()
         );
     }
-    let (model, _vs) =
-        DecoderOnly::load(&dir, device).with_context(|| format!("loading {}", dir.display()))?;
     Ok(LoadedLm {
         dir,
         model,
@@ -52,10 +58,10 @@ pub fn load_lm(path: &Path, device: &Device) -> Result<LoadedLm> {
     })
 }
 
-/// An encoder-decoder (translation) model with its tokenizers.
+/// A sequence-to-sequence (translation) model with its tokenizers.
 pub struct LoadedTranslator {
     pub dir: PathBuf,
-    pub model: EncoderDecoder,
+    pub model: Box<dyn Seq2Seq>,
     /// Encodes the source side (the same as `tgt_tokenizer` with a joint vocabulary).
     pub src_tokenizer: Tokenizer,
     /// Decodes the target side.
@@ -69,14 +75,17 @@ pub struct LoadedTranslator {
 pub fn load_translator(path: &Path, device: &Device) -> Result<LoadedTranslator> {
     let dir = resolve_model_dir(path)?;
     require_files(&dir, &[CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE])?;
-    let meta = read_meta(&dir)?;
-    if meta.family != Family::EncoderDecoder {
-        bail!(
-            "{}: holds a {:?} model; this command needs an encoder_decoder (translation) model",
-            dir.display(),
-            meta.family
-        );
-    }
+    let family = read_meta(&dir)?.family;
+    let model = load_model(&dir, device)?
+        .model
+        .into_seq2seq("this command")
+        .with_context(|| {
+            format!(
+                "{}: holds a {family} model; this command needs a translation model \
+                 (encoder_decoder)",
+                dir.display()
+            )
+        })?;
     let tgt_tokenizer = Tokenizer::load(dir.join(TOKENIZER_FILE))?;
     let src_path = dir.join(SRC_TOKENIZER_FILE);
     let src_tokenizer = if src_path.is_file() {
@@ -84,10 +93,9 @@ pub fn load_translator(path: &Path, device: &Device) -> Result<LoadedTranslator>
     } else {
         tgt_tokenizer.clone()
     };
-    let cfg: EncoderDecoderConfig = transformer::models::read_config(&dir.join(CONFIG_FILE))?;
     for (side, model_v, tok) in [
-        ("source", cfg.src_vocab_size, &src_tokenizer),
-        ("target", cfg.tgt_vocab_size, &tgt_tokenizer),
+        ("source", model.src_vocab_size(), &src_tokenizer),
+        ("target", model.tgt_vocab_size(), &tgt_tokenizer),
     ] {
         if model_v != tok.vocab_size() {
             bail!(
@@ -99,8 +107,6 @@ pub fn load_translator(path: &Path, device: &Device) -> Result<LoadedTranslator>
     }
     let ids = Seq2SeqIds::from_tokenizer(&tgt_tokenizer)
         .with_context(|| format!("{}: {TOKENIZER_FILE}", dir.display()))?;
-    let (model, _vs) =
-        EncoderDecoder::load(&dir, device).with_context(|| format!("loading {}", dir.display()))?;
     Ok(LoadedTranslator {
         dir,
         model,

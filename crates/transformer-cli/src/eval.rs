@@ -63,7 +63,7 @@ fn eval_lm(args: &EvalArgs, text_path: &Path) -> Result<()> {
             text_path.display()
         )
     })?;
-    let r = evaluate_lm(&lm.model, &tokens, args.batch_size, &device)?;
+    let r = evaluate_lm(lm.model.as_ref(), &tokens, args.batch_size, &device)?;
     println!(
         "{}",
         serde_json::json!({

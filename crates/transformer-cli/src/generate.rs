@@ -61,7 +61,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut stream = lm.tokenizer.stream_decoder();
     let mut rng = Rng::new(args.seed);
     let mut write_err: Option<std::io::Error> = None;
-    let (_, stats) = generate(&lm.model, &prompt, &opts, &device, &mut rng, |id| {
+    let (_, stats) = generate(lm.model.as_ref(), &prompt, &opts, &device, &mut rng, |id| {
         let piece = stream.push(id)?;
         if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
             write_err = Some(e);

@@ -88,8 +88,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let start = prepared.trainer.state().step;
     println!(
-        "training {:?} model: {} parameters, vocabulary {}, run directory {}{}",
-        prepared.model_config.family(),
+        "training {} model: {} parameters, vocabulary {}, run directory {}{}",
+        prepared.model_config.family().name,
         prepared.n_params,
         prepared.tokenizer.vocab_size(),
         out.display(),

@@ -89,7 +89,7 @@ pub fn translate_ids(
     let mut out: Vec<Option<Hypothesis>> = vec![None; sources.len()];
     for chunk in order.chunks(batch_size.max(1)) {
         let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| sources[i].clone()).collect();
-        let hyps = translate_batch(&t.model, &batch, t.ids, opts, device)?;
+        let hyps = translate_batch(t.model.as_ref(), &batch, t.ids, opts, device)?;
         for (&i, h) in chunk.iter().zip(hyps) {
             out[i] = Some(h);
         }
@@ -114,7 +114,7 @@ pub fn encode_source(
     fail: bool,
 ) -> Result<Option<Vec<u32>>> {
     let mut ids = t.src_tokenizer.encode(text)?;
-    let limit = t.model.config().max_len;
+    let limit = t.model.max_len();
     if ids.len() > limit {
         if fail {
             eprintln!(

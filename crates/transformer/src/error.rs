@@ -22,6 +22,14 @@ pub enum Error {
     #[error("invalid config: {0}")]
     Config(String),
 
+    /// A configuration field holds a value it does not accept.
+    #[error("invalid config: {field} must be {expected}, got {actual}")]
+    Invalid {
+        field: String,
+        expected: String,
+        actual: String,
+    },
+
     /// A weight file does not match the model (missing, extra or mis-shaped tensors).
     #[error("weights {source_name}: {msg}")]
     Weights { source_name: String, msg: String },
@@ -55,6 +63,19 @@ impl Error {
             what: what.into(),
             expected: expected.into(),
             actual: actual.to_vec(),
+        }
+    }
+
+    /// A field, what it accepts, and what it held.
+    pub fn invalid(
+        field: impl Into<String>,
+        expected: impl Into<String>,
+        actual: impl Into<String>,
+    ) -> Self {
+        Error::Invalid {
+            field: field.into(),
+            expected: expected.into(),
+            actual: actual.into(),
         }
     }
 

@@ -14,8 +14,8 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{check_grads, randn, randn_var, randomize_params};
 use transformer::nn::{
-    scaled_dot_product_attention, Activation, AttnMask, DecoderLayer, EncoderLayer, FeedForward,
-    InitScheme, LayerConfig, LayerNorm, LayerOptions, Masks, MhaConfig, MhaInput,
+    scaled_dot_product_attention, Activation, AttnMask, DecoderLayer, EncoderLayer, Mlp,
+    InitScheme, LayerConfig, Norm, LayerOptions, Masks, MhaConfig, MhaInput,
     MultiHeadAttention, NeedWeights, Rope, SdpaOptions, VarStore,
 };
 use transformer::rng::Rng;
@@ -43,17 +43,16 @@ fn named(name: &str, v: &Var) -> (String, Var) {
 }
 
 fn layer_config(activation: Activation, norm_first: bool) -> LayerConfig {
-    LayerConfig {
-        d_model: E,
-        n_heads: H,
-        d_ff: F,
-        dropout: 0.0,
+    LayerConfig::new(
+        E,
+        H,
+        F,
+        0.0,
         activation,
         norm_first,
-        layer_norm_eps: 1e-5,
-        bias: true,
-        ffn_dropout: None,
-    }
+        1e-5,
+        true,
+    )
 }
 
 /// An additive (rows, cols) mask of small random values with `-inf` at the given cells.
@@ -220,7 +219,7 @@ fn mha_cross_attention_with_separate_key_value_widths() -> Result<()> {
 fn layer_norm() -> Result<()> {
     let mut rng = Rng::new(31);
     let vs = store(4);
-    let norm = LayerNorm::new(E, 1e-5, true, &vs.root())?;
+    let norm = Norm::layer_norm(E, 1e-5, true, &vs.root())?;
     randomize_params(&vs, &mut rng, 1.0)?;
     let x = randn_var(&mut rng, &[B, T, E])?;
     let g = randn(&mut rng, &[B, T, E], 1.0, DType::F64)?;
@@ -239,7 +238,7 @@ fn feed_forward_relu_gelu_and_gelu_tanh() -> Result<()> {
     {
         let mut rng = Rng::new(40 + i as u64);
         let vs = store(5);
-        let ff = FeedForward::new(E, F, act, 0.0, true, &vs.root())?;
+        let ff = Mlp::plain(E, F, act, 0.0, true, &vs.root())?;
         randomize_params(&vs, &mut rng, 0.5)?;
         let x = randn_var(&mut rng, &[B, T, E])?;
         let g = randn(&mut rng, &[B, T, E], 1.0, DType::F64)?;

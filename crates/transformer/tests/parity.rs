@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use transformer::import::pytorch::{float_mask, load_state_dict, mha_bool_mask, sdpa_bool_mask};
 use transformer::nn::{
     scaled_dot_product_attention, Activation, AttnMask, Decoder, DecoderLayer, Encoder,
-    EncoderLayer, LayerConfig, LayerNorm, Masks, MhaConfig, MhaInput, MultiHeadAttention,
+    EncoderLayer, LayerConfig, Norm, Masks, MhaConfig, MhaInput, MultiHeadAttention,
     NeedWeights, SdpaOptions, VarStore,
 };
 use transformer::Result;
@@ -80,17 +80,16 @@ fn layer_config(fx: &Fixture, d_model: usize) -> Result<LayerConfig> {
         "gelu" => Activation::Gelu,
         other => panic!("{}: unknown activation {other}", fx.case()),
     };
-    Ok(LayerConfig {
+    Ok(LayerConfig::new(
         d_model,
-        n_heads: fx.meta_parse("nhead")?,
-        d_ff: fx.meta_parse("dim_feedforward")?,
-        dropout: 0.0,
+        fx.meta_parse("nhead")?,
+        fx.meta_parse("dim_feedforward")?,
+        0.0,
         activation,
-        norm_first: fx.meta_parse("norm_first")?,
-        layer_norm_eps: fx.meta_parse("layer_norm_eps")?,
-        bias: true,
-        ffn_dropout: None,
-    })
+        fx.meta_parse("norm_first")?,
+        fx.meta_parse("layer_norm_eps")?,
+        true,
+    ))
 }
 
 /// `nn.MultiheadAttention(E, H, kdim, vdim, bias, batch_first=True)`, self- or cross-attention.
@@ -245,7 +244,7 @@ fn forward_sdpa(fx: &Fixture) -> Result<Forward> {
 /// `nn.LayerNorm(E)` with its weight and bias at the root.
 fn forward_layer_norm(fx: &Fixture, vs: &VarStore) -> Result<Forward> {
     let x = fx.input("x")?; // (B, T, E)
-    let norm = LayerNorm::new(x.dims3()?.2, fx.meta_parse("eps")?, true, &vs.root())?;
+    let norm = Norm::layer_norm(x.dims3()?.2, fx.meta_parse("eps")?, true, &vs.root())?;
     fx.load_params(vs)?;
     Ok(Forward {
         out: norm.forward(&x)?,

@@ -5,7 +5,7 @@ use std::time::Instant;
 use candle_core::{DType, IndexOp, Tensor};
 
 use super::sampling::{sample_token, Sampling};
-use crate::models::DecoderOnly;
+use crate::models::CausalLm;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -50,8 +50,7 @@ fn last_logits(logits: &Tensor) -> Result<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
-fn ids_tensor(ids: &[u32], model: &DecoderOnly, device: &candle_core::Device) -> Result<Tensor> {
-    let _ = model;
+fn ids_tensor(ids: &[u32], device: &candle_core::Device) -> Result<Tensor> {
     Ok(Tensor::new(ids, device)?.unsqueeze(0)?)
 }
 
@@ -63,7 +62,7 @@ fn ids_tensor(ids: &[u32], model: &DecoderOnly, device: &candle_core::Device) ->
 /// last half window is encoded afresh and decoding continues from there, so that the cost stays
 /// linear. Within one window both paths see exactly the same context.
 pub fn generate(
-    model: &DecoderOnly,
+    model: &dyn CausalLm,
     prompt: &[u32],
     opts: &GenerateOptions,
     device: &candle_core::Device,
@@ -76,14 +75,14 @@ pub fn generate(
             "the prompt is empty: generation needs at least one token",
         ));
     }
-    let block = model.config().block_size;
+    let block = model.context_length();
     let start = Instant::now();
     let mut tokens = prompt.to_vec();
     let mut caches = model.new_cache();
     let mut logits = if opts.use_cache {
         let from = tokens.len().saturating_sub(block);
         last_logits(
-            &model.forward_cached(&ids_tensor(&tokens[from..], model, device)?, &mut caches)?,
+            &model.forward_cached(&ids_tensor(&tokens[from..], device)?, &mut caches)?,
         )?
     } else {
         Vec::new()
@@ -93,7 +92,7 @@ pub fn generate(
         if !opts.use_cache {
             let from = tokens.len().saturating_sub(block);
             logits =
-                last_logits(&model.forward(&ids_tensor(&tokens[from..], model, device)?, false)?)?;
+                last_logits(&model.forward(&ids_tensor(&tokens[from..], device)?, false)?)?;
         }
         let next = sample_token(&logits, &opts.sampling, rng);
         tokens.push(next);
@@ -108,9 +107,9 @@ pub fn generate(
                     c.clear();
                 }
                 let keep = (block / 2).max(1);
-                ids_tensor(&tokens[tokens.len() - keep..], model, device)?
+                ids_tensor(&tokens[tokens.len() - keep..], device)?
             } else {
-                ids_tensor(&[next], model, device)?
+                ids_tensor(&[next], device)?
             };
             logits = last_logits(&model.forward_cached(&x, &mut caches)?)?;
         }
@@ -125,7 +124,7 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::DecoderOnlyConfig;
+    use crate::models::{DecoderOnly, DecoderOnlyConfig};
     use crate::nn::PositionalKind;
     use candle_core::Device;
 

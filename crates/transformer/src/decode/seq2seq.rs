@@ -25,8 +25,9 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Seq2SeqIds;
-use crate::models::encoder_decoder::{DecodeState, EncoderDecoder};
-use crate::nn::{AttnMask, Masks, NeedWeights};
+use crate::models::encoder_decoder::DecodeState;
+use crate::models::{Seq2Seq, Source};
+use crate::nn::{AttnMask, NeedWeights};
 use crate::{Error, Result};
 
 /// Token ids with a fixed role in translation. `pad` and `bos` are never generated (unless
@@ -143,7 +144,7 @@ pub fn length_penalty(len: usize, alpha: f64) -> f64 {
 /// otherwise. Returns one hypothesis per source, in order. An empty source is decoded against
 /// a fully masked memory.
 pub fn translate_batch(
-    model: &EncoderDecoder,
+    model: &dyn Seq2Seq,
     sources: &[Vec<u32>],
     ids: SpecialTokens,
     opts: &Seq2SeqDecodeOptions,
@@ -159,7 +160,7 @@ pub fn translate_batch(
 /// Greedy decoding of a batch: the most likely token at every step (the first one on ties).
 /// `opts.beam_size` is ignored.
 pub fn greedy_batch(
-    model: &EncoderDecoder,
+    model: &dyn Seq2Seq,
     sources: &[Vec<u32>],
     ids: SpecialTokens,
     opts: &Seq2SeqDecodeOptions,
@@ -207,7 +208,7 @@ pub fn greedy_batch(
 /// length-normalized log-probability ([`length_penalty`] with `opts.alpha`). Beam size 1 gives
 /// exactly [`greedy_batch`]'s result.
 pub fn beam_search_batch(
-    model: &EncoderDecoder,
+    model: &dyn Seq2Seq,
     sources: &[Vec<u32>],
     ids: SpecialTokens,
     opts: &Seq2SeqDecodeOptions,
@@ -350,7 +351,7 @@ fn top_n(row: &[f32], n: usize) -> Vec<u32> {
 /// The encoded batch and the decoder rows still running, with everything kept per row: the
 /// decoder caches, the memory and its padding mask, and the cross-attention so far.
 struct Batch<'a> {
-    model: &'a EncoderDecoder,
+    model: &'a dyn Seq2Seq,
     device: Device,
     /// (B, S, E) encoder output of every sentence.
     memory: Tensor,
@@ -380,33 +381,34 @@ impl<'a> Batch<'a> {
     /// Check the inputs, encode every source and start one row per sentence that may
     /// generate at least one token.
     fn new(
-        model: &'a EncoderDecoder,
+        model: &'a dyn Seq2Seq,
         sources: &[Vec<u32>],
         ids: SpecialTokens,
         opts: &Seq2SeqDecodeOptions,
         device: &Device,
     ) -> Result<Self> {
-        let cfg = model.config();
-        check_id("pad", ids.pad, "source", cfg.src_vocab_size)?;
-        check_id("bos", ids.bos, "target", cfg.tgt_vocab_size)?;
-        check_id("eos", ids.eos, "target", cfg.tgt_vocab_size)?;
+        let (src_vocab_size, tgt_vocab_size) = (model.src_vocab_size(), model.tgt_vocab_size());
+        let max_len = model.max_len();
+        check_id("pad", ids.pad, "source", src_vocab_size)?;
+        check_id("bos", ids.bos, "target", tgt_vocab_size)?;
+        check_id("eos", ids.eos, "target", tgt_vocab_size)?;
         for (i, src) in sources.iter().enumerate() {
-            if src.len() > cfg.max_len {
+            if src.len() > max_len {
                 return Err(Error::msg(format!(
                     "source {i} has {} tokens, more than the model's max_len {}",
                     src.len(),
-                    cfg.max_len
+                    max_len
                 )));
             }
             if let Some((j, t)) = src
                 .iter()
                 .enumerate()
-                .find(|(_, &t)| t as usize >= cfg.src_vocab_size)
+                .find(|(_, &t)| t as usize >= src_vocab_size)
             {
                 return Err(Error::msg(format!(
                     "source {i}, position {j}: token id {t} is out of range for a source \
                      vocabulary of {}",
-                    cfg.src_vocab_size
+                    src_vocab_size
                 )));
             }
         }
@@ -415,7 +417,7 @@ impl<'a> Batch<'a> {
         let s = src_lens.iter().copied().max().unwrap_or(0).max(1);
         let limits: Vec<usize> = src_lens
             .iter()
-            .map(|&l| opts.max_output_len(l, cfg.max_len))
+            .map(|&l| opts.max_output_len(l, max_len))
             .collect();
         let alive: Vec<usize> = (0..sources.len()).filter(|&b| limits[b] > 0).collect();
 
@@ -427,12 +429,15 @@ impl<'a> Batch<'a> {
         let alive_lens: Vec<usize> = alive.iter().map(|&b| src_lens[b]).collect();
         let pad_rows = AttnMask::from_lengths(&alive_lens, s, device)?; // (R, S)
         let (memory, state) = if alive.is_empty() {
-            let empty = Tensor::zeros((0, s, cfg.d_model), DType::F32, device)?;
+            let empty = Tensor::zeros((0, s, model.d_model()), DType::F32, device)?;
             (empty, None)
         } else {
             let src = Tensor::from_vec(padded, (alive.len(), s), device)?; // (R, S)
-            let src_masks = Masks::none().with_key_padding(Some(&pad_rows));
-            let memory = model.encode(&src, &src_masks, false)?; // (R, S, E)
+            let source = Source::Tokens {
+                ids: &src,
+                padding: Some(&pad_rows),
+            };
+            let memory = model.encode(source, false)?; // (R, S, E)
             let state = model.start_decoding(&memory)?;
             (memory, Some(state))
         };
@@ -457,7 +462,7 @@ impl<'a> Batch<'a> {
             alpha: opts.alpha,
             blocked: [ids.bos, ids.pad]
                 .into_iter()
-                .filter(|&t| t != ids.eos && (t as usize) < cfg.tgt_vocab_size)
+                .filter(|&t| t != ids.eos && (t as usize) < tgt_vocab_size)
                 .map(|t| t as usize)
                 .collect(),
         })
@@ -569,7 +574,7 @@ impl<'a> Batch<'a> {
 
     /// Fill in the sentences that generated nothing (a length limit of 0).
     fn collect(&self, out: Vec<Option<Hypothesis>>) -> Result<Vec<Hypothesis>> {
-        let cfg = self.model.config();
+        let (n_heads, n_layers) = (self.model.n_heads(), self.model.n_decoder_layers());
         out.into_iter()
             .enumerate()
             .map(|(b, h)| match h {
@@ -580,9 +585,9 @@ impl<'a> Batch<'a> {
                     normalized_score: 0.0,
                     reached_eos: false,
                     cross_attention: if self.need_attention {
-                        let shape = (cfg.n_heads, 0, self.src_lens[b]);
+                        let shape = (n_heads, 0, self.src_lens[b]);
                         let empty = Tensor::zeros(shape, DType::F32, &self.device)?;
-                        Some(vec![empty; cfg.n_decoder_layers])
+                        Some(vec![empty; n_layers])
                     } else {
                         None
                     },
@@ -604,7 +609,7 @@ fn check_id(name: &str, id: u32, vocab: &str, size: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::EncoderDecoderConfig;
+    use crate::models::{EncoderDecoder, EncoderDecoderConfig};
     use crate::nn::VarStore;
     use crate::rng::Rng;
     use crate::train::{cross_entropy, AdamW, AdamWConfig, CrossEntropyConfig};
@@ -657,6 +662,7 @@ mod tests {
         let ce = CrossEntropyConfig {
             label_smoothing: 0.0,
             ignore_index: Some(IDS.pad),
+            ..Default::default()
         };
         let mut rng = Rng::new(11);
         let (b, s) = (16, 6);
@@ -719,7 +725,7 @@ mod tests {
 
     /// The model's log-probability of `h` for `src`, from the full (uncached) forward pass, and
     /// the cross-attention of every layer (1, H, T, S) from one multi-token decoding step.
-    fn rescore(model: &EncoderDecoder, src: &[u32], h: &Hypothesis) -> Result<(f64, Vec<Tensor>)> {
+    fn rescore(model: &dyn Seq2Seq, src: &[u32], h: &Hypothesis) -> Result<(f64, Vec<Tensor>)> {
         let (input, out) = teacher_forcing(h);
         if out.is_empty() {
             return Ok((0.0, Vec::new()));
@@ -738,11 +744,11 @@ mod tests {
             .map(|(i, &y)| logp[0][i][y as usize] as f64)
             .sum();
 
-        let memory = model.encode(
-            &src_t,
-            &Masks::none().with_key_padding(Some(&src_pad)),
-            false,
-        )?;
+        let source = Source::Tokens {
+            ids: &src_t,
+            padding: Some(&src_pad),
+        };
+        let memory = model.encode(source, false)?;
         let mut state = model.start_decoding(&memory)?;
         let (_, cross) = model.decode_step(
             &tgt,

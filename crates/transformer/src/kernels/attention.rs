@@ -16,6 +16,10 @@
 //!
 //! A query whose keys are all masked gets a zero context and zero gradients, as the composed
 //! path in `nn::attention` gives.
+//!
+//! Grouped-query attention (Ainslie et al. 2023): with `Hkv` key/value heads for `H` query
+//! heads (`Hkv` dividing `H`), query head `h` reads key/value head `h / (H / Hkv)` in place;
+//! the backward accumulates dK and dV per query head and sums each group afterwards.
 
 use std::sync::{Arc, Mutex};
 
@@ -47,7 +51,7 @@ pub struct FlashOptions {
 /// softmax(scale·Q Kᵀ + bias) V, fused, with backward.
 ///
 /// # Shapes
-/// - `q`: (B, H, T, D), `k`: (B, H, S, D), `v`: (B, H, S, Dv), any strides
+/// - `q`: (B, H, T, D), `k`: (B, Hkv, S, D), `v`: (B, Hkv, S, Dv), any strides, Hkv | H
 /// - returns (B, H, T, Dv), a transposed view of a contiguous (B, T, H, Dv) buffer, so that
 ///   merging the heads afterwards costs no copy.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &FlashOptions) -> Result<Tensor> {
@@ -150,6 +154,8 @@ impl<T> OutPtr<T> {
 struct Ctx<T> {
     b: usize,
     h: usize,
+    /// Query heads per key/value head.
+    group: usize,
     t: usize,
     s: usize,
     d: usize,
@@ -197,7 +203,7 @@ impl<T: Float> Ctx<T> {
                 bc as isize,
                 false,
                 (self.q.at(b, h, i0), self.q.sl, self.q.sd),
-                (self.k.at(b, h, j0), self.k.sd, self.k.sl),
+                (self.k.at(b, h / self.group, j0), self.k.sd, self.k.sl),
                 self.scale,
             );
         }
@@ -383,7 +389,7 @@ fn forward<T: Float>(c: &Ctx<T>) -> (Vec<T>, Vec<T>) {
                         dv as isize,
                         true,
                         (sc.as_ptr(), bc as isize, 1),
-                        (c.v.at(b, h, j0), c.v.sl, c.v.sd),
+                        (c.v.at(b, h / c.group, j0), c.v.sl, c.v.sd),
                         T::ONE,
                     );
                 }
@@ -407,7 +413,8 @@ fn forward<T: Float>(c: &Ctx<T>) -> (Vec<T>, Vec<T>) {
     (out, lse)
 }
 
-/// Gradients (dq, dk, dv), each contiguous (B, H, L, D).
+/// Gradients (dq, dk, dv), each contiguous (B, H, L, D): dk and dv per query head, summed over
+/// each group by the caller.
 fn backward<T: Float>(c: &Ctx<T>, o: &[T], d_o: &[T], lse: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (t, s, d, dv, nh) = (c.t, c.s, c.d, c.dv, c.h);
     let mut dq = vec![T::ZERO; c.b * nh * t * d];
@@ -516,7 +523,7 @@ fn backward<T: Float>(c: &Ctx<T>, o: &[T], d_o: &[T], lse: &[T]) -> (Vec<T>, Vec
                         bc as isize,
                         false,
                         (do_tile, o_rs, 1),
-                        (c.v.at(b, h, j0), c.v.sd, c.v.sl),
+                        (c.v.at(b, h / c.group, j0), c.v.sd, c.v.sl),
                         T::ONE,
                     );
                 }
@@ -552,7 +559,7 @@ fn backward<T: Float>(c: &Ctx<T>, o: &[T], d_o: &[T], lse: &[T]) -> (Vec<T>, Vec
                         d as isize,
                         true,
                         (ds.as_ptr(), bc as isize, 1),
-                        (c.k.at(b, h, j0), c.k.sl, c.k.sd),
+                        (c.k.at(b, h / c.group, j0), c.k.sl, c.k.sd),
                         c.scale,
                     );
                     // dK_j += scale · dSᵀ Q_i
@@ -585,7 +592,7 @@ impl FlashAttention {
         let (b, h, t, d) = q.1.shape().dims4()?;
         let (bk, hk, s, dk) = k.1.shape().dims4()?;
         let (bv, hv, sv, dv) = v.1.shape().dims4()?;
-        if (bk, hk, dk) != (b, h, d) || (bv, hv, sv) != (b, h, s) {
+        if (bk, dk) != (b, d) || (bv, hv, sv) != (b, hk, s) || hk == 0 || h % hk != 0 {
             candle_core::bail!(
                 "fused attention: q {:?}, k {:?}, v {:?} do not match",
                 q.1.dims(),
@@ -613,6 +620,7 @@ impl FlashAttention {
         Ok(Ctx {
             b,
             h,
+            group: h / hk,
             t,
             s,
             d,
@@ -736,14 +744,22 @@ impl FlashAttention {
                     with_data::<T, _>(lse, |lse| Ok(backward(&c, o, d_o, lse)))
                 })
             })?;
-            Ok((dq, dk, dv, (c.b, c.h, c.t, c.s, c.d, c.dv)))
+            Ok((dq, dk, dv, (c.b, c.h, c.group, c.t, c.s, c.d, c.dv)))
         })?;
-        let (b, h, t, s, d, dv_width) = c;
+        let (b, h, group, t, s, d, dv_width) = c;
         let dev = q.device();
+        // Per query head (B, H, S, ·) -> summed over each group of query heads (B, Hkv, S, ·).
+        let per_kv_head = |g: Vec<T>, width: usize| -> Result<Tensor> {
+            let g = Tensor::from_vec(g, (b, h, s, width), dev)?;
+            if group == 1 {
+                return Ok(g);
+            }
+            g.reshape((b, h / group, group, s, width))?.sum(2)
+        };
         Ok((
             Tensor::from_vec(dq, (b, h, t, d), dev)?,
-            Tensor::from_vec(dk, (b, h, s, d), dev)?,
-            Tensor::from_vec(dv, (b, h, s, dv_width), dev)?,
+            per_kv_head(dk, d)?,
+            per_kv_head(dv, dv_width)?,
         ))
     }
 }

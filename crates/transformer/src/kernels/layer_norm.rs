@@ -1,25 +1,41 @@
-//! Layer norm over the last dimension with backward, one pass each way.
+//! Layer norm and RMS norm over the last dimension with backward, one pass each way.
 //!
-//! Forward: x̂ = (x - μ) / √(σ² + ε), y = x̂ ⊙ w + b (biased variance, as PyTorch).
-//! Backward, with g = dy ⊙ w: dx = (g - mean(g) - x̂ ⊙ mean(g ⊙ x̂)) / √(σ² + ε);
+//! Layer norm (Ba et al. 2016): x̂ = (x - μ) / √(σ² + ε), y = x̂ ⊙ w + b (biased variance,
+//! as PyTorch). Backward, with g = dy ⊙ w: dx = (g - mean(g) - x̂ ⊙ mean(g ⊙ x̂)) / √(σ² + ε);
 //! dw = Σ_rows dy ⊙ x̂; db = Σ_rows dy. μ and σ are recomputed from x in the backward.
+//!
+//! RMS norm (Zhang & Sennrich 2019, Llama's `RMSNorm`) is the same without centring: μ = 0,
+//! σ² = mean(x²), no bias, and the `mean(g)` term of dx drops out.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{slice, with_data, Float, PAR_MIN_ELEMS};
 
-struct LayerNormOp {
-    eps: f64,
+/// Which normalization: centred (layer norm) or not (RMS norm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Centre {
+    Mean,
+    None,
 }
 
-fn stats<T: Float>(x: &[T], eps: f64) -> (T, T) {
+struct LayerNormOp {
+    eps: f64,
+    centre: Centre,
+}
+
+fn stats<T: Float>(x: &[T], eps: f64, centre: Centre) -> (T, T) {
     let n = T::of(x.len() as f64);
-    let mut sum = T::ZERO;
-    for &v in x {
-        sum += v;
-    }
-    let mean = sum / n;
+    let mean = match centre {
+        Centre::Mean => {
+            let mut sum = T::ZERO;
+            for &v in x {
+                sum += v;
+            }
+            sum / n
+        }
+        Centre::None => T::ZERO,
+    };
     let mut var = T::ZERO;
     for &v in x {
         let d = v - mean;
@@ -29,11 +45,11 @@ fn stats<T: Float>(x: &[T], eps: f64) -> (T, T) {
     (mean, rstd)
 }
 
-fn fwd<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+fn fwd<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64, centre: Centre) -> Vec<T> {
     let c = w.len();
     let mut y = vec![T::ZERO; x.len()];
     let row = |(xr, yr): (&[T], &mut [T])| {
-        let (mean, rstd) = stats(xr, eps);
+        let (mean, rstd) = stats(xr, eps, centre);
         for i in 0..c {
             yr[i] = (xr[i] - mean) * rstd * w[i] + b[i];
         }
@@ -47,11 +63,13 @@ fn fwd<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
 }
 
 /// dx for a block of rows, accumulating dw and db.
+#[allow(clippy::too_many_arguments)]
 fn bwd_rows<T: Float>(
     x: &[T],
     dy: &[T],
     w: &[T],
     eps: f64,
+    centre: Centre,
     dx: &mut [T],
     dw: &mut [T],
     db: &mut [T],
@@ -59,7 +77,7 @@ fn bwd_rows<T: Float>(
     let c = w.len();
     let nf = T::of(c as f64);
     for ((xr, dyr), dxr) in x.chunks(c).zip(dy.chunks(c)).zip(dx.chunks_mut(c)) {
-        let (mean, rstd) = stats(xr, eps);
+        let (mean, rstd) = stats(xr, eps, centre);
         let (mut sum_g, mut sum_gx) = (T::ZERO, T::ZERO);
         for i in 0..c {
             let xh = (xr[i] - mean) * rstd;
@@ -69,7 +87,11 @@ fn bwd_rows<T: Float>(
             dw[i] += dyr[i] * xh;
             db[i] += dyr[i];
         }
-        let (mg, mgx) = (sum_g / nf, sum_gx / nf);
+        let mg = match centre {
+            Centre::Mean => sum_g / nf,
+            Centre::None => T::ZERO,
+        };
+        let mgx = sum_gx / nf;
         for i in 0..c {
             let xh = (xr[i] - mean) * rstd;
             dxr[i] = (dyr[i] * w[i] - mg - xh * mgx) * rstd;
@@ -77,7 +99,13 @@ fn bwd_rows<T: Float>(
     }
 }
 
-fn bwd<T: Float>(x: &[T], dy: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
+fn bwd<T: Float>(
+    x: &[T],
+    dy: &[T],
+    w: &[T],
+    eps: f64,
+    centre: Centre,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
     let c = w.len();
     let rows = x.len() / c.max(1);
     let mut dx = vec![T::ZERO; x.len()];
@@ -91,7 +119,7 @@ fn bwd<T: Float>(x: &[T], dy: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T
             .zip(dx.par_chunks_mut(block))
             .map(|((xb, dyb), dxb)| {
                 let (mut dw, mut db) = (vec![T::ZERO; c], vec![T::ZERO; c]);
-                bwd_rows(xb, dyb, w, eps, dxb, &mut dw, &mut db);
+                bwd_rows(xb, dyb, w, eps, centre, dxb, &mut dw, &mut db);
                 (dw, db)
             })
             .collect();
@@ -105,7 +133,7 @@ fn bwd<T: Float>(x: &[T], dy: &[T], w: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T
         (dx, dw, db)
     } else {
         let (mut dw, mut db) = (vec![T::ZERO; c], vec![T::ZERO; c]);
-        bwd_rows(x, dy, w, eps, &mut dx, &mut dw, &mut db);
+        bwd_rows(x, dy, w, eps, centre, &mut dx, &mut dw, &mut db);
         (dx, dw, db)
     }
 }
@@ -130,12 +158,14 @@ impl CustomOp3 for LayerNormOp {
                 slice::<f32>(s2, l2)?,
                 slice::<f32>(s3, l3)?,
                 self.eps,
+                self.centre,
             )),
             CpuStorage::F64(_) => CpuStorage::F64(fwd(
                 slice::<f64>(s1, l1)?,
                 slice::<f64>(s2, l2)?,
                 slice::<f64>(s3, l3)?,
                 self.eps,
+                self.centre,
             )),
             _ => candle_core::bail!("fused layer norm: only f32/f64"),
         };
@@ -150,27 +180,30 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = layer_norm_backward(x, w, grad, self.eps)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let (dx, dw, db) = norm_backward(x, w, grad, self.eps, self.centre)?;
+        let db = (self.centre == Centre::Mean).then_some(db);
+        Ok((Some(dx), Some(dw), db))
     }
 }
 
-/// (dx, dw, db) of the layer norm of `x` (rows of w.len()) with weight `w`, given dy.
-pub(crate) fn layer_norm_backward(
+/// (dx, dw, db) of the layer or RMS norm of `x` (rows of w.len()) with weight `w`, given dy.
+pub(crate) fn norm_backward(
     x: &Tensor,
     w: &Tensor,
     dy: &Tensor,
     eps: f64,
+    centre: Centre,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     fn run<T: Float>(
         x: &Tensor,
         w: &Tensor,
         dy: &Tensor,
         eps: f64,
+        centre: Centre,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (dx, dw, db) = with_data::<T, _>(x, |xs| {
             with_data::<T, _>(dy, |dys| {
-                with_data::<T, _>(w, |ws| Ok(bwd(xs, dys, ws, eps)))
+                with_data::<T, _>(w, |ws| Ok(bwd(xs, dys, ws, eps, centre)))
             })
         })?;
         let dev = x.device();
@@ -181,14 +214,30 @@ pub(crate) fn layer_norm_backward(
         ))
     }
     match x.dtype() {
-        DType::F32 => run::<f32>(x, w, dy, eps),
-        _ => run::<f64>(x, w, dy, eps),
+        DType::F32 => run::<f32>(x, w, dy, eps, centre),
+        _ => run::<f64>(x, w, dy, eps, centre),
     }
 }
 
 /// Fused layer norm over the last dimension of a contiguous f32/f64 CPU tensor; `bias` of
 /// `None` is a zero bias.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    norm(x, weight, bias, eps, Centre::Mean)
+}
+
+/// Fused RMS norm over the last dimension of a contiguous f32/f64 CPU tensor:
+/// x / √(mean(x²) + ε) ⊙ weight.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    norm(x, weight, None, eps, Centre::None)
+}
+
+pub(crate) fn norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f64,
+    centre: Centre,
+) -> Result<Tensor> {
     let zeros;
     let b = match bias {
         Some(b) => b,
@@ -198,5 +247,5 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
         }
     };
     x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &b.contiguous()?, LayerNormOp { eps })
+        .apply_op3(&weight.contiguous()?, &b.contiguous()?, LayerNormOp { eps, centre })
 }

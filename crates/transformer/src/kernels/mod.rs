@@ -3,9 +3,10 @@
 //! candle-nn's fused `softmax_last_dim` and `layer_norm` record no backward, and the composed
 //! versions run five to ten passes over memory with a fresh allocation each. These kernels do
 //! one pass forward and one backward, on contiguous f32/f64 CPU tensors. Everywhere else (other
-//! devices or dtypes, or with `TRANSFORMER_KERNELS=composed`) the composed ops in `nn` run, and
-//! they remain the reference the kernels are tested against.
+//! devices or dtypes, or a model built with [`Kernels::Composed`]) the composed ops in `nn` run,
+//! and they remain the reference the kernels are tested against.
 
+pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod dropout;
@@ -18,36 +19,41 @@ pub mod softmax;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use serde::{Deserialize, Serialize};
 
-// 0 = not read yet, 1 = on, 2 = off.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
+/// Which implementation a module's ops take: the fused kernels of this module where they apply
+/// (CPU, f32/f64) or the composed candle ops everywhere. It is an explicit value held by each
+/// module (chosen when the model is built, see `VarStore::with_kernels`) and passed to the free
+/// functions, never a process-wide switch: tests build one model of each kind side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Kernels {
+    /// Fused kernels where they apply, composed ops elsewhere.
+    #[default]
+    Fused,
+    /// Composed candle ops only: the reference the kernels are tested against.
+    Composed,
+}
 
-/// Whether the fused kernels are used (default yes; `TRANSFORMER_KERNELS=composed` turns
-/// them off).
-pub fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var("TRANSFORMER_KERNELS").map_or(true, |v| v != "composed");
-            ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-            on
+impl Kernels {
+    /// The default for new models: `Composed` when `TRANSFORMER_KERNELS=composed`, else `Fused`.
+    /// Read, never written: a process that wants both builds both.
+    pub fn from_env() -> Self {
+        match std::env::var("TRANSFORMER_KERNELS") {
+            Ok(v) if v == "composed" => Kernels::Composed,
+            _ => Kernels::Fused,
         }
     }
-}
 
-/// Turn the fused kernels on or off for the whole process (tests compare both paths).
-pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-}
-
-/// True when a fused kernel can take `t`: CPU, f32 or f64.
-pub(crate) fn applies(t: &Tensor) -> bool {
-    enabled() && matches!(t.device(), Device::Cpu) && matches!(t.dtype(), DType::F32 | DType::F64)
+    /// True when a fused kernel can take `t`: fused kernels chosen, CPU, f32 or f64.
+    pub fn applies(self, t: &Tensor) -> bool {
+        self == Kernels::Fused
+            && matches!(t.device(), Device::Cpu)
+            && matches!(t.dtype(), DType::F32 | DType::F64)
+    }
 }
 
 /// The elements of a contiguous CPU storage as a slice.

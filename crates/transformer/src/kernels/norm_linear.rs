@@ -1,11 +1,11 @@
-//! `LN(x) Wᵀ`, a layer norm without bias followed by a linear layer without bias (a pre-norm
-//! sub-layer's first step in GPT-style models), as one autograd node that recomputes the
+//! `LN(x) Wᵀ`, a layer norm (or RMS norm) without bias followed by a linear layer without bias
+//! (a pre-norm sub-layer's first step in GPT- and Llama-style models), as one autograd node that recomputes the
 //! norm in its backward. The graph then keeps `x` (the residual stream, kept anyway) instead
 //! of the norm's output: one (B·T·d_model) tensor less per sub-layer.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::layer_norm::{layer_norm, layer_norm_backward};
+use super::layer_norm::{norm, norm_backward, Centre};
 use super::Stash;
 
 /// `layer_norm(x, gamma, no bias, eps) · Wᵀ`.
@@ -13,6 +13,24 @@ use super::Stash;
 /// # Shapes
 /// `x`: (..., C), `gamma`: (C,), `w`: (C_out, C) → (..., C_out)
 pub fn norm_linear(x: &Tensor, gamma: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    norm_linear_with(x, gamma, w, eps, Centre::Mean)
+}
+
+/// `rms_norm(x, gamma, eps) · Wᵀ`.
+///
+/// # Shapes
+/// `x`: (..., C), `gamma`: (C,), `w`: (C_out, C) → (..., C_out)
+pub fn rms_norm_linear(x: &Tensor, gamma: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    norm_linear_with(x, gamma, w, eps, Centre::None)
+}
+
+fn norm_linear_with(
+    x: &Tensor,
+    gamma: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    centre: Centre,
+) -> Result<Tensor> {
     let (c_out, c) = w.dims2()?;
     if x.dims().last() != Some(&c) || gamma.dims() != [c] {
         candle_core::bail!(
@@ -24,11 +42,12 @@ pub fn norm_linear(x: &Tensor, gamma: &Tensor, w: &Tensor, eps: f64) -> Result<T
     let n = x.elem_count() / c;
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().unwrap() = c_out;
-    let normed = layer_norm(&x.detach(), &gamma.detach(), None, eps)?.reshape((n, c))?;
+    let normed = norm(&x.detach(), &gamma.detach(), None, eps, centre)?.reshape((n, c))?;
     let value = normed.matmul(&w.detach().t()?)?.reshape(out_dims)?;
     drop(normed);
     let op = NormLinear {
         eps,
+        centre,
         value: Stash::new(value),
     };
     x.contiguous()?.apply_op3(gamma, w, op)
@@ -36,6 +55,7 @@ pub fn norm_linear(x: &Tensor, gamma: &Tensor, w: &Tensor, eps: f64) -> Result<T
 
 struct NormLinear {
     eps: f64,
+    centre: Centre,
     value: Stash,
 }
 
@@ -71,11 +91,11 @@ impl CustomOp3 for NormLinear {
         let x2 = x.reshape((n, c))?;
         let g = grad.contiguous()?.reshape((n, c_out))?;
         let dw = {
-            let normed = layer_norm(&x2, &gamma, None, self.eps)?;
+            let normed = norm(&x2, &gamma, None, self.eps, self.centre)?;
             g.t()?.matmul(&normed)?
         };
         let d_normed = g.matmul(&w.contiguous()?)?;
-        let (dx, dgamma, _) = layer_norm_backward(&x2, &gamma, &d_normed, self.eps)?;
+        let (dx, dgamma, _) = norm_backward(&x2, &gamma, &d_normed, self.eps, self.centre)?;
         Ok((Some(dx.reshape(x.shape())?), Some(dgamma), Some(dw)))
     }
 }

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::{layer_norm, softmax};
+use super::{layer_norm, softmax, Kernels};
 use crate::nn::attention::{masked_softmax_last_dim, softmax_last_dim};
 use crate::nn::norm::layer_norm_composed;
 use crate::rng::Rng;
@@ -33,22 +33,23 @@ pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
 }
 
-/// Forward and gradients of `f` with the kernels on and off.
+/// Forward and gradients of `f` with the fused kernels (first) and the composed ops (second),
+/// each chosen explicitly, so that tests running in parallel cannot change what another
+/// compares.
 fn both_paths(
     inputs: &[Tensor],
     g: &Tensor,
-    f: &dyn Fn(&[Tensor]) -> Tensor,
+    f: &dyn Fn(&[Tensor], Kernels) -> Tensor,
 ) -> Vec<(Tensor, Vec<Tensor>)> {
-    [true, false]
+    [Kernels::Fused, Kernels::Composed]
         .iter()
-        .map(|&on| {
-            super::set_enabled(on);
+        .map(|&kernels| {
             let vars: Vec<Var> = inputs
                 .iter()
                 .map(|t| Var::from_tensor(t).unwrap())
                 .collect();
             let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-            let y = f(&ts);
+            let y = f(&ts, kernels);
             let loss = (&y * g).unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();
             let gs = vars
@@ -60,7 +61,6 @@ fn both_paths(
                         .unwrap_or_else(|| v.zeros_like().unwrap())
                 })
                 .collect();
-            super::set_enabled(true);
             (y, gs)
         })
         .collect()
@@ -79,7 +79,7 @@ fn softmax_matches_composed_with_masked_rows() {
     let mask = Tensor::from_vec(mask, (3, 4, 70), &Device::Cpu).unwrap();
     let x = (x + mask).unwrap();
     let g = randn(&mut rng, &[3, 4, 70], DType::F32);
-    let r = both_paths(&[x], &g, &|t| masked_softmax_last_dim(&t[0]).unwrap());
+    let r = both_paths(&[x], &g, &|t, k| masked_softmax_last_dim(&t[0], k).unwrap());
     let (fused, composed) = (&r[0], &r[1]);
     assert!(max_diff(&fused.0, &composed.0) < 1e-6);
     assert!(max_diff(&fused.1[0], &composed.1[0]) < 1e-6);
@@ -96,7 +96,7 @@ fn softmax_matches_composed_with_masked_rows() {
     // Large input runs the parallel path.
     let x = randn(&mut rng, &[64, 1024], DType::F32);
     let g = randn(&mut rng, &[64, 1024], DType::F32);
-    let r = both_paths(&[x], &g, &|t| softmax_last_dim(&t[0]).unwrap());
+    let r = both_paths(&[x], &g, &|t, k| softmax_last_dim(&t[0], k).unwrap());
     assert!(max_diff(&r[0].0, &r[1].0) < 1e-6);
     assert!(max_diff(&r[0].1[0], &r[1].1[0]) < 1e-6);
 }
@@ -114,8 +114,8 @@ fn layer_norm_matches_composed() {
         let w = randn(&mut rng, &[c], DType::F32).affine(0.1, 1.0).unwrap();
         let b = randn(&mut rng, &[c], DType::F32);
         let g = randn(&mut rng, &dims, DType::F32);
-        let r = both_paths(&[x, w, b], &g, &|t| {
-            crate::nn::norm::layer_norm(&t[0], &t[1], bias.then_some(&t[2]), 1e-5).unwrap()
+        let r = both_paths(&[x, w, b], &g, &|t, k| {
+            crate::nn::norm::layer_norm(&t[0], &t[1], bias.then_some(&t[2]), 1e-5, k).unwrap()
         });
         assert!(max_diff(&r[0].0, &r[1].0) < 1e-5, "forward");
         for i in 0..2 {
@@ -168,7 +168,6 @@ fn finite_difference_check(x: &Tensor, g: &Tensor, f: &dyn Fn(&Tensor) -> Tensor
 
 #[test]
 fn kernels_backward_matches_finite_differences_f64() {
-    super::set_enabled(true);
     let mut rng = Rng::new(3);
     let x = randn(&mut rng, &[3, 7], DType::F64);
     let g = randn(&mut rng, &[3, 7], DType::F64);
@@ -195,8 +194,8 @@ fn gelu_matches_composed_and_finite_differences() {
         .affine(3.0, 0.0)
         .unwrap();
     let g = randn(&mut rng, &[4, 9, 33], DType::F32);
-    let r = both_paths(&[x], &g, &|t| {
-        crate::nn::Activation::Gelu.apply(&t[0]).unwrap()
+    let r = both_paths(&[x], &g, &|t, k| {
+        crate::nn::Activation::Gelu.apply(&t[0], k).unwrap()
     });
     assert!(
         max_diff(&r[0].0, &r[1].0) < 1e-6,
@@ -208,7 +207,6 @@ fn gelu_matches_composed_and_finite_differences() {
         "backward {}",
         max_diff(&r[0].1[0], &r[1].1[0])
     );
-    super::set_enabled(true);
     let x = randn(&mut rng, &[2, 6], DType::F64)
         .affine(2.0, 0.0)
         .unwrap();
@@ -231,8 +229,9 @@ fn attention_both_paths(
     let k = randn(rng, &[b, h, s, d], dtype);
     let v = randn(rng, &[b, h, s, dv], dtype);
     let g = randn(rng, &[b, h, t, dv], dtype);
-    let r = both_paths(&[q, k, v], &g, &|x| {
-        crate::nn::scaled_dot_product_attention(&x[0], &x[1], &x[2], opts)
+    let r = both_paths(&[q, k, v], &g, &|x, kernels| {
+        let opts = crate::nn::SdpaOptions { kernels, ..*opts };
+        crate::nn::scaled_dot_product_attention(&x[0], &x[1], &x[2], &opts)
             .unwrap()
             .context
     });
@@ -426,12 +425,13 @@ fn fused_cross_entropy_matches_composed_and_finite_differences() {
             .unwrap();
         let ids: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
         let targets = Tensor::from_vec(ids, n, &Device::Cpu).unwrap();
-        let cfg = CrossEntropyConfig {
-            label_smoothing: eps,
-            ignore_index: ignore,
-        };
         let g = Tensor::new(1.7f32, &Device::Cpu).unwrap();
-        let r = both_paths(&[logits], &g, &|x| {
+        let r = both_paths(&[logits], &g, &|x, kernels| {
+            let cfg = CrossEntropyConfig {
+                label_smoothing: eps,
+                ignore_index: ignore,
+                kernels,
+            };
             cross_entropy(&x[0], &targets, &cfg).unwrap()
         });
         let (f, c) = (&r[0], &r[1]);
@@ -442,7 +442,6 @@ fn fused_cross_entropy_matches_composed_and_finite_differences() {
         );
         assert!(max_diff(&f.1[0], &c.1[0]) < 1e-6, "grad {n}x{v}");
     }
-    super::set_enabled(true);
     let x = randn(&mut rng, &[4, 6], DType::F64);
     let targets = Tensor::from_vec(vec![2u32, 0, 5, 9], 4, &Device::Cpu).unwrap();
     let g = randn(&mut rng, &[4], DType::F64);

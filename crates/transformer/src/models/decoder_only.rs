@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::{
     AbsolutePositions, Activation, Dropout, Encoder, InitScheme, KvCache, LayerConfig,
-    LayerOptions, Linear, Masks, PositionalKind, Rope, TokenEmbedding, VarPath, VarStore,
+    LayerOptions, Linear, Masks, MlpKind, NormKind, PositionalKind, Rope, TokenEmbedding,
+    VarPath, VarStore,
 };
+use super::family::{CausalLm, FamilyConfig, Model};
 use crate::{Error, Result};
 
 /// Configuration of a decoder-only language model; saved as `config.json`.
@@ -57,6 +59,24 @@ pub struct DecoderOnlyConfig {
     /// Parameter initialization.
     #[serde(default = "default_gpt2")]
     pub init: InitScheme,
+    /// Layer norm (default) or RMS norm (Llama).
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub norm: NormKind,
+    /// RMS norms scale by `1 + weight` (Gemma).
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub norm_unit_offset: bool,
+    /// Plain (default) or gated feed-forward (`gated` with `silu`: Llama's SwiGLU).
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub mlp: MlpKind,
+    /// Key/value heads for grouped-query attention (default: n_heads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv_heads: Option<usize>,
+    /// Width of each attention head (default: d_model / n_heads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// Norms over each head's queries and keys (Gemma 3).
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub qk_norm: bool,
 }
 
 fn default_gelu() -> Activation {
@@ -92,6 +112,12 @@ impl DecoderOnlyConfig {
             tie_embeddings: true,
             layer_norm_eps: 1e-5,
             init: InitScheme::Gpt2,
+            norm: NormKind::LayerNorm,
+            norm_unit_offset: false,
+            mlp: MlpKind::Plain,
+            n_kv_heads: None,
+            head_dim: None,
+            qk_norm: false,
         }
     }
 
@@ -145,6 +171,12 @@ impl DecoderOnlyConfig {
             bias: self.bias,
             // GPT-2's MLP drops out only its output, in the residual connection.
             ffn_dropout: Some(0.0),
+            norm: self.norm,
+            norm_unit_offset: self.norm_unit_offset,
+            mlp: self.mlp,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            qk_norm: self.qk_norm,
         }
     }
 
@@ -156,11 +188,13 @@ impl DecoderOnlyConfig {
                 self.vocab_size, self.block_size, self.n_layers
             )));
         }
-        if self.positional == PositionalKind::Rope && (self.d_model / self.n_heads) % 2 != 0 {
-            return Err(Error::Config(format!(
-                "RoPE needs an even head width, d_model / n_heads = {}",
-                self.d_model / self.n_heads
-            )));
+        let head_dim = self.layer().mha().head_width();
+        if self.positional == PositionalKind::Rope && head_dim % 2 != 0 {
+            return Err(Error::invalid(
+                "head width (head_dim or d_model / n_heads) with positional = \"rope\"",
+                "even",
+                head_dim.to_string(),
+            ));
         }
         Ok(())
     }
@@ -200,7 +234,7 @@ impl DecoderOnly {
         };
         let rope = match cfg.positional {
             PositionalKind::Rope => Some(Rope::new(
-                cfg.d_model / cfg.n_heads,
+                cfg.layer().mha().head_width(),
                 cfg.block_size,
                 cfg.rope_theta,
                 vp.dtype(),
@@ -228,7 +262,7 @@ impl DecoderOnly {
             rope,
             blocks,
             lm_head,
-            dropout: Dropout::new(cfg.dropout, vp.dropout_rng())?,
+            dropout: vp.dropout(cfg.dropout)?,
         })
     }
 
@@ -239,17 +273,12 @@ impl DecoderOnly {
         device: &Device,
         seed: u64,
     ) -> Result<(Self, VarStore)> {
-        let vs = VarStore::new(dtype, device, cfg.init, seed).with_n_layers(cfg.n_layers);
-        let model = Self::new(cfg, &vs.root())?;
-        Ok((model, vs))
+        FamilyConfig::init(cfg, dtype, device, seed)
     }
 
-    /// Load `config.json` and `model.safetensors` from a directory.
+    /// Load `config.json` and `model.safetensors` from a directory (f32).
     pub fn load(dir: &Path, device: &Device) -> Result<(Self, VarStore)> {
-        super::check_model_dir(dir)?;
-        let cfg: DecoderOnlyConfig = super::read_config(&dir.join(super::CONFIG_FILE))?;
-        let (model, vs) = Self::init(&cfg, DType::F32, device, 0)?;
-        vs.load(dir.join(super::WEIGHTS_FILE))?;
+        let (model, vs, _) = DecoderOnlyConfig::load(dir, device, DType::F32)?;
         Ok((model, vs))
     }
 
@@ -321,5 +350,49 @@ impl DecoderOnly {
                 None,
             )?),
         }
+    }
+}
+
+impl FamilyConfig for DecoderOnlyConfig {
+    type Model = DecoderOnly;
+    const NAME: &'static str = "decoder_only";
+    const PRESETS: &'static [&'static str] = &["shakespeare_char", "gpt2_small", "tiny"];
+    const VOCAB_KEYS: &'static [&'static str] = &["vocab_size"];
+
+    fn preset(name: &str, vocab_size: usize) -> Result<Self> {
+        DecoderOnlyConfig::preset(name, vocab_size)
+    }
+    fn validate(&self) -> Result<()> {
+        DecoderOnlyConfig::validate(self)
+    }
+    fn init_scheme(&self) -> InitScheme {
+        self.init
+    }
+    fn n_layers(&self) -> usize {
+        self.n_layers
+    }
+    fn build(&self, vp: &VarPath) -> Result<DecoderOnly> {
+        DecoderOnly::new(self, vp)
+    }
+    fn erase(model: DecoderOnly) -> Model {
+        Model::CausalLm(Box::new(model))
+    }
+}
+
+impl CausalLm for DecoderOnly {
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    fn context_length(&self) -> usize {
+        self.cfg.block_size
+    }
+    fn new_cache(&self) -> Vec<KvCache> {
+        DecoderOnly::new_cache(self)
+    }
+    fn forward(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        DecoderOnly::forward(self, ids, train)
+    }
+    fn forward_cached(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+        DecoderOnly::forward_cached(self, ids, caches)
     }
 }

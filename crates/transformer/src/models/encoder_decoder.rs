@@ -10,9 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::{
     AbsolutePositions, Activation, AttnMask, Decoder, DecoderState, Dropout, Encoder, Init,
-    InitScheme, LayerConfig, LayerOptions, Linear, Masks, NeedWeights, PositionalKind,
-    TokenEmbedding, VarPath, VarStore,
+    InitScheme, LayerConfig, LayerOptions, Linear, Masks, MlpKind, NeedWeights, NormKind,
+    PositionalKind, Rope, TokenEmbedding, VarPath, VarStore,
 };
+use super::family::{FamilyConfig, Model, Seq2Seq, Source};
 use crate::{Error, Result};
 
 /// Configuration of an encoder-decoder model; saved as `config.json` beside the weights.
@@ -74,6 +75,28 @@ pub struct EncoderDecoderConfig {
     /// the same way and the encoder learned to ignore positions (issue 4, BENCHMARKS.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embed_init_std: Option<f64>,
+    /// RoPE base frequency (with `positional = "rope"`, applied in encoder and decoder
+    /// self-attention).
+    #[serde(default = "super::default_theta", skip_serializing_if = "super::is_default_theta")]
+    pub rope_theta: f64,
+    /// Layer norm (default) or RMS norm (Llama).
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub norm: NormKind,
+    /// RMS norms scale by `1 + weight` (Gemma).
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub norm_unit_offset: bool,
+    /// Plain (default) or gated feed-forward (`gated` with `silu`: Llama's SwiGLU).
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub mlp: MlpKind,
+    /// Key/value heads for grouped-query attention (default: n_heads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv_heads: Option<usize>,
+    /// Width of each attention head (default: d_model / n_heads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// Norms over each head's queries and keys (Gemma 3).
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub qk_norm: bool,
 }
 
 impl EncoderDecoderConfig {
@@ -101,6 +124,13 @@ impl EncoderDecoderConfig {
             scale_embeddings: true,
             init: InitScheme::XavierUniform,
             embed_init_std: None,
+            rope_theta: super::default_theta(),
+            norm: NormKind::LayerNorm,
+            norm_unit_offset: false,
+            mlp: MlpKind::Plain,
+            n_kv_heads: None,
+            head_dim: None,
+            qk_norm: false,
         }
     }
 
@@ -151,6 +181,12 @@ impl EncoderDecoderConfig {
             layer_norm_eps: self.layer_norm_eps,
             bias: self.bias,
             ffn_dropout: None,
+            norm: self.norm,
+            norm_unit_offset: self.norm_unit_offset,
+            mlp: self.mlp,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            qk_norm: self.qk_norm,
         }
     }
 
@@ -175,9 +211,12 @@ impl EncoderDecoderConfig {
                 )));
             }
         }
-        if self.positional == PositionalKind::Rope {
-            return Err(Error::Config(
-                "positional = \"rope\" is only available for decoder-only models".into(),
+        let head_dim = self.layer().mha().head_width();
+        if self.positional == PositionalKind::Rope && head_dim % 2 != 0 {
+            return Err(Error::invalid(
+                "head width (head_dim or d_model / n_heads) with positional = \"rope\"",
+                "even",
+                head_dim.to_string(),
             ));
         }
         Ok(())
@@ -195,6 +234,8 @@ pub struct EncoderDecoder {
     tgt_embed: Option<TokenEmbedding>,
     src_pos: Option<AbsolutePositions>,
     tgt_pos: Option<AbsolutePositions>,
+    /// Rotary positions of both stacks' self-attention, with `positional = "rope"`.
+    rope: Option<Rope>,
     encoder: Encoder,
     decoder: Decoder,
     generator: Option<Linear>,
@@ -281,16 +322,27 @@ impl EncoderDecoder {
                 &vp.pp("generator"),
             )?)
         };
+        let rope = match cfg.positional {
+            PositionalKind::Rope => Some(Rope::new(
+                layer.mha().head_width(),
+                cfg.max_len,
+                cfg.rope_theta,
+                vp.dtype(),
+                vp.device(),
+            )?),
+            _ => None,
+        };
         Ok(EncoderDecoder {
             cfg: cfg.clone(),
             src_embed,
             tgt_embed,
             src_pos,
             tgt_pos,
+            rope,
             encoder,
             decoder,
             generator,
-            dropout: Dropout::new(cfg.dropout, vp.dropout_rng())?,
+            dropout: vp.dropout(cfg.dropout)?,
         })
     }
 
@@ -301,18 +353,12 @@ impl EncoderDecoder {
         device: &Device,
         seed: u64,
     ) -> Result<(Self, VarStore)> {
-        let vs = VarStore::new(dtype, device, cfg.init, seed)
-            .with_n_layers(cfg.n_encoder_layers + cfg.n_decoder_layers);
-        let model = Self::new(cfg, &vs.root())?;
-        Ok((model, vs))
+        FamilyConfig::init(cfg, dtype, device, seed)
     }
 
-    /// Load `config.json` and `model.safetensors` from a directory.
+    /// Load `config.json` and `model.safetensors` from a directory (f32).
     pub fn load(dir: &Path, device: &Device) -> Result<(Self, VarStore)> {
-        super::check_model_dir(dir)?;
-        let cfg: EncoderDecoderConfig = super::read_config(&dir.join(super::CONFIG_FILE))?;
-        let (model, vs) = Self::init(&cfg, DType::F32, device, 0)?;
-        vs.load(dir.join(super::WEIGHTS_FILE))?;
+        let (model, vs, _) = EncoderDecoderConfig::load(dir, device, DType::F32)?;
         Ok((model, vs))
     }
 
@@ -354,7 +400,16 @@ impl EncoderDecoder {
     /// `src`: (B, S) ids, `src_key_padding`: (B, S) → memory (B, S, E)
     pub fn encode(&self, src: &Tensor, src_masks: &Masks, train: bool) -> Result<Tensor> {
         let x = self.embed(src, &self.src_embed, self.src_pos.as_ref(), 0, train)?;
-        self.encoder.forward(&x, src_masks, train)
+        self.encoder
+            .forward_with(&x, src_masks, &self.layer_options(train), None)
+    }
+
+    fn layer_options(&self, train: bool) -> LayerOptions<'_> {
+        LayerOptions {
+            train,
+            rope: self.rope.as_ref(),
+            ..Default::default()
+        }
     }
 
     /// Project decoder states to vocabulary logits.
@@ -386,10 +441,11 @@ impl EncoderDecoder {
         train: bool,
     ) -> Result<Tensor> {
         let y = self.embed(tgt, self.tgt_embed(), self.tgt_pos.as_ref(), 0, train)?;
+        let opts = self.layer_options(train);
         let y = self
             .decoder
-            .forward(&y, memory, tgt_masks, memory_masks, train)?;
-        self.generate_logits(&y)
+            .forward_with(&y, memory, tgt_masks, memory_masks, &opts, None)?;
+        self.generate_logits(&y.x)
     }
 
     /// Full forward pass with padding masks from the given key-padding masks and a causal
@@ -441,9 +497,8 @@ impl EncoderDecoder {
             false,
         )?;
         let opts = LayerOptions {
-            train: false,
-            rope: None,
             need_weights,
+            ..self.layer_options(false)
         };
         let out = self.decoder.forward_with(
             &y,
@@ -455,6 +510,91 @@ impl EncoderDecoder {
         )?;
         state.position += t_new;
         Ok((self.generate_logits(&out.x)?, out.cross_weights))
+    }
+}
+
+impl FamilyConfig for EncoderDecoderConfig {
+    type Model = EncoderDecoder;
+    const NAME: &'static str = "encoder_decoder";
+    const PRESETS: &'static [&'static str] = &["base", "big", "tiny"];
+    const VOCAB_KEYS: &'static [&'static str] = &["src_vocab_size", "tgt_vocab_size"];
+
+    fn preset(name: &str, vocab_size: usize) -> Result<Self> {
+        EncoderDecoderConfig::preset(name, vocab_size)
+    }
+    fn validate(&self) -> Result<()> {
+        EncoderDecoderConfig::validate(self)
+    }
+    fn init_scheme(&self) -> InitScheme {
+        self.init
+    }
+    fn n_layers(&self) -> usize {
+        self.n_encoder_layers + self.n_decoder_layers
+    }
+    fn build(&self, vp: &VarPath) -> Result<EncoderDecoder> {
+        EncoderDecoder::new(self, vp)
+    }
+    fn erase(model: EncoderDecoder) -> Model {
+        Model::Seq2Seq(Box::new(model))
+    }
+}
+
+impl Seq2Seq for EncoderDecoder {
+    fn src_vocab_size(&self) -> usize {
+        self.cfg.src_vocab_size
+    }
+    fn tgt_vocab_size(&self) -> usize {
+        self.cfg.tgt_vocab_size
+    }
+    fn max_len(&self) -> usize {
+        self.cfg.max_len
+    }
+    fn d_model(&self) -> usize {
+        self.cfg.d_model
+    }
+    fn n_heads(&self) -> usize {
+        self.cfg.n_heads
+    }
+    fn n_decoder_layers(&self) -> usize {
+        self.cfg.n_decoder_layers
+    }
+    fn encode(&self, src: Source, train: bool) -> Result<Tensor> {
+        match src {
+            Source::Tokens { ids, padding } => EncoderDecoder::encode(
+                self,
+                ids,
+                &Masks::none().with_key_padding(padding),
+                train,
+            ),
+            Source::Features { x, .. } => Err(Error::shape(
+                "encoder-decoder source",
+                "(B, S) token ids (this model embeds tokens, not features)",
+                x.dims(),
+            )),
+        }
+    }
+    fn decode(
+        &self,
+        tgt: &Tensor,
+        memory: &Tensor,
+        tgt_masks: &Masks,
+        memory_masks: &Masks,
+        train: bool,
+    ) -> Result<Tensor> {
+        EncoderDecoder::decode(self, tgt, memory, tgt_masks, memory_masks, train)
+    }
+    fn start_decoding(&self, memory: &Tensor) -> Result<DecodeState> {
+        EncoderDecoder::start_decoding(self, memory)
+    }
+    fn decode_step(
+        &self,
+        tgt_new: &Tensor,
+        memory: &Tensor,
+        memory_pad: Option<&AttnMask>,
+        state: &mut DecodeState,
+        need_weights: NeedWeights,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        EncoderDecoder::decode_step(self, tgt_new, memory, memory_pad, state, need_weights)
     }
 }
 

@@ -9,9 +9,10 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{
-    AbsolutePositions, Activation, AttnMask, Dropout, Encoder, InitScheme, LayerConfig, LayerNorm,
+    AbsolutePositions, Activation, AttnMask, Dropout, Encoder, InitScheme, LayerConfig, Norm,
     Linear, Masks, TokenEmbedding, VarPath, VarStore,
 };
+use super::family::{EncoderModel, FamilyConfig, Model};
 use crate::{Error, Result};
 
 /// How a sequence of hidden states becomes one vector.
@@ -141,17 +142,16 @@ impl EncoderOnlyConfig {
     }
 
     pub fn layer(&self) -> LayerConfig {
-        LayerConfig {
-            d_model: self.d_model,
-            n_heads: self.n_heads,
-            d_ff: self.d_ff,
-            dropout: self.dropout,
-            activation: self.activation,
-            norm_first: self.norm_first,
-            layer_norm_eps: self.layer_norm_eps,
-            bias: true,
-            ffn_dropout: None,
-        }
+        LayerConfig::new(
+            self.d_model,
+            self.n_heads,
+            self.d_ff,
+            self.dropout,
+            self.activation,
+            self.norm_first,
+            self.layer_norm_eps,
+            true,
+        )
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -178,7 +178,7 @@ pub struct EncoderOnly {
     tok: TokenEmbedding,
     pos: AbsolutePositions,
     token_type: Option<TokenEmbedding>,
-    embed_norm: Option<LayerNorm>,
+    embed_norm: Option<Norm>,
     encoder: Encoder,
     pooler: Option<Linear>,
     classifier: Option<Linear>,
@@ -202,7 +202,7 @@ impl EncoderOnly {
             None
         };
         let embed_norm = if cfg.embedding_norm {
-            Some(LayerNorm::new(
+            Some(Norm::layer_norm(
                 cfg.d_model,
                 cfg.layer_norm_eps,
                 true,
@@ -243,7 +243,7 @@ impl EncoderOnly {
             encoder,
             pooler,
             classifier,
-            dropout: Dropout::new(cfg.dropout, vp.dropout_rng())?,
+            dropout: vp.dropout(cfg.dropout)?,
         })
     }
 
@@ -254,17 +254,12 @@ impl EncoderOnly {
         device: &Device,
         seed: u64,
     ) -> Result<(Self, VarStore)> {
-        let vs = VarStore::new(dtype, device, cfg.init, seed).with_n_layers(cfg.n_layers);
-        let model = Self::new(cfg, &vs.root())?;
-        Ok((model, vs))
+        FamilyConfig::init(cfg, dtype, device, seed)
     }
 
-    /// Load `config.json` and `model.safetensors` from a directory.
+    /// Load `config.json` and `model.safetensors` from a directory (f32).
     pub fn load(dir: &Path, device: &Device) -> Result<(Self, VarStore)> {
-        super::check_model_dir(dir)?;
-        let cfg: EncoderOnlyConfig = super::read_config(&dir.join(super::CONFIG_FILE))?;
-        let (model, vs) = Self::init(&cfg, DType::F32, device, 0)?;
-        vs.load(dir.join(super::WEIGHTS_FILE))?;
+        let (model, vs, _) = EncoderOnlyConfig::load(dir, device, DType::F32)?;
         Ok((model, vs))
     }
 
@@ -338,6 +333,50 @@ impl EncoderOnly {
         let h = self.forward(ids, None, padding, train)?;
         let pooled = self.dropout.forward(&self.pool(&h, padding)?, train)?;
         head.forward(&pooled)
+    }
+}
+
+impl FamilyConfig for EncoderOnlyConfig {
+    type Model = EncoderOnly;
+    const NAME: &'static str = "encoder_only";
+    const PRESETS: &'static [&'static str] = &["bert_base", "minilm_l6", "tiny"];
+    const VOCAB_KEYS: &'static [&'static str] = &["vocab_size"];
+
+    fn preset(name: &str, vocab_size: usize) -> Result<Self> {
+        EncoderOnlyConfig::preset(name, vocab_size)
+    }
+    fn validate(&self) -> Result<()> {
+        EncoderOnlyConfig::validate(self)
+    }
+    fn init_scheme(&self) -> InitScheme {
+        self.init
+    }
+    fn n_layers(&self) -> usize {
+        self.n_layers
+    }
+    fn build(&self, vp: &VarPath) -> Result<EncoderOnly> {
+        EncoderOnly::new(self, vp)
+    }
+    fn erase(model: EncoderOnly) -> Model {
+        Model::Encoder(Box::new(model))
+    }
+}
+
+impl EncoderModel for EncoderOnly {
+    fn d_model(&self) -> usize {
+        self.cfg.d_model
+    }
+    fn hidden_states(
+        &self,
+        ids: &Tensor,
+        token_types: Option<&Tensor>,
+        padding: Option<&AttnMask>,
+        train: bool,
+    ) -> Result<Tensor> {
+        EncoderOnly::forward(self, ids, token_types, padding, train)
+    }
+    fn pool(&self, hidden: &Tensor, padding: Option<&AttnMask>) -> Result<Tensor> {
+        EncoderOnly::pool(self, hidden, padding)
     }
 }
 

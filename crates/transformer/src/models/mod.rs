@@ -1,9 +1,11 @@
-//! The three Transformer families, each with a serde `Config` saved as `config.json` beside
-//! its weights (`model.safetensors`) and named presets.
+//! The model families behind one seam (`family`: the [`FamilyConfig`] trait, the registry
+//! [`FAMILIES`] and the capability traits), each with a serde `Config` saved as `config.json`
+//! beside its weights (`model.safetensors`) and named presets.
 
 pub mod decoder_only;
 pub mod encoder_decoder;
 pub mod encoder_only;
+pub mod family;
 
 use std::path::Path;
 
@@ -16,6 +18,10 @@ use crate::{Error, Result};
 pub use decoder_only::{DecoderOnly, DecoderOnlyConfig};
 pub use encoder_decoder::{EncoderDecoder, EncoderDecoderConfig};
 pub use encoder_only::{EncoderOnly, EncoderOnlyConfig, Pooling};
+pub use family::{
+    family, AnyConfig, CausalLm, EncoderModel, Family, FamilyConfig, LoadedModel, Model, Seq2Seq,
+    Source, FAMILIES,
+};
 
 /// File names inside a model directory.
 pub const CONFIG_FILE: &str = "config.json";
@@ -124,4 +130,16 @@ fn default_true() -> bool {
 
 fn default_eps() -> f64 {
     1e-5
+}
+
+fn default_theta() -> f64 {
+    10000.0
+}
+
+fn is_default_theta(v: &f64) -> bool {
+    *v == default_theta()
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }

@@ -1,11 +1,13 @@
 //! Scaled dot-product attention: softmax(QKᵀ/√d_k + mask) V.
 //!
-//! Dimension letters: `B` batch, `H` heads, `T` query positions, `S` key positions, `D` head
-//! width of queries and keys, `Dv` head width of values.
+//! Dimension letters: `B` batch, `H` heads, `Hkv` key/value heads (grouped-query attention,
+//! dividing `H`), `T` query positions, `S` key positions, `D` head width of queries and keys,
+//! `Dv` head width of values.
 
 use candle_core::{DType, Device, Tensor, D};
 
 use super::dropout::Dropout;
+use crate::kernels::Kernels;
 use crate::{Error, Result};
 
 /// A mask over attention scores, boolean or additive. The two boolean conventions PyTorch uses
@@ -102,6 +104,8 @@ pub struct SdpaOptions<'a> {
     pub train: bool,
     /// Return the attention weights (B, H, T, S), taken before dropout.
     pub need_weights: bool,
+    /// Fused kernel or composed ops.
+    pub kernels: Kernels,
 }
 
 /// Result of attention: the context vectors and optionally the weights.
@@ -120,7 +124,8 @@ pub struct AttnOutput {
 /// not NaN.
 ///
 /// # Shapes
-/// - `q`: (B, H, T, D), `k`: (B, H, S, D), `v`: (B, H, S, Dv)
+/// - `q`: (B, H, T, D), `k`: (B, Hkv, S, D), `v`: (B, Hkv, S, Dv), Hkv dividing H (query
+///   head `h` attends with key/value head `h / (H / Hkv)`)
 /// - returns context (B, H, T, Dv) and weights (B, H, T, S)
 pub fn scaled_dot_product_attention(
     q: &Tensor,
@@ -133,27 +138,27 @@ pub fn scaled_dot_product_attention(
         .map_err(|_| Error::shape("attention query", "(B, H, T, D)", q.dims()))?;
     let (bk, hk, s, dk) = k
         .dims4()
-        .map_err(|_| Error::shape("attention key", "(B, H, S, D)", k.dims()))?;
-    if (bk, hk, dk) != (b, h, d) {
+        .map_err(|_| Error::shape("attention key", "(B, Hkv, S, D)", k.dims()))?;
+    if (bk, dk) != (b, d) || hk == 0 || h % hk != 0 {
         return Err(Error::shape(
             "attention key",
-            format!("({b}, {h}, S, {d}) to match the query"),
+            format!("({b}, Hkv, S, {d}) with Hkv dividing {h}, to match the query"),
             k.dims(),
         ));
     }
     let (bv, hv, sv, _dv) = v
         .dims4()
-        .map_err(|_| Error::shape("attention value", "(B, H, S, Dv)", v.dims()))?;
-    if (bv, hv, sv) != (b, h, s) {
+        .map_err(|_| Error::shape("attention value", "(B, Hkv, S, Dv)", v.dims()))?;
+    if (bv, hv, sv) != (b, hk, s) {
         return Err(Error::shape(
             "attention value",
-            format!("({b}, {h}, {s}, Dv) to match the key"),
+            format!("({b}, {hk}, {s}, Dv) to match the key"),
             v.dims(),
         ));
     }
     let scale = opts.scale.unwrap_or(1.0 / (d as f64).sqrt());
     if !opts.need_weights
-        && crate::kernels::applies(q)
+        && opts.kernels.applies(q)
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype()
     {
@@ -187,12 +192,13 @@ pub fn scaled_dot_product_attention(
         });
     }
     let bias = mask_bias(b, h, t, s, opts, q.dtype(), q.device())?;
+    let (k, v) = (repeat_kv(k, h / hk)?, repeat_kv(v, h / hk)?);
 
     // (B, H, T, D) x (B, H, D, S) -> (B, H, T, S)
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     let weights = match &bias {
-        None => softmax_last_dim(&scores)?,
-        Some(bias) => masked_softmax_last_dim(&scores.broadcast_add(bias)?)?,
+        None => softmax_last_dim(&scores, opts.kernels)?,
+        Some(bias) => masked_softmax_last_dim(&scores.broadcast_add(bias)?, opts.kernels)?,
     };
     let dropped = match opts.dropout {
         Some(drop) if opts.train => drop.forward(&weights, true)?,
@@ -203,6 +209,20 @@ pub fn scaled_dot_product_attention(
         context,
         weights: opts.need_weights.then_some(weights),
     })
+}
+
+/// Each key/value head repeated for the `group` query heads that share it:
+/// (B, Hkv, S, D) → (B, Hkv·group, S, D), as Hugging Face's `repeat_kv`.
+pub fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
+    if group == 1 {
+        return Ok(x.clone());
+    }
+    let (b, hk, s, d) = x.dims4()?;
+    // (B, Hkv, 1, S, D) -> (B, Hkv, group, S, D) -> (B, Hkv·group, S, D)
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, hk, group, s, d))?
+        .contiguous()?
+        .reshape((b, hk * group, s, d))?)
 }
 
 /// The sum of all masks as one additive bias that broadcasts to (B, H, T, S), or None.
@@ -261,8 +281,8 @@ fn mask_bias(
 
 /// Softmax over the last dimension from differentiable ops (candle-nn's fused
 /// `softmax_last_dim` records no backward). The max is a constant for the gradient.
-pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if crate::kernels::applies(x) {
+pub fn softmax_last_dim(x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+    if kernels.applies(x) {
         return crate::kernels::softmax::softmax_last_dim(x);
     }
     let max = x.max_keepdim(D::Minus1)?.detach();
@@ -272,8 +292,8 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Softmax that maps a row of all `-inf` to all zeros instead of NaN.
-pub fn masked_softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if crate::kernels::applies(x) {
+pub fn masked_softmax_last_dim(x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+    if kernels.applies(x) {
         return crate::kernels::softmax::softmax_last_dim(x);
     }
     let max = x.max_keepdim(D::Minus1)?.detach();

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::kernels;
+use crate::kernels::{self, Kernels};
 use crate::rng::SharedRng;
 use crate::{Error, Result};
 
@@ -10,14 +10,15 @@ use crate::{Error, Result};
 pub struct Dropout {
     p: f64,
     rng: SharedRng,
+    kernels: Kernels,
 }
 
 impl Dropout {
-    pub fn new(p: f64, rng: SharedRng) -> Result<Self> {
+    pub fn new(p: f64, rng: SharedRng, kernels: Kernels) -> Result<Self> {
         if !(0.0..1.0).contains(&p) {
             return Err(Error::Config(format!("dropout must be in [0, 1), got {p}")));
         }
-        Ok(Dropout { p, rng })
+        Ok(Dropout { p, rng, kernels })
     }
 
     pub fn p(&self) -> f64 {
@@ -35,7 +36,7 @@ impl Dropout {
         if !train || self.p == 0.0 {
             return Ok(x.clone());
         }
-        if kernels::applies(x) {
+        if self.kernels.applies(x) {
             // The mask is a hash of a seed and the position: nothing kept for the backward.
             return Ok(kernels::dropout::dropout(x, self.p, self.seed())?);
         }
@@ -48,7 +49,7 @@ impl Dropout {
     /// # Shapes
     /// `x`, `y`: the same shape → that shape
     pub fn add_to(&self, x: &Tensor, y: &Tensor, train: bool) -> Result<Tensor> {
-        if train && self.p > 0.0 && kernels::applies(x) && x.dtype() == y.dtype() {
+        if train && self.p > 0.0 && self.kernels.applies(x) && x.dtype() == y.dtype() {
             if x.dims() != y.dims() {
                 return Err(Error::shape(
                     "residual branch",

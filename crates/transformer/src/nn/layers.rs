@@ -1,5 +1,8 @@
 //! Encoder and decoder layers (post-norm as in the paper and PyTorch's default, or pre-norm
-//! with `norm_first`) and their stacks.
+//! with `norm_first`) and their stacks, composed of three residual blocks: self-attention
+//! (shared by both layers), cross-attention and the feed-forward. The norm (layer or RMS), the
+//! feed-forward (plain or gated), grouped-query attention and query/key norms come from the
+//! [`LayerConfig`]; each block decides itself when to take the fused kernels.
 //!
 //! Dimension letters: `B` batch, `T` target/query positions, `S` source/memory positions,
 //! `E` = d_model.
@@ -10,11 +13,15 @@ use serde::{Deserialize, Serialize};
 use super::attention::AttnMask;
 use super::dropout::Dropout;
 use super::embedding::Rope;
-use super::ffn::{Activation, Branch, FeedForward};
 use super::mha::{KvCache, MhaConfig, MhaInput, MultiHeadAttention, NeedWeights, ProjectedKv};
-use super::norm::{LayerNorm, NormedInput};
+use super::mlp::{Activation, Branch, Mlp, MlpConfig, MlpKind};
+use super::norm::{Norm, NormConfig, NormKind, NormedInput};
 use super::var_store::VarPath;
 use crate::{Error, Result};
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
 
 /// Shape and behaviour shared by the encoder and decoder layers of a model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,6 +33,7 @@ pub struct LayerConfig {
     pub activation: Activation,
     /// Pre-norm (x + f(norm(x))) instead of the paper's post-norm (norm(x + f(x))).
     pub norm_first: bool,
+    /// The norms' epsilon (layer or RMS norm).
     pub layer_norm_eps: f64,
     /// Biases in the linear and norm layers.
     pub bias: bool,
@@ -33,14 +41,91 @@ pub struct LayerConfig {
     /// PyTorch's `nn.TransformerEncoderLayer`. GPT-2 and nanoGPT have none (`Some(0.0)`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ffn_dropout: Option<f64>,
+    /// Layer norm (default) or RMS norm.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub norm: NormKind,
+    /// RMS norms scale by `1 + weight` (Gemma).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub norm_unit_offset: bool,
+    /// Plain (default) or gated feed-forward.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub mlp: MlpKind,
+    /// Key/value heads for grouped-query attention (default: `n_heads`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv_heads: Option<usize>,
+    /// Width of each attention head (default: d_model / n_heads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// Norms over each head's queries and keys (Gemma 3), of the layers' norm kind.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub qk_norm: bool,
 }
 
 impl LayerConfig {
-    fn mha(&self) -> MhaConfig {
+    /// The paper's layer: layer norm, plain feed-forward, as many key/value heads as heads.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        d_model: usize,
+        n_heads: usize,
+        d_ff: usize,
+        dropout: f64,
+        activation: Activation,
+        norm_first: bool,
+        layer_norm_eps: f64,
+        bias: bool,
+    ) -> Self {
+        LayerConfig {
+            d_model,
+            n_heads,
+            d_ff,
+            dropout,
+            activation,
+            norm_first,
+            layer_norm_eps,
+            bias,
+            ffn_dropout: None,
+            norm: NormKind::LayerNorm,
+            norm_unit_offset: false,
+            mlp: MlpKind::Plain,
+            n_kv_heads: None,
+            head_dim: None,
+            qk_norm: false,
+        }
+    }
+
+    /// The norm of every residual block and of the stacks' final norm.
+    pub fn norm_config(&self) -> NormConfig {
+        NormConfig {
+            kind: self.norm,
+            eps: self.layer_norm_eps,
+            bias: self.bias,
+            unit_offset: self.norm_unit_offset,
+        }
+    }
+
+    pub fn mha(&self) -> MhaConfig {
         MhaConfig {
             bias: self.bias,
             dropout: self.dropout,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            // Per-head norms have no bias.
+            qk_norm: self.qk_norm.then_some(NormConfig {
+                bias: false,
+                ..self.norm_config()
+            }),
             ..MhaConfig::new(self.d_model, self.n_heads)
+        }
+    }
+
+    pub fn mlp_config(&self) -> MlpConfig {
+        MlpConfig {
+            d_model: self.d_model,
+            d_ff: self.d_ff,
+            kind: self.mlp,
+            activation: self.activation,
+            dropout: self.ffn_dropout.unwrap_or(self.dropout),
+            bias: self.bias,
         }
     }
 
@@ -60,6 +145,13 @@ impl LayerConfig {
                 "layer_norm_eps must be > 0, got {}",
                 self.layer_norm_eps
             )));
+        }
+        if self.norm_unit_offset && self.norm != NormKind::RmsNorm {
+            return Err(Error::invalid(
+                "norm_unit_offset",
+                "false unless norm = \"rms_norm\"",
+                "true",
+            ));
         }
         Ok(())
     }
@@ -100,70 +192,184 @@ impl<'a> Masks<'a> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LayerOptions<'a> {
     pub train: bool,
+    /// Rotary embedding of self-attention's queries and keys (encoder and decoder alike).
     pub rope: Option<&'a Rope>,
     pub need_weights: NeedWeights,
 }
 
-/// One residual sub-layer: `x + dropout(f(norm(x)))` (pre-norm) or `norm(x + dropout(f(x)))`
+/// A residual connection: `x + dropout(f(norm(x)))` (pre-norm) or `norm(x + dropout(f(x)))`
 /// (post-norm). `f` returns its output before its last projection, so that the projection,
 /// the dropout and the sum fuse; in pre-norm the norm is left to `f`, to fuse with its first.
-fn residual<'a>(
-    x: &Tensor,
-    norm: &LayerNorm,
+#[derive(Debug, Clone)]
+struct Residual {
+    norm: Norm,
+    dropout: Dropout,
     norm_first: bool,
-    dropout: &Dropout,
-    train: bool,
-    f: impl FnOnce(NormedInput<'_>) -> Result<Branch<'a>>,
-) -> Result<Tensor> {
-    if norm_first {
-        let input = NormedInput {
-            x,
-            norm: Some(norm),
-        };
-        f(input)?.add_to(x, dropout, train)
-    } else {
-        let input = NormedInput { x, norm: None };
-        norm.forward(&f(input)?.add_to(x, dropout, train)?)
+}
+
+impl Residual {
+    fn new(cfg: &LayerConfig, norm_vp: &VarPath, dropout: Dropout) -> Result<Self> {
+        Ok(Residual {
+            norm: Norm::new(cfg.d_model, &cfg.norm_config(), norm_vp)?,
+            dropout,
+            norm_first: cfg.norm_first,
+        })
+    }
+
+    fn apply<'a>(
+        &self,
+        x: &Tensor,
+        train: bool,
+        f: impl FnOnce(NormedInput<'_>) -> Result<Branch<'a>>,
+    ) -> Result<Tensor> {
+        if self.norm_first {
+            let input = NormedInput {
+                x,
+                norm: Some(&self.norm),
+            };
+            f(input)?.add_to(x, &self.dropout, train)
+        } else {
+            let input = NormedInput { x, norm: None };
+            self.norm
+                .forward(&f(input)?.add_to(x, &self.dropout, train)?)
+        }
+    }
+}
+
+/// Self-attention in its residual block: the first block of encoder and decoder layers.
+#[derive(Debug, Clone)]
+pub struct SelfAttentionBlock {
+    attn: MultiHeadAttention,
+    residual: Residual,
+}
+
+impl SelfAttentionBlock {
+    /// Self-attention with `masks`, a cache for incremental decoding and RoPE.
+    ///
+    /// # Shapes
+    /// `x`: (B, T, E) → ((B, T, E), weights (B, T, S) or (B, H, T, S))
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        masks: &Masks,
+        opts: &LayerOptions,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let mut weights = None;
+        let x = self.residual.apply(x, opts.train, |h| {
+            let out = self.attn.forward_heads(
+                MhaInput::self_attn(h.x)
+                    .query_norm(h.norm)
+                    .key_padding_mask(masks.key_padding)
+                    .attn_mask(masks.attn)
+                    .causal(masks.causal)
+                    .need_weights(opts.need_weights)
+                    .cache(cache)
+                    .rope(opts.rope)
+                    .train(opts.train),
+            )?;
+            weights = out.weights;
+            Ok(Branch::projection(
+                out.context,
+                self.attn.out_proj(),
+                self.attn.kernels(),
+            ))
+        })?;
+        Ok((x, weights))
+    }
+
+    pub fn attention(&self) -> &MultiHeadAttention {
+        &self.attn
+    }
+}
+
+/// Cross-attention over an encoder memory in its residual block.
+#[derive(Debug, Clone)]
+struct CrossAttentionBlock {
+    attn: MultiHeadAttention,
+    residual: Residual,
+}
+
+impl CrossAttentionBlock {
+    fn forward(
+        &self,
+        x: &Tensor,
+        memory: Memory,
+        masks: &Masks,
+        opts: &LayerOptions,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let mut weights = None;
+        let x = self.residual.apply(x, opts.train, |h| {
+            let input = match memory {
+                Memory::Raw(m) => MhaInput::cross_attn(h.x, m).query_norm(h.norm),
+                Memory::Projected(kv) => MhaInput::self_attn(h.x)
+                    .static_kv(Some(kv))
+                    .query_norm(h.norm),
+            };
+            let out = self.attn.forward_heads(
+                input
+                    .key_padding_mask(masks.key_padding)
+                    .attn_mask(masks.attn)
+                    .causal(masks.causal)
+                    .need_weights(opts.need_weights)
+                    .train(opts.train),
+            )?;
+            weights = out.weights;
+            Ok(Branch::projection(
+                out.context,
+                self.attn.out_proj(),
+                self.attn.kernels(),
+            ))
+        })?;
+        Ok((x, weights))
+    }
+}
+
+/// The feed-forward in its residual block.
+#[derive(Debug, Clone)]
+struct FeedForwardBlock {
+    mlp: Mlp,
+    residual: Residual,
+}
+
+impl FeedForwardBlock {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.residual
+            .apply(x, train, |h| self.mlp.branch(h, train))
     }
 }
 
 /// Self-attention and feed-forward, each in a residual block.
 #[derive(Debug, Clone)]
 pub struct EncoderLayer {
-    self_attn: MultiHeadAttention,
-    ff: FeedForward,
-    norm1: LayerNorm,
-    norm2: LayerNorm,
-    dropout1: Dropout,
-    dropout2: Dropout,
-    norm_first: bool,
+    self_attn: SelfAttentionBlock,
+    ff: FeedForwardBlock,
 }
 
 impl EncoderLayer {
-    /// Parameters: `self_attn.*`, `ff.linear{1,2}.*`, `norm{1,2}.*`.
+    /// Parameters: `self_attn.*`, `ff.*` (`linear{1,2}` or `{gate,up,down}_proj`),
+    /// `norm{1,2}.*`.
     pub fn new(cfg: &LayerConfig, vp: &VarPath) -> Result<Self> {
         cfg.validate()?;
-        let rng = vp.dropout_rng();
+        // Created in this order (attention, feed-forward, then the norms) so that a seed
+        // gives the same parameters as it always has.
+        let attn = MultiHeadAttention::new(&cfg.mha(), &vp.pp("self_attn"))?;
+        let mlp = Mlp::new(&cfg.mlp_config(), &vp.pp("ff"))?;
+        let residual = |name: &str| Residual::new(cfg, &vp.pp(name), vp.dropout(cfg.dropout)?);
         Ok(EncoderLayer {
-            self_attn: MultiHeadAttention::new(&cfg.mha(), &vp.pp("self_attn"))?,
-            ff: FeedForward::new(
-                cfg.d_model,
-                cfg.d_ff,
-                cfg.activation,
-                cfg.ffn_dropout.unwrap_or(cfg.dropout),
-                cfg.bias,
-                &vp.pp("ff"),
-            )?,
-            norm1: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm1"))?,
-            norm2: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm2"))?,
-            dropout1: Dropout::new(cfg.dropout, rng.clone())?,
-            dropout2: Dropout::new(cfg.dropout, rng)?,
-            norm_first: cfg.norm_first,
+            self_attn: SelfAttentionBlock {
+                attn,
+                residual: residual("norm1")?,
+            },
+            ff: FeedForwardBlock {
+                mlp,
+                residual: residual("norm2")?,
+            },
         })
     }
 
     pub fn self_attn(&self) -> &MultiHeadAttention {
-        &self.self_attn
+        &self.self_attn.attn
     }
 
     /// # Shapes
@@ -187,54 +393,17 @@ impl EncoderLayer {
         opts: &LayerOptions,
         cache: Option<&mut KvCache>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let mut weights = None;
-        let x = residual(
-            x,
-            &self.norm1,
-            self.norm_first,
-            &self.dropout1,
-            opts.train,
-            |h| {
-                let out = self.self_attn.forward_heads(
-                    MhaInput::self_attn(h.x)
-                        .query_norm(h.norm)
-                        .key_padding_mask(masks.key_padding)
-                        .attn_mask(masks.attn)
-                        .causal(masks.causal)
-                        .need_weights(opts.need_weights)
-                        .cache(cache)
-                        .rope(opts.rope)
-                        .train(opts.train),
-                )?;
-                weights = out.weights;
-                Ok(Branch::projection(out.context, self.self_attn.out_proj()))
-            },
-        )?;
-        let x = residual(
-            &x,
-            &self.norm2,
-            self.norm_first,
-            &self.dropout2,
-            opts.train,
-            |h| self.ff.branch(h, opts.train),
-        )?;
-        Ok((x, weights))
+        let (x, weights) = self.self_attn.forward(x, masks, opts, cache)?;
+        Ok((self.ff.forward(&x, opts.train)?, weights))
     }
 }
 
 /// Masked self-attention, cross-attention over the encoder memory, and feed-forward.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
-    self_attn: MultiHeadAttention,
-    cross_attn: MultiHeadAttention,
-    ff: FeedForward,
-    norm1: LayerNorm,
-    norm2: LayerNorm,
-    norm3: LayerNorm,
-    dropout1: Dropout,
-    dropout2: Dropout,
-    dropout3: Dropout,
-    norm_first: bool,
+    self_attn: SelfAttentionBlock,
+    cross_attn: CrossAttentionBlock,
+    ff: FeedForwardBlock,
 }
 
 /// What a decoder layer returns.
@@ -249,34 +418,32 @@ pub struct DecoderLayerOutput {
 }
 
 impl DecoderLayer {
-    /// Parameters: `self_attn.*`, `cross_attn.*`, `ff.linear{1,2}.*`, `norm{1,2,3}.*`.
+    /// Parameters: `self_attn.*`, `cross_attn.*`, `ff.*`, `norm{1,2,3}.*`.
     pub fn new(cfg: &LayerConfig, vp: &VarPath) -> Result<Self> {
         cfg.validate()?;
-        let rng = vp.dropout_rng();
+        let self_attn = MultiHeadAttention::new(&cfg.mha(), &vp.pp("self_attn"))?;
+        let cross_attn = MultiHeadAttention::new(&cfg.mha(), &vp.pp("cross_attn"))?;
+        let mlp = Mlp::new(&cfg.mlp_config(), &vp.pp("ff"))?;
+        let residual = |name: &str| Residual::new(cfg, &vp.pp(name), vp.dropout(cfg.dropout)?);
         Ok(DecoderLayer {
-            self_attn: MultiHeadAttention::new(&cfg.mha(), &vp.pp("self_attn"))?,
-            cross_attn: MultiHeadAttention::new(&cfg.mha(), &vp.pp("cross_attn"))?,
-            ff: FeedForward::new(
-                cfg.d_model,
-                cfg.d_ff,
-                cfg.activation,
-                cfg.ffn_dropout.unwrap_or(cfg.dropout),
-                cfg.bias,
-                &vp.pp("ff"),
-            )?,
-            norm1: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm1"))?,
-            norm2: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm2"))?,
-            norm3: LayerNorm::new(cfg.d_model, cfg.layer_norm_eps, cfg.bias, &vp.pp("norm3"))?,
-            dropout1: Dropout::new(cfg.dropout, rng.clone())?,
-            dropout2: Dropout::new(cfg.dropout, rng.clone())?,
-            dropout3: Dropout::new(cfg.dropout, rng)?,
-            norm_first: cfg.norm_first,
+            self_attn: SelfAttentionBlock {
+                attn: self_attn,
+                residual: residual("norm1")?,
+            },
+            cross_attn: CrossAttentionBlock {
+                attn: cross_attn,
+                residual: residual("norm2")?,
+            },
+            ff: FeedForwardBlock {
+                mlp,
+                residual: residual("norm3")?,
+            },
         })
     }
 
     /// Project the encoder memory for this layer's cross-attention once (for decoding).
     pub fn project_memory(&self, memory: &Tensor) -> Result<ProjectedKv> {
-        self.cross_attn.project_kv(memory)
+        self.cross_attn.attn.project_kv(memory)
     }
 
     /// # Shapes
@@ -298,7 +465,10 @@ impl DecoderLayer {
             .x)
     }
 
-    /// Forward with a self-attention cache, projected memory and attention weights.
+    /// Forward with a self-attention cache, projected memory, RoPE and attention weights.
+    ///
+    /// # Shapes
+    /// `x`: (B, T, E), memory (B, S, E) → (B, T, E) and weights
     pub fn forward_with(
         &self,
         x: &Tensor,
@@ -308,63 +478,10 @@ impl DecoderLayer {
         opts: &LayerOptions,
         cache: Option<&mut KvCache>,
     ) -> Result<DecoderLayerOutput> {
-        let (mut self_weights, mut cross_weights) = (None, None);
-        let x = residual(
-            x,
-            &self.norm1,
-            self.norm_first,
-            &self.dropout1,
-            opts.train,
-            |h| {
-                let out = self.self_attn.forward_heads(
-                    MhaInput::self_attn(h.x)
-                        .query_norm(h.norm)
-                        .key_padding_mask(tgt.key_padding)
-                        .attn_mask(tgt.attn)
-                        .causal(tgt.causal)
-                        .need_weights(opts.need_weights)
-                        .cache(cache)
-                        .train(opts.train),
-                )?;
-                self_weights = out.weights;
-                Ok(Branch::projection(out.context, self.self_attn.out_proj()))
-            },
-        )?;
-        let x = residual(
-            &x,
-            &self.norm2,
-            self.norm_first,
-            &self.dropout2,
-            opts.train,
-            |h| {
-                let input = match memory {
-                    Memory::Raw(m) => MhaInput::cross_attn(h.x, m).query_norm(h.norm),
-                    Memory::Projected(kv) => MhaInput::self_attn(h.x)
-                        .static_kv(Some(kv))
-                        .query_norm(h.norm),
-                };
-                let out = self.cross_attn.forward_heads(
-                    input
-                        .key_padding_mask(mem.key_padding)
-                        .attn_mask(mem.attn)
-                        .causal(mem.causal)
-                        .need_weights(opts.need_weights)
-                        .train(opts.train),
-                )?;
-                cross_weights = out.weights;
-                Ok(Branch::projection(out.context, self.cross_attn.out_proj()))
-            },
-        )?;
-        let x = residual(
-            &x,
-            &self.norm3,
-            self.norm_first,
-            &self.dropout3,
-            opts.train,
-            |h| self.ff.branch(h, opts.train),
-        )?;
+        let (x, self_weights) = self.self_attn.forward(x, tgt, opts, cache)?;
+        let (x, cross_weights) = self.cross_attn.forward(&x, memory, mem, opts)?;
         Ok(DecoderLayerOutput {
-            x,
+            x: self.ff.forward(&x, opts.train)?,
             self_weights,
             cross_weights,
         })
@@ -380,11 +497,18 @@ pub enum Memory<'a> {
     Projected(&'a ProjectedKv),
 }
 
+/// The final norm of a stack, when it has one.
+fn final_norm(cfg: &LayerConfig, final_norm: bool, vp: &VarPath) -> Result<Option<Norm>> {
+    final_norm
+        .then(|| Norm::new(cfg.d_model, &cfg.norm_config(), &vp.pp("norm")))
+        .transpose()
+}
+
 /// A stack of encoder layers with an optional final norm.
 #[derive(Debug, Clone)]
 pub struct Encoder {
     layers: Vec<EncoderLayer>,
-    norm: Option<LayerNorm>,
+    norm: Option<Norm>,
 }
 
 impl Encoder {
@@ -393,16 +517,7 @@ impl Encoder {
         let layers = (0..n_layers)
             .map(|i| EncoderLayer::new(cfg, &vp.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        let norm = if final_norm {
-            Some(LayerNorm::new(
-                cfg.d_model,
-                cfg.layer_norm_eps,
-                cfg.bias,
-                &vp.pp("norm"),
-            )?)
-        } else {
-            None
-        };
+        let norm = self::final_norm(cfg, final_norm, vp)?;
         Ok(Encoder { layers, norm })
     }
 
@@ -421,6 +536,9 @@ impl Encoder {
     }
 
     /// Forward with per-layer caches (decoder-only generation) and RoPE.
+    ///
+    /// # Shapes
+    /// `x`: (B, S, E) → (B, S, E)
     pub fn forward_with(
         &self,
         x: &Tensor,
@@ -473,7 +591,7 @@ impl DecoderState {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     layers: Vec<DecoderLayer>,
-    norm: Option<LayerNorm>,
+    norm: Option<Norm>,
 }
 
 /// What the decoder stack returns.
@@ -491,16 +609,7 @@ impl Decoder {
         let layers = (0..n_layers)
             .map(|i| DecoderLayer::new(cfg, &vp.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        let norm = if final_norm {
-            Some(LayerNorm::new(
-                cfg.d_model,
-                cfg.layer_norm_eps,
-                cfg.bias,
-                &vp.pp("norm"),
-            )?)
-        } else {
-            None
-        };
+        let norm = self::final_norm(cfg, final_norm, vp)?;
         Ok(Decoder { layers, norm })
     }
 
@@ -537,7 +646,10 @@ impl Decoder {
         })
     }
 
-    /// Forward with optional incremental state and attention weights.
+    /// Forward with optional incremental state, RoPE and attention weights.
+    ///
+    /// # Shapes
+    /// `x`: (B, T, E), `memory`: (B, S, E) → (B, T, E)
     pub fn forward_with(
         &self,
         x: &Tensor,
@@ -633,17 +745,7 @@ mod tests {
             (Activation::GeluTanh, true, true),
         ];
         for (activation, norm_first, bias) in cases {
-            let cfg = LayerConfig {
-                d_model: e,
-                n_heads: 2,
-                d_ff: 16,
-                dropout: 0.0,
-                activation,
-                norm_first,
-                layer_norm_eps: 1e-5,
-                bias,
-                ffn_dropout: None,
-            };
+            let cfg = LayerConfig::new(e, 2, 16, 0.0, activation, norm_first, 1e-5, bias);
             let what = format!("{activation:?} norm_first {norm_first} bias {bias}");
             let x = randn(&mut rng, &[b, t, e]);
             let memory = randn(&mut rng, &[b, s, e]);

@@ -1,8 +1,13 @@
 //! Multi-head attention: MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, with
 //! head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
 //!
+//! Grouped-query attention (Ainslie et al. 2023) shares each key/value head among
+//! `n_heads / n_kv_heads` query heads; `n_kv_heads = n_heads` is the paper's attention,
+//! `n_kv_heads = 1` multi-query attention. Optional query/key norms (Gemma 3, OLMo) normalize
+//! each head's queries and keys before the rotary embedding.
+//!
 //! Dimension letters: `B` batch, `T` query positions, `S` key positions, `E` = d_model,
-//! `H` heads, `D` = E / H.
+//! `H` query heads, `Hkv` key/value heads, `D` head width (E / H unless set).
 
 use candle_core::{Tensor, D};
 
@@ -10,8 +15,9 @@ use super::attention::{scaled_dot_product_attention, AttnMask, SdpaOptions};
 use super::dropout::Dropout;
 use super::embedding::Rope;
 use super::linear::{linear, Linear};
-use super::norm::LayerNorm;
+use super::norm::{Norm, NormConfig};
 use super::var_store::{Init, VarPath};
+use crate::kernels::Kernels;
 use crate::{Error, Result};
 
 /// Shape of a multi-head attention block.
@@ -27,6 +33,12 @@ pub struct MhaConfig {
     pub bias: bool,
     /// Dropout on the attention weights (training only).
     pub dropout: f64,
+    /// Key/value heads (grouped-query attention); `None` means `n_heads`.
+    pub n_kv_heads: Option<usize>,
+    /// Width of each head; `None` means d_model / n_heads.
+    pub head_dim: Option<usize>,
+    /// Norms over each head's queries and keys (`q_norm.*`, `k_norm.*`), applied before RoPE.
+    pub qk_norm: Option<NormConfig>,
 }
 
 impl MhaConfig {
@@ -38,10 +50,25 @@ impl MhaConfig {
             vdim: None,
             bias: true,
             dropout: 0.0,
+            n_kv_heads: None,
+            head_dim: None,
+            qk_norm: None,
         }
     }
 
-    /// Check that the shape is usable: d_model divisible by the head count, nothing zero.
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or(self.n_heads)
+    }
+
+    /// Width of each head.
+    pub fn head_width(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.d_model / self.n_heads.max(1))
+    }
+
+    /// Check that the shape is usable: d_model divisible by the head count (unless the head
+    /// width is given), key/value heads dividing the query heads, nothing zero.
     pub fn validate(&self) -> Result<()> {
         if self.n_heads == 0 || self.d_model == 0 {
             return Err(Error::Config(format!(
@@ -49,11 +76,22 @@ impl MhaConfig {
                 self.d_model, self.n_heads
             )));
         }
-        if self.d_model % self.n_heads != 0 {
+        if self.head_dim.is_none() && self.d_model % self.n_heads != 0 {
             return Err(Error::Config(format!(
                 "d_model ({}) must be divisible by n_heads ({})",
                 self.d_model, self.n_heads
             )));
+        }
+        if self.head_dim == Some(0) {
+            return Err(Error::invalid("head_dim", "> 0", "0"));
+        }
+        let kv = self.kv_heads();
+        if kv == 0 || self.n_heads % kv != 0 {
+            return Err(Error::invalid(
+                "n_kv_heads",
+                format!("> 0 and dividing n_heads = {}", self.n_heads),
+                kv.to_string(),
+            ));
         }
         Ok(())
     }
@@ -225,7 +263,7 @@ pub struct MhaInput<'a> {
     pub train: bool,
     /// Pre-norm: attend from `norm(query)` (and, in self-attention, to it), computed here so
     /// that in training it fuses with the packed input projection.
-    pub query_norm: Option<&'a LayerNorm>,
+    pub query_norm: Option<&'a Norm>,
 }
 
 impl<'a> MhaInput<'a> {
@@ -302,7 +340,7 @@ impl<'a> MhaInput<'a> {
         self
     }
 
-    pub fn query_norm(mut self, norm: Option<&'a LayerNorm>) -> Self {
+    pub fn query_norm(mut self, norm: Option<&'a Norm>) -> Self {
         self.query_norm = norm;
         self
     }
@@ -311,7 +349,7 @@ impl<'a> MhaInput<'a> {
 /// Output of multi-head attention.
 #[derive(Debug, Clone)]
 pub struct MhaOutput {
-    /// (B, T, E)
+    /// (B, T, E), or (B, T, H·D) before the output projection
     pub context: Tensor,
     /// (B, T, S) averaged or (B, H, T, S) per head, when requested.
     pub weights: Option<Tensor>,
@@ -319,7 +357,8 @@ pub struct MhaOutput {
 
 #[derive(Debug, Clone)]
 enum InProj {
-    /// PyTorch's packed `in_proj_weight` (3E, E): rows [0, E) for Q, [E, 2E) K, [2E, 3E) V.
+    /// PyTorch's packed `in_proj_weight` ((H + 2·Hkv)·D, E): the rows of Q, then K, then V
+    /// ((3E, E) without grouped-query attention).
     Packed(Linear),
     /// Separate projections when the key or value width differs from d_model.
     Separate { q: Linear, k: Linear, v: Linear },
@@ -331,49 +370,73 @@ pub struct MultiHeadAttention {
     in_proj: InProj,
     out_proj: Linear,
     n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
     d_model: usize,
     kdim: usize,
     vdim: usize,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
     dropout: Dropout,
+    kernels: Kernels,
 }
 
 impl MultiHeadAttention {
     /// Parameters: `in_proj.{weight,bias}` (packed) or `{q,k,v}_proj.{weight,bias}`,
-    /// `out_proj.{weight,bias}`.
+    /// `out_proj.{weight,bias}`, and `{q,k}_norm.*` with query/key norms.
     pub fn new(cfg: &MhaConfig, vp: &VarPath) -> Result<Self> {
         cfg.validate()?;
         let e = cfg.d_model;
         let kdim = cfg.kdim.unwrap_or(e);
         let vdim = cfg.vdim.unwrap_or(e);
+        let (h, hkv, d) = (cfg.n_heads, cfg.kv_heads(), cfg.head_width());
         let in_proj = if kdim == e && vdim == e {
             InProj::Packed(Linear::with_bias_init(
                 e,
-                3 * e,
+                (h + 2 * hkv) * d,
                 cfg.bias,
                 false,
                 Init::AttnBias,
                 &vp.pp("in_proj"),
             )?)
         } else {
-            let mk = |d_in: usize, name: &str| {
-                Linear::with_bias_init(d_in, e, cfg.bias, false, Init::AttnBias, &vp.pp(name))
+            let mk = |d_in: usize, d_out: usize, name: &str| {
+                Linear::with_bias_init(d_in, d_out, cfg.bias, false, Init::AttnBias, &vp.pp(name))
             };
             InProj::Separate {
-                q: mk(e, "q_proj")?,
-                k: mk(kdim, "k_proj")?,
-                v: mk(vdim, "v_proj")?,
+                q: mk(e, h * d, "q_proj")?,
+                k: mk(kdim, hkv * d, "k_proj")?,
+                v: mk(vdim, hkv * d, "v_proj")?,
             }
         };
-        let out_proj =
-            Linear::with_bias_init(e, e, cfg.bias, true, Init::AttnBias, &vp.pp("out_proj"))?;
+        let out_proj = Linear::with_bias_init(
+            h * d,
+            e,
+            cfg.bias,
+            true,
+            Init::AttnBias,
+            &vp.pp("out_proj"),
+        )?;
+        let (q_norm, k_norm) = match &cfg.qk_norm {
+            Some(n) => (
+                Some(Norm::new(d, n, &vp.pp("q_norm"))?),
+                Some(Norm::new(d, n, &vp.pp("k_norm"))?),
+            ),
+            None => (None, None),
+        };
         Ok(MultiHeadAttention {
             in_proj,
             out_proj,
-            n_heads: cfg.n_heads,
+            n_heads: h,
+            n_kv_heads: hkv,
+            head_dim: d,
             d_model: e,
             kdim,
             vdim,
-            dropout: Dropout::new(cfg.dropout, vp.dropout_rng())?,
+            q_norm,
+            k_norm,
+            dropout: vp.dropout(cfg.dropout)?,
+            kernels: vp.kernels(),
         })
     }
 
@@ -381,12 +444,21 @@ impl MultiHeadAttention {
         self.n_heads
     }
 
+    /// Key/value heads (equal to `n_heads` without grouped-query attention).
+    pub fn n_kv_heads(&self) -> usize {
+        self.n_kv_heads
+    }
+
     pub fn d_model(&self) -> usize {
         self.d_model
     }
 
     pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_heads
+        self.head_dim
+    }
+
+    pub(crate) fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     fn check_width(&self, what: &str, x: &Tensor, width: usize) -> Result<(usize, usize)> {
@@ -400,30 +472,44 @@ impl MultiHeadAttention {
         }
     }
 
-    /// (B, L, E) -> (B, H, L, D)
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+    /// (B, L, heads·D) -> (B, heads, L, D)
+    fn split_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
-        Ok(x.reshape((b, l, self.n_heads, self.head_dim()))?
+        Ok(x.reshape((b, l, heads, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?)
     }
 
+    /// Rows of the packed projection: (first row, count) of Q (0), K (1) or V (2).
+    fn rows(&self, which: usize) -> (usize, usize) {
+        let (q, kv) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+        [(0, q), (q, kv), (q + kv, kv)][which]
+    }
+
     fn project(&self, x: &Tensor, which: usize) -> Result<Tensor> {
-        let e = self.d_model;
         Ok(match &self.in_proj {
             InProj::Packed(p) => {
-                let w = p.weight().narrow(0, which * e, e)?;
-                let b = p.bias().map(|b| b.narrow(0, which * e, e)).transpose()?;
+                let (start, len) = self.rows(which);
+                let w = p.weight().narrow(0, start, len)?;
+                let b = p.bias().map(|b| b.narrow(0, start, len)).transpose()?;
                 linear(x, &w, b.as_ref())?
             }
             InProj::Separate { q, k, v } => [q, k, v][which].forward(x)?,
         })
     }
 
+    /// The per-head query/key norms, when the model has them.
+    fn norm_heads(norm: &Option<Norm>, x: Tensor) -> Result<Tensor> {
+        match norm {
+            Some(n) => n.forward(&x),
+            None => Ok(x),
+        }
+    }
+
     /// Project an encoder memory into keys and values once, for reuse across decoding steps.
     ///
     /// # Shapes
-    /// `memory`: (B, S, kdim) (used for both keys and values) → k, v: (B, H, S, D)
+    /// `memory`: (B, S, kdim) (used for both keys and values) → k, v: (B, Hkv, S, D)
     pub fn project_kv(&self, memory: &Tensor) -> Result<ProjectedKv> {
         self.check_width("memory", memory, self.kdim)?;
         if self.kdim != self.vdim {
@@ -432,9 +518,10 @@ impl MultiHeadAttention {
             ));
         }
         let (k, v) = self.project_key_value(memory, memory, true)?;
+        let hkv = self.n_kv_heads;
         Ok(ProjectedKv {
-            k: self.split_heads(&k)?,
-            v: self.split_heads(&v)?,
+            k: Self::norm_heads(&self.k_norm, self.split_heads(&k, hkv)?)?,
+            v: self.split_heads(&v, hkv)?,
         })
     }
 
@@ -444,14 +531,14 @@ impl MultiHeadAttention {
         value: &Tensor,
         same: bool,
     ) -> Result<(Tensor, Tensor)> {
-        let e = self.d_model;
         match (&self.in_proj, same) {
             (InProj::Packed(p), true) => {
                 // One matmul for K and V together.
-                let w = p.weight().narrow(0, e, 2 * e)?;
-                let b = p.bias().map(|b| b.narrow(0, e, 2 * e)).transpose()?;
+                let (start, len) = self.rows(1);
+                let w = p.weight().narrow(0, start, 2 * len)?;
+                let b = p.bias().map(|b| b.narrow(0, start, 2 * len)).transpose()?;
                 let kv = linear(key, &w, b.as_ref())?;
-                Ok((kv.narrow(D::Minus1, 0, e)?, kv.narrow(D::Minus1, e, e)?))
+                Ok((kv.narrow(D::Minus1, 0, len)?, kv.narrow(D::Minus1, len, len)?))
             }
             _ => Ok((self.project(key, 1)?, self.project(value, 2)?)),
         }
@@ -460,6 +547,7 @@ impl MultiHeadAttention {
     /// # Shapes
     /// - query (B, T, E); key (B, S, kdim); value (B, S, vdim)
     /// - key_padding_mask (B, S); attn_mask (T, S) or (B·H, T, S)
+    /// - a cache holds (B, Hkv, S, D) keys and values
     /// - returns context (B, T, E) and weights (B, T, S) or (B, H, T, S)
     pub fn forward(&self, input: MhaInput) -> Result<MhaOutput> {
         let out = self.forward_heads(input)?;
@@ -506,10 +594,12 @@ impl MultiHeadAttention {
             _ => query,
         };
 
-        // Q, K, V: (B, H, L, D)
+        let (h, hkv) = (self.n_heads, self.n_kv_heads);
+        // Q: (B, H, T, D); K, V: (B, Hkv, S, D)
         let (q, k, v) = if let Some(kv) = static_kv {
+            // The projected memory's keys are normalized already.
             (
-                self.split_heads(&self.project(query, 0)?)?,
+                self.split_heads(&self.project(query, 0)?, h)?,
                 kv.k.clone(),
                 kv.v.clone(),
             )
@@ -526,13 +616,18 @@ impl MultiHeadAttention {
                     D::Minus1,
                 )?,
             };
-            // (B, T, 3E) -> (B, T, 3H, D), then each of q, k, v as a strided (B, H, T, D)
-            // view: the fused kernel reads them in place, the other paths copy what they
-            // need. (`Tensor::get` would copy: it reshapes the non-contiguous slice.)
-            let h = self.n_heads;
-            let qkv = qkv.reshape((b, t, 3 * h, self.head_dim()))?;
-            let part = |i: usize| qkv.narrow(2, i * h, h)?.transpose(1, 2);
-            (part(0)?, part(1)?, part(2)?)
+            // (B, T, (H + 2Hkv)·D) -> (B, T, H + 2Hkv, D), then each of q, k, v as a strided
+            // (B, heads, T, D) view: the fused kernel reads them in place, the other paths
+            // copy what they need. (`Tensor::get` would copy: it reshapes the non-contiguous
+            // slice.)
+            let qkv = qkv.reshape((b, t, h + 2 * hkv, self.head_dim))?;
+            let part = |start: usize, n: usize| qkv.narrow(2, start, n)?.transpose(1, 2);
+            let (q, k) = (part(0, h)?, part(h, hkv)?);
+            (
+                Self::norm_heads(&self.q_norm, q)?,
+                Self::norm_heads(&self.k_norm, k)?,
+                part(h + hkv, hkv)?,
+            )
         } else {
             let key = key.unwrap();
             let (bk, _) = self.check_width("key", key, self.kdim)?;
@@ -548,10 +643,14 @@ impl MultiHeadAttention {
             }
             let (k, v) = self.project_key_value(key, value, same)?;
             (
-                self.split_heads(&self.project(query, 0)?)?,
-                self.split_heads(&k)?,
-                self.split_heads(&v)?,
+                self.split_heads(&self.project(query, 0)?, h)?,
+                Self::norm_heads(&self.k_norm, self.split_heads(&k, hkv)?)?,
+                self.split_heads(&v, hkv)?,
             )
+        };
+        let q = match (&self.q_norm, static_kv.is_some() || !is_self) {
+            (Some(n), true) => n.forward(&q)?,
+            _ => q,
         };
 
         let offset = cache.as_ref().map_or(0, |c| c.len());
@@ -576,10 +675,14 @@ impl MultiHeadAttention {
                 dropout: Some(&self.dropout),
                 train,
                 need_weights: need_weights != NeedWeights::No,
+                kernels: self.kernels,
             },
         )?;
-        // (B, H, T, D) -> (B, T, E)
-        let context = out.context.transpose(1, 2)?.reshape((b, t, e))?;
+        // (B, H, T, D) -> (B, T, H·D)
+        let context = out
+            .context
+            .transpose(1, 2)?
+            .reshape((b, t, h * self.head_dim))?;
         let weights = match (need_weights, out.weights) {
             (NeedWeights::Averaged, Some(w)) => Some(w.mean(1)?),
             (NeedWeights::PerHead, Some(w)) => Some(w),

@@ -1,27 +1,29 @@
-//! Building blocks: attention, multi-head attention, feed-forward, norms, embeddings,
-//! positional encodings, encoder and decoder layers, and the parameter store.
+//! Building blocks: attention, multi-head attention (grouped-query, query/key norms), MLPs
+//! (plain and gated), norms (layer and RMS), embeddings, positional encodings, encoder and
+//! decoder layers, and the parameter store.
 
 pub mod attention;
 pub mod dropout;
 pub mod embedding;
-pub mod ffn;
 pub mod layers;
 pub mod linear;
 pub mod mha;
+pub mod mlp;
 pub mod norm;
 pub mod var_store;
 
 pub use attention::{causal_mask, scaled_dot_product_attention, AttnMask, AttnOutput, SdpaOptions};
 pub use dropout::Dropout;
 pub use embedding::{AbsolutePositions, PositionalKind, Rope, TokenEmbedding};
-pub use ffn::{Activation, FeedForward};
 pub use layers::{
     Decoder, DecoderLayer, DecoderOutput, DecoderState, Encoder, EncoderLayer, LayerConfig,
-    LayerOptions, Masks, Memory,
+    LayerOptions, Masks, Memory, SelfAttentionBlock,
 };
 pub use linear::Linear;
 pub use mha::{
     KvCache, MhaConfig, MhaInput, MhaOutput, MultiHeadAttention, NeedWeights, ProjectedKv,
 };
-pub use norm::LayerNorm;
+pub use mlp::{Activation, Mlp, MlpConfig, MlpKind};
+pub use norm::{Norm, NormConfig, NormKind};
 pub use var_store::{Init, InitScheme, VarPath, VarStore};
+pub use crate::kernels::Kernels;

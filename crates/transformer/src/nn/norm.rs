@@ -1,49 +1,139 @@
-//! Layer normalization, composed from differentiable ops.
+//! Normalization layers: layer norm (Ba et al. 2016) and RMS norm (Zhang & Sennrich 2019),
+//! composed from differentiable ops or through the fused kernels, which have a backward.
 //!
-//! `candle_nn::LayerNorm` switches to a fused kernel without a backward on contiguous input,
-//! which silently stops gradients; this one always records its graph.
+//! `candle_nn::LayerNorm` / `RmsNorm` switch to fused kernels without a backward on contiguous
+//! input, which silently stops gradients; these always record their graph.
 
 use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
 
 use super::linear::Linear;
 use super::var_store::{Init, VarPath};
+use crate::kernels::Kernels;
 use crate::{Error, Result};
 
+/// Which normalization a model's layers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    /// (x - mean) / std · w + b, as `nn.LayerNorm` (the paper, GPT-2, BERT).
+    #[default]
+    LayerNorm,
+    /// x / rms(x) · w, as Llama's `RMSNorm`; never a bias.
+    RmsNorm,
+}
+
+/// The shape of a norm layer beyond its width.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormConfig {
+    pub kind: NormKind,
+    /// Added to the variance (or mean square) before the square root.
+    pub eps: f64,
+    /// A learned bias (layer norm only).
+    pub bias: bool,
+    /// Scale by `1 + weight` instead of `weight`, the weight starting at zero (Gemma's
+    /// `RMSNorm`).
+    pub unit_offset: bool,
+}
+
+impl NormConfig {
+    pub fn layer_norm(eps: f64, bias: bool) -> Self {
+        NormConfig {
+            kind: NormKind::LayerNorm,
+            eps,
+            bias,
+            unit_offset: false,
+        }
+    }
+
+    pub fn rms_norm(eps: f64) -> Self {
+        NormConfig {
+            kind: NormKind::RmsNorm,
+            eps,
+            bias: false,
+            unit_offset: false,
+        }
+    }
+}
+
+/// A layer norm or RMS norm over the last dimension.
 #[derive(Debug, Clone)]
-pub struct LayerNorm {
+pub struct Norm {
+    kind: NormKind,
     weight: Tensor,
     bias: Option<Tensor>,
     eps: f64,
+    unit_offset: bool,
+    kernels: Kernels,
 }
 
-impl LayerNorm {
-    pub fn new(d_model: usize, eps: f64, bias: bool, vp: &VarPath) -> Result<Self> {
-        let weight = vp.var("weight", &[d_model], Init::Ones)?;
-        let bias = if bias {
-            Some(vp.var("bias", &[d_model], Init::Zeros)?)
+impl Norm {
+    /// Parameters: `weight` (d), and `bias` (d) for a layer norm with a bias.
+    pub fn new(d: usize, cfg: &NormConfig, vp: &VarPath) -> Result<Self> {
+        if cfg.eps.is_nan() || cfg.eps <= 0.0 {
+            return Err(Error::invalid(
+                "norm eps",
+                "a number > 0",
+                format!("{}", cfg.eps),
+            ));
+        }
+        let init = if cfg.unit_offset {
+            Init::Zeros
         } else {
-            None
+            Init::Ones
         };
-        Ok(LayerNorm { weight, bias, eps })
+        let weight = vp.var("weight", &[d], init)?;
+        let bias = match (cfg.kind, cfg.bias) {
+            (NormKind::LayerNorm, true) => Some(vp.var("bias", &[d], Init::Zeros)?),
+            _ => None,
+        };
+        Ok(Norm {
+            kind: cfg.kind,
+            weight,
+            bias,
+            eps: cfg.eps,
+            unit_offset: cfg.unit_offset,
+            kernels: vp.kernels(),
+        })
+    }
+
+    /// `nn.LayerNorm(d, eps, bias=bias)`.
+    pub fn layer_norm(d: usize, eps: f64, bias: bool, vp: &VarPath) -> Result<Self> {
+        Self::new(d, &NormConfig::layer_norm(eps, bias), vp)
+    }
+
+    pub fn kind(&self) -> NormKind {
+        self.kind
+    }
+
+    /// The scale applied after normalizing: `weight`, or `1 + weight`.
+    fn gamma(&self) -> Result<Tensor> {
+        Ok(if self.unit_offset {
+            (&self.weight + 1.0)?
+        } else {
+            self.weight.clone()
+        })
     }
 
     /// # Shapes
-    /// `x`: (..., d_model) → (..., d_model), normalized over the last dimension.
+    /// `x`: (..., d) → (..., d), normalized over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let d = self.weight.dims()[0];
         if x.dims().last() != Some(&d) {
-            return Err(Error::shape(
-                "layer norm input",
-                format!("(..., {d})"),
-                x.dims(),
-            ));
+            return Err(Error::shape("norm input", format!("(..., {d})"), x.dims()));
         }
-        Ok(layer_norm(x, &self.weight, self.bias.as_ref(), self.eps)?)
+        let gamma = self.gamma()?;
+        Ok(match self.kind {
+            NormKind::LayerNorm => {
+                layer_norm(x, &gamma, self.bias.as_ref(), self.eps, self.kernels)?
+            }
+            NormKind::RmsNorm => rms_norm(x, &gamma, self.eps, self.kernels)?,
+        })
     }
 
     /// `linear(norm(x))`. In training on CPU, with neither the norm nor the linear layer
-    /// having a bias (GPT-style pre-norm models), one node (`kernels::norm_linear`) that
-    /// recomputes the norm in its backward instead of keeping its output.
+    /// having a bias (GPT- and Llama-style pre-norm models), one node (`kernels::norm_linear`)
+    /// that recomputes the norm in its backward instead of keeping its output.
     ///
     /// # Shapes
     /// `x`: (..., d_model) → (..., d_out)
@@ -52,17 +142,18 @@ impl LayerNorm {
         let fusable = train
             && self.bias.is_none()
             && linear.bias().is_none()
-            && crate::kernels::applies(x)
+            && self.kernels.applies(x)
             && self.weight.dtype() == dtype
             && linear.weight().dtype() == dtype
             && linear.d_in() == self.weight.dims()[0];
         if fusable {
-            return Ok(crate::kernels::norm_linear::norm_linear(
-                x,
-                &self.weight,
-                linear.weight(),
-                self.eps,
-            )?);
+            use crate::kernels::norm_linear::{norm_linear, rms_norm_linear};
+            let gamma = self.gamma()?;
+            let w = linear.weight();
+            return Ok(match self.kind {
+                NormKind::LayerNorm => norm_linear(x, &gamma, w, self.eps)?,
+                NormKind::RmsNorm => rms_norm_linear(x, &gamma, w, self.eps)?,
+            });
         }
         linear.forward(&self.forward(x)?)
     }
@@ -73,7 +164,7 @@ impl LayerNorm {
 #[derive(Clone, Copy)]
 pub(crate) struct NormedInput<'a> {
     pub x: &'a Tensor,
-    pub norm: Option<&'a LayerNorm>,
+    pub norm: Option<&'a Norm>,
 }
 
 impl NormedInput<'_> {
@@ -93,11 +184,33 @@ pub fn layer_norm(
     weight: &Tensor,
     bias: Option<&Tensor>,
     eps: f64,
+    kernels: Kernels,
 ) -> candle_core::Result<Tensor> {
-    if crate::kernels::applies(x) && weight.dtype() == x.dtype() {
+    if kernels.applies(x) && weight.dtype() == x.dtype() {
         return crate::kernels::layer_norm::layer_norm(x, weight, bias, eps);
     }
     layer_norm_composed(x, weight, bias, eps)
+}
+
+/// RMS norm over the last dimension: x / √(mean(x²) + ε) · weight, as Llama's `RMSNorm`
+/// (half-precision inputs normalized in f32).
+pub fn rms_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
+    if kernels.applies(x) && weight.dtype() == x.dtype() {
+        return crate::kernels::layer_norm::rms_norm(x, weight, eps);
+    }
+    rms_norm_composed(x, weight, eps)
+}
+
+fn internal_dtype(d: DType) -> DType {
+    match d {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
 }
 
 /// The composed reference: mean, centred square, rsqrt and affine as separate ops.
@@ -108,11 +221,7 @@ pub fn layer_norm_composed(
     eps: f64,
 ) -> candle_core::Result<Tensor> {
     let in_dtype = x.dtype();
-    let internal = match in_dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        d => d,
-    };
-    let x = x.to_dtype(internal)?;
+    let x = x.to_dtype(internal_dtype(in_dtype))?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -122,4 +231,13 @@ pub fn layer_norm_composed(
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
     }
+}
+
+/// The composed reference of [`rms_norm`].
+pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let in_dtype = x.dtype();
+    let x = x.to_dtype(internal_dtype(in_dtype))?;
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    xn.to_dtype(in_dtype)?.broadcast_mul(weight)
 }

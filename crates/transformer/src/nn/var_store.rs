@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use super::dropout::Dropout;
+use crate::kernels::Kernels;
 use crate::rng::{Rng, SharedRng};
 use crate::{Error, Result};
 
@@ -66,6 +68,8 @@ pub struct VarStore {
     dropout_rng: SharedRng,
     /// Modules get detached views of the parameters (see [`VarStore::for_inference`]).
     inference: bool,
+    /// Fused kernels or composed ops, for every module built from this store.
+    kernels: Kernels,
 }
 
 impl VarStore {
@@ -85,7 +89,20 @@ impl VarStore {
             n_layers: 1,
             dropout_rng,
             inference: false,
+            kernels: Kernels::from_env(),
         }
+    }
+
+    /// Build modules that use fused kernels or only composed ops (default:
+    /// [`Kernels::from_env`]).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// Which implementation the modules built from this store use.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// Tell the GPT-2 scheme how many layers scale the residual projections.
@@ -386,6 +403,16 @@ impl VarPath {
 
     pub fn dropout_rng(&self) -> SharedRng {
         self.store.dropout_rng.clone()
+    }
+
+    /// Which implementation modules built here use.
+    pub fn kernels(&self) -> Kernels {
+        self.store.kernels
+    }
+
+    /// A dropout layer drawing from the model's generator, with the store's kernels.
+    pub fn dropout(&self, p: f64) -> Result<Dropout> {
+        Dropout::new(p, self.dropout_rng(), self.kernels())
     }
 }
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::config::{Family, RunConfig};
+use super::config::RunConfig;
 use super::optim::{AdamW, AdamWState};
 use crate::data::Tokenizer;
 use crate::models::{read_config, write_json_atomic, CONFIG_FILE, WEIGHTS_FILE};
@@ -36,7 +36,8 @@ pub const RUN_CONFIG_FILE: &str = "run.toml";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Meta {
-    pub family: Family,
+    /// The family's name in the registry (`models::FAMILIES`).
+    pub family: String,
     /// Version of this library that wrote the checkpoint.
     pub version: String,
 }
@@ -61,7 +62,8 @@ pub struct TrainerState {
 
 /// Everything a checkpoint is made of.
 pub struct CheckpointParts<'a> {
-    pub family: Family,
+    /// The family's registry name.
+    pub family: &'a str,
     pub model_config: &'a serde_json::Value,
     pub vs: &'a VarStore,
     pub optimizer: Option<&'a AdamW>,
@@ -101,7 +103,7 @@ pub fn save_checkpoint(dir: &Path, parts: &CheckpointParts) -> Result<()> {
     write_json_atomic(parts.model_config, &tmp.join(CONFIG_FILE))?;
     write_json_atomic(
         &Meta {
-            family: parts.family,
+            family: parts.family.to_string(),
             version: crate::version().to_string(),
         },
         &tmp.join(META_FILE),
@@ -338,7 +340,7 @@ mod tests {
         save_checkpoint(
             dir,
             &CheckpointParts {
-                family: Family::EncoderDecoder,
+                family: "encoder_decoder",
                 model_config: &json,
                 vs: &vs,
                 optimizer: None,
@@ -373,7 +375,7 @@ mod tests {
                 assert_eq!(*m, ((*x as f64 + *y as f64) / 2.0) as f32, "{name}");
             }
         }
-        assert_eq!(read_meta(&out).unwrap().family, Family::EncoderDecoder);
+        assert_eq!(read_meta(&out).unwrap().family, "encoder_decoder");
         let from: AveragedFrom = read_config(&out.join(AVERAGED_FROM_FILE)).unwrap();
         assert_eq!(from.checkpoints, dirs);
 

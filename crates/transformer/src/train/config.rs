@@ -9,65 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::optim::AdamWConfig;
 use super::schedule::LrSchedule;
 use crate::data::TokenizerConfig;
-use crate::models::{DecoderOnlyConfig, EncoderDecoderConfig, EncoderOnlyConfig};
+use crate::models::{family, AnyConfig, Family, FAMILIES};
 use crate::{Error, Result};
-
-/// Which model family a run trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Family {
-    EncoderDecoder,
-    DecoderOnly,
-    EncoderOnly,
-}
-
-/// A model configuration of any family.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ModelConfig {
-    EncoderDecoder(EncoderDecoderConfig),
-    DecoderOnly(DecoderOnlyConfig),
-    EncoderOnly(EncoderOnlyConfig),
-}
-
-impl ModelConfig {
-    pub fn family(&self) -> Family {
-        match self {
-            ModelConfig::EncoderDecoder(_) => Family::EncoderDecoder,
-            ModelConfig::DecoderOnly(_) => Family::DecoderOnly,
-            ModelConfig::EncoderOnly(_) => Family::EncoderOnly,
-        }
-    }
-
-    pub fn to_json(&self) -> Result<serde_json::Value> {
-        let v = match self {
-            ModelConfig::EncoderDecoder(c) => serde_json::to_value(c),
-            ModelConfig::DecoderOnly(c) => serde_json::to_value(c),
-            ModelConfig::EncoderOnly(c) => serde_json::to_value(c),
-        };
-        v.map_err(|source| Error::Json {
-            what: "model config".into(),
-            source,
-        })
-    }
-
-    pub fn from_json(family: Family, v: serde_json::Value, what: &str) -> Result<Self> {
-        let err = |source| Error::Json {
-            what: what.to_string(),
-            source,
-        };
-        Ok(match family {
-            Family::EncoderDecoder => {
-                ModelConfig::EncoderDecoder(serde_json::from_value(v).map_err(err)?)
-            }
-            Family::DecoderOnly => {
-                ModelConfig::DecoderOnly(serde_json::from_value(v).map_err(err)?)
-            }
-            Family::EncoderOnly => {
-                ModelConfig::EncoderOnly(serde_json::from_value(v).map_err(err)?)
-            }
-        })
-    }
-}
 
 /// Where the training data comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -278,75 +221,76 @@ impl RunConfig {
         Ok(())
     }
 
-    /// The `model.family` field.
-    pub fn family(&self) -> Result<Family> {
+    /// The family named by the `model.family` field.
+    pub fn family(&self) -> Result<&'static Family> {
+        let known = || {
+            FAMILIES
+                .iter()
+                .map(|f| f.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let f = self.model.get("family").ok_or_else(|| {
-            Error::Config(
-                "model.family is missing (encoder_decoder, decoder_only or encoder_only)".into(),
-            )
+            Error::invalid("model.family", format!("one of {}", known()), "nothing")
         })?;
-        f.clone()
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Config(format!("model.family: {e}")))
+        match f {
+            toml::Value::String(name) => family(name).map_err(|_| {
+                Error::invalid("model.family", format!("one of {}", known()), name)
+            }),
+            v => Err(Error::invalid(
+                "model.family",
+                format!("a string, one of {}", known()),
+                v.to_string(),
+            )),
+        }
     }
 
     /// The model config: the preset (if any), then every other `[model]` field over it, with
     /// `vocab_size` (or both vocabulary sizes) from the tokenizer.
-    pub fn model_config(&self, vocab_size: usize) -> Result<ModelConfig> {
+    pub fn model_config(&self, vocab_size: usize) -> Result<Box<dyn AnyConfig>> {
         self.model_config_with_vocabs(vocab_size, vocab_size)
     }
 
     /// [`RunConfig::model_config`] with separate source and target vocabulary sizes (an
-    /// encoder-decoder with two tokenizers); other families need them equal.
+    /// encoder-decoder with two tokenizers); families with one vocabulary need them equal.
     pub fn model_config_with_vocabs(
         &self,
         src_vocab_size: usize,
         tgt_vocab_size: usize,
-    ) -> Result<ModelConfig> {
-        let vocab_size = tgt_vocab_size;
+    ) -> Result<Box<dyn AnyConfig>> {
         let family = self.family()?;
-        if family != Family::EncoderDecoder && src_vocab_size != tgt_vocab_size {
-            return Err(Error::Config(format!(
-                "a {family:?} model has one vocabulary, got source {src_vocab_size} and target \
-                 {tgt_vocab_size} tokens"
-            )));
-        }
+        let vocab_keys: Vec<(&str, usize)> = match family.vocab_keys {
+            [src, tgt] => vec![(*src, src_vocab_size), (*tgt, tgt_vocab_size)],
+            keys => {
+                if src_vocab_size != tgt_vocab_size {
+                    return Err(Error::Config(format!(
+                        "a {} model has one vocabulary, got source {src_vocab_size} and \
+                         target {tgt_vocab_size} tokens",
+                        family.name
+                    )));
+                }
+                keys.iter().map(|k| (*k, tgt_vocab_size)).collect()
+            }
+        };
         let mut fields = self.model.clone();
         fields.remove("family");
         let preset = match fields.remove("preset") {
             None => None,
             Some(toml::Value::String(s)) => Some(s),
             Some(v) => {
-                return Err(Error::Config(format!(
-                    "model.preset must be a string, got {v}"
-                )))
+                return Err(Error::invalid(
+                    "model.preset",
+                    format!("a string, one of {}", family.presets.join(", ")),
+                    v.to_string(),
+                ))
             }
         };
-        let mut base = match (&preset, family) {
-            (Some(p), Family::EncoderDecoder) => {
-                serde_json::to_value(EncoderDecoderConfig::preset(p, vocab_size)?)
-            }
-            (Some(p), Family::DecoderOnly) => {
-                serde_json::to_value(DecoderOnlyConfig::preset(p, vocab_size)?)
-            }
-            (Some(p), Family::EncoderOnly) => {
-                serde_json::to_value(EncoderOnlyConfig::preset(p, vocab_size)?)
-            }
-            (None, _) => Ok(serde_json::Value::Object(Default::default())),
-        }
-        .map_err(|source| Error::Json {
-            what: "model preset".into(),
-            source,
-        })?;
+        let mut base = match &preset {
+            Some(p) => family.preset(p, tgt_vocab_size)?.to_json()?,
+            None => serde_json::Value::Object(Default::default()),
+        };
         let obj = base.as_object_mut().expect("configs serialize to objects");
-        let vocab_keys: &[(&str, usize)] = match family {
-            Family::EncoderDecoder => &[
-                ("src_vocab_size", src_vocab_size),
-                ("tgt_vocab_size", tgt_vocab_size),
-            ],
-            _ => &[("vocab_size", vocab_size)],
-        };
-        for &(k, n) in vocab_keys {
+        for &(k, n) in &vocab_keys {
             if fields.contains_key(k) {
                 return Err(Error::Config(format!(
                     "model.{k} is set by the tokenizer ({n}); remove it from the config"
@@ -361,32 +305,25 @@ impl RunConfig {
             })?;
             obj.insert(k.clone(), json);
         }
-        let cfg = ModelConfig::from_json(family, base, "[model] section")
+        let cfg = family
+            .config_from_json(base, "[model] section")
             .map_err(|e| bad_model_field(family, &fields).unwrap_or(e))?;
-        match &cfg {
-            ModelConfig::EncoderDecoder(c) => c.validate()?,
-            ModelConfig::DecoderOnly(c) => c.validate()?,
-            ModelConfig::EncoderOnly(c) => c.validate()?,
-        }
+        cfg.validate()?;
         Ok(cfg)
     }
 }
 
 /// serde_json's errors say what was wrong (`invalid type: string "x", expected usize`) but not
-/// where; find the `[model]` field at fault by setting each one alone on the family's tiny
+/// where; find the `[model]` field at fault by setting each one alone on the family's first
 /// preset, which is known to deserialize, so that the error can name it.
-fn bad_model_field(family: Family, fields: &toml::Table) -> Option<Error> {
+fn bad_model_field(family: &Family, fields: &toml::Table) -> Option<Error> {
+    let preset = family.presets.first()?;
     for (k, v) in fields {
-        let mut probe = match family {
-            Family::EncoderDecoder => serde_json::to_value(EncoderDecoderConfig::tiny(2)),
-            Family::DecoderOnly => serde_json::to_value(DecoderOnlyConfig::tiny(2)),
-            Family::EncoderOnly => serde_json::to_value(EncoderOnlyConfig::tiny(2)),
-        }
-        .ok()?;
+        let mut probe = family.preset(preset, 2).ok()?.to_json().ok()?;
         probe
             .as_object_mut()?
             .insert(k.clone(), serde_json::to_value(v).ok()?);
-        if let Err(Error::Json { source, .. }) = ModelConfig::from_json(family, probe, "probe") {
+        if let Err(Error::Json { source, .. }) = family.config_from_json(probe, "probe") {
             return Some(Error::Config(format!("model.{k}: {source}")));
         }
     }
@@ -457,9 +394,10 @@ min_lr = 1e-4
             "t",
         )?;
         assert_eq!(cfg.train.max_steps, 50);
-        let ModelConfig::DecoderOnly(m) = cfg.model_config(65)? else {
-            panic!("family")
-        };
+        let mc = cfg.model_config(65)?;
+        let m = mc
+            .downcast_ref::<crate::models::DecoderOnlyConfig>()
+            .expect("family");
         assert_eq!(
             (m.vocab_size, m.n_layers, m.d_model, m.dropout),
             (65, 2, 128, 0.1)

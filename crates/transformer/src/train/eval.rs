@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::loss::{cross_entropy, CrossEntropyConfig};
 use crate::data::{eval_windows, EvalWindow};
-use crate::models::DecoderOnly;
+use crate::models::CausalLm;
 use crate::{Error, Result};
 
 /// Loss and perplexity of a text.
@@ -24,12 +24,12 @@ pub struct LmEval {
 
 /// Evaluate `model` on `tokens`, `batch_size` windows at a time.
 pub fn evaluate_lm(
-    model: &DecoderOnly,
+    model: &dyn CausalLm,
     tokens: &[u32],
     batch_size: usize,
     device: &Device,
 ) -> Result<LmEval> {
-    let block = model.config().block_size;
+    let block = model.context_length();
     if tokens.len() < 2 {
         return Err(Error::msg(format!(
             "the text has {} tokens; evaluation needs at least 2",

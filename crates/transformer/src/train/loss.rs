@@ -10,6 +10,7 @@
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::Kernels;
 use crate::{Error, Result};
 
 /// Options of [`cross_entropy`], mirroring `torch.nn.functional.cross_entropy` with
@@ -25,6 +26,9 @@ pub struct CrossEntropyConfig {
     /// taken over the other targets only (`ignore_index`).
     #[serde(default)]
     pub ignore_index: Option<u32>,
+    /// The fused kernel or the composed ops (not a setting of the loss itself: the model's).
+    #[serde(skip)]
+    pub kernels: Kernels,
 }
 
 /// Mean cross-entropy between `logits` and integer class `targets`, as
@@ -86,7 +90,7 @@ pub fn cross_entropy(
         ));
     }
 
-    if crate::kernels::applies(&logits) {
+    if cfg.kernels.applies(&logits) {
         let per_row = crate::kernels::cross_entropy::cross_entropy_rows(
             &logits,
             &targets,
@@ -209,6 +213,7 @@ mod tests {
         let cfg = CrossEntropyConfig {
             label_smoothing: eps,
             ignore_index: None,
+            ..Default::default()
         };
         let loss = scalar(&cross_entropy(&logits, &targets, &cfg).unwrap());
         let expected = (per_row(0) + per_row(1) + per_row(2)) / 3.0;
@@ -218,6 +223,7 @@ mod tests {
         let cfg = CrossEntropyConfig {
             label_smoothing: eps,
             ignore_index: Some(3),
+            ..Default::default()
         };
         let loss = scalar(&cross_entropy(&logits, &targets, &cfg).unwrap());
         let expected = (per_row(0) + per_row(2)) / 2.0;
@@ -228,6 +234,7 @@ mod tests {
         let cfg = CrossEntropyConfig {
             label_smoothing: 0.0,
             ignore_index: Some(99),
+            ..Default::default()
         };
         let loss = scalar(&cross_entropy(&logits, &targets_pad, &cfg).unwrap());
         let expected = (nll_by_hand(&ROWS[0], 1) + nll_by_hand(&ROWS[2], 0)) / 2.0;
@@ -247,6 +254,7 @@ mod tests {
         let cfg = CrossEntropyConfig {
             label_smoothing: 0.2,
             ignore_index: Some(3),
+            ..Default::default()
         };
         let batched = scalar(&cross_entropy(&logits, &targets, &cfg).unwrap());
         let logits2 = Tensor::from_vec(flat, (6, 4), &Device::Cpu).unwrap();
@@ -269,6 +277,7 @@ mod tests {
         let bad_eps = CrossEntropyConfig {
             label_smoothing: 1.5,
             ignore_index: None,
+            ..Default::default()
         };
         assert!(matches!(
             cross_entropy(&logits, &targets, &bad_eps),
@@ -293,6 +302,7 @@ mod tests {
         let cfg = CrossEntropyConfig {
             label_smoothing: 0.1,
             ignore_index: Some(3),
+            ..Default::default()
         };
         let x = Var::from_tensor(&logits).unwrap();
         let loss = cross_entropy(&x, &targets, &cfg).unwrap();

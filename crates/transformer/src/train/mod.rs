@@ -12,7 +12,7 @@ pub mod tasks;
 pub mod trainer;
 
 pub use clip::{clip_grad_norm, grad_norm, GradAccumulator};
-pub use config::{DataConfig, Family, ModelConfig, RunConfig, TrainConfig};
+pub use config::{DataConfig, RunConfig, TrainConfig};
 pub use loss::{cross_entropy, CrossEntropyConfig};
 pub use optim::{AdamW, AdamWConfig, AdamWState};
 pub use schedule::LrSchedule;

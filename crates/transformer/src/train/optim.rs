@@ -23,12 +23,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{
-    backprop::GradStore, CpuStorage, DType, Device, InplaceOp2, InplaceOp3, Layout, Tensor, Var,
-};
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::adamw::{self, UpdateScalars};
+use crate::kernels::Kernels;
 use crate::{Error, Result};
 
 /// AdamW hyperparameters other than the learning rate, which [`AdamW::step`] takes per step
@@ -144,9 +143,9 @@ struct Param {
 pub struct AdamW {
     config: AdamWConfig,
     params: Vec<Param>,
-    /// Use the in-place CPU kernels when the tensors allow it; tests turn it off to check the
-    /// composed fallback against them.
-    fused: bool,
+    /// The in-place CPU kernels when the tensors allow it, or the composed ops (the reference
+    /// they are tested against).
+    kernels: Kernels,
 }
 
 /// nanoGPT's grouping: weight matrices and embeddings (rank >= 2) decay; biases and norm gains
@@ -198,8 +197,15 @@ impl AdamW {
         Ok(AdamW {
             config,
             params: out,
-            fused: true,
+            kernels: Kernels::from_env(),
         })
+    }
+
+    /// Update in place through the fused kernels or with composed ops (default:
+    /// [`Kernels::from_env`]).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
     }
 
     /// The hyperparameters.
@@ -269,22 +275,10 @@ impl AdamW {
             };
             let fusable = matches!(p.var.device(), Device::Cpu)
                 && matches!(p.var.dtype(), DType::F32 | DType::F64);
-            if self.fused && fusable {
-                p.m.inplace_op2(
-                    &g,
-                    &MomentUpdate {
-                        beta: cfg.beta1,
-                        square: false,
-                    },
-                )?;
-                p.v.inplace_op2(
-                    &g,
-                    &MomentUpdate {
-                        beta: cfg.beta2,
-                        square: true,
-                    },
-                )?;
-                p.var.inplace_op3(&p.m, &p.v, &ParamUpdate(scalars))?;
+            if self.kernels == Kernels::Fused && fusable {
+                adamw::moment_update(&p.m, &g, cfg.beta1, false)?;
+                adamw::moment_update(&p.v, &g, cfg.beta2, true)?;
+                adamw::param_update(&p.var, &p.m, &p.v, scalars)?;
             } else {
                 let m = ((&p.m * cfg.beta1)? + (&g * (1.0 - cfg.beta1))?)?;
                 let v = ((&p.v * cfg.beta2)? + (g.sqr()? * (1.0 - cfg.beta2))?)?;
@@ -388,170 +382,6 @@ fn load_moment(tensors: &HashMap<String, Tensor>, key: &str, p: &Param) -> Resul
     Ok(t.detach())
 }
 
-/// The per-step scalars of the parameter update, computed in f64 once per parameter.
-#[derive(Debug, Clone, Copy)]
-struct UpdateScalars {
-    /// `1 - lr * weight_decay`, or 1 outside the decay group.
-    decay_factor: f64,
-    /// `lr / (1 - beta1^t)`.
-    step_size: f64,
-    /// `sqrt(1 - beta2^t)`.
-    bias_correction2_sqrt: f64,
-    eps: f64,
-}
-
-/// The float types the in-place CPU kernels handle.
-trait Float:
-    Copy
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-{
-    fn of(x: f64) -> Self;
-    fn sqrt(self) -> Self;
-}
-
-impl Float for f32 {
-    fn of(x: f64) -> Self {
-        x as f32
-    }
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-}
-
-impl Float for f64 {
-    fn of(x: f64) -> Self {
-        x
-    }
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-}
-
-/// The contiguous slice a layout covers, or an error naming the op.
-fn contiguous<'a, T>(data: &'a [T], l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{op}: needs contiguous tensors"),
-    }
-}
-
-fn contiguous_mut<'a, T>(
-    data: &'a mut [T],
-    l: &Layout,
-    op: &str,
-) -> candle_core::Result<&'a mut [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&mut data[start..end]),
-        None => candle_core::bail!("{op}: needs contiguous tensors"),
-    }
-}
-
-/// In place on a moment `x` with the gradient `g`: `x = beta * x + (1 - beta) * g` (first
-/// moment) or `x = beta * x + (1 - beta) * g * g` (second moment).
-struct MomentUpdate {
-    beta: f64,
-    square: bool,
-}
-
-impl MomentUpdate {
-    fn apply<T: Float>(&self, x: &mut [T], g: &[T]) {
-        let beta = T::of(self.beta);
-        let one_minus_beta = T::of(1.0 - self.beta);
-        if self.square {
-            for (x, &g) in x.iter_mut().zip(g) {
-                *x = beta * *x + one_minus_beta * (g * g);
-            }
-        } else {
-            for (x, &g) in x.iter_mut().zip(g) {
-                *x = beta * *x + one_minus_beta * g;
-            }
-        }
-    }
-}
-
-impl InplaceOp2 for MomentUpdate {
-    fn name(&self) -> &'static str {
-        "adamw-moment"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        let name = InplaceOp2::name(self);
-        match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                self.apply(contiguous_mut(x, l1, name)?, contiguous(g, l2, name)?)
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                self.apply(contiguous_mut(x, l1, name)?, contiguous(g, l2, name)?)
-            }
-            (x, g) => candle_core::bail!(
-                "{name}: unsupported dtypes {:?} / {:?}",
-                x.dtype(),
-                g.dtype()
-            ),
-        }
-        Ok(())
-    }
-}
-
-/// In place on the parameter `p`, reading the already updated moments `m` and `v`:
-/// `p = p * decay_factor - step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)`.
-struct ParamUpdate(UpdateScalars);
-
-impl ParamUpdate {
-    fn apply<T: Float>(&self, p: &mut [T], m: &[T], v: &[T]) {
-        let s = self.0;
-        let decay_factor = T::of(s.decay_factor);
-        let step_size = T::of(s.step_size);
-        let bc2_sqrt = T::of(s.bias_correction2_sqrt);
-        let eps = T::of(s.eps);
-        for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
-            let denom = v.sqrt() / bc2_sqrt + eps;
-            *p = *p * decay_factor - step_size * m / denom;
-        }
-    }
-}
-
-impl InplaceOp3 for ParamUpdate {
-    fn name(&self) -> &'static str {
-        "adamw-param"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<()> {
-        let name = InplaceOp3::name(self);
-        match (s1, s2, s3) {
-            (CpuStorage::F32(p), CpuStorage::F32(m), CpuStorage::F32(v)) => self.apply(
-                contiguous_mut(p, l1, name)?,
-                contiguous(m, l2, name)?,
-                contiguous(v, l3, name)?,
-            ),
-            (CpuStorage::F64(p), CpuStorage::F64(m), CpuStorage::F64(v)) => self.apply(
-                contiguous_mut(p, l1, name)?,
-                contiguous(m, l2, name)?,
-                contiguous(v, l3, name)?,
-            ),
-            (p, _, _) => candle_core::bail!("{name}: unsupported dtype {:?}", p.dtype()),
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -622,7 +452,7 @@ mod tests {
                     Var::from_tensor(&Tensor::new(&p0, &cpu()).unwrap().to_dtype(dtype).unwrap())
                         .unwrap();
                 let mut opt = AdamW::new(vec![("w".into(), w.clone())], cfg).unwrap();
-                opt.fused = fused;
+                opt.kernels = if fused { Kernels::Fused } else { Kernels::Composed };
                 let lr = 0.01;
                 let n = 5;
                 for _ in 0..n {
@@ -660,7 +490,7 @@ mod tests {
                 cfg,
             )
             .unwrap();
-            opt.fused = fused;
+            opt.kernels = if fused { Kernels::Fused } else { Kernels::Composed };
             assert_eq!(
                 opt.param_groups(),
                 (vec!["layer.weight"], vec!["layer.bias"])
@@ -718,7 +548,7 @@ mod tests {
             let w = Var::from_tensor(&init).unwrap();
             let mut opt =
                 AdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default()).unwrap();
-            opt.fused = fused;
+            opt.kernels = if fused { Kernels::Fused } else { Kernels::Composed };
             for s in 0..10 {
                 let g = init.sin().unwrap().affine(1.0 + s as f64, 0.1).unwrap();
                 let mut grads = GradStore::default();

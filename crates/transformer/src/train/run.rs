@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 
 use super::checkpoint::{self, SRC_TOKENIZER_FILE, TOKENIZER_FILE};
-use super::config::{DataConfig, ModelConfig, RunConfig};
+use super::config::{DataConfig, RunConfig};
 use super::loss::CrossEntropyConfig;
 use super::optim::AdamW;
 use super::tasks::{
@@ -17,7 +17,7 @@ use crate::data::{
     encode_pairs, read_parallel, read_text, CharTokenizer, LmDataset, Seq2SeqIds, Tokenizer,
     TokenizerConfig,
 };
-use crate::models::{DecoderOnly, EncoderDecoder};
+use crate::models::AnyConfig;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -39,14 +39,14 @@ pub fn reverse_tokenizer(n_symbols: usize) -> Result<Tokenizer> {
 
 /// Builds the task once the model config (vocabulary size) is known.
 type TaskBuilder =
-    Box<dyn FnOnce(&ModelConfig, &crate::nn::VarStore, &Tokenizer) -> Result<Box<dyn Task>>>;
+    Box<dyn FnOnce(&dyn AnyConfig, &crate::nn::VarStore, &Tokenizer) -> Result<Box<dyn Task>>>;
 
 /// A run ready to train.
 pub struct PreparedRun {
     pub trainer: Trainer,
     pub task: Box<dyn Task>,
     pub tokenizer: Tokenizer,
-    pub model_config: ModelConfig,
+    pub model_config: Box<dyn AnyConfig>,
     pub n_params: usize,
     /// The source tokenizer of a translation run with separate vocabularies.
     pub src_tokenizer: Option<Tokenizer>,
@@ -95,6 +95,7 @@ pub fn prepare_run(
     let loss = CrossEntropyConfig {
         label_smoothing: cfg.train.label_smoothing,
         ignore_index: None,
+        kernels: crate::kernels::Kernels::from_env(),
     };
     let mut src_tokenizer: Option<Tokenizer> = None;
     let mut data_notes = Vec::new();
@@ -118,16 +119,15 @@ pub fn prepare_run(
             let batch_size = cfg.train.batch_size;
             let device = device.clone();
             let path = path.clone();
-            let builder = move |mc: &ModelConfig,
+            let builder = move |mc: &dyn AnyConfig,
                                 vs: &crate::nn::VarStore,
                                 _: &Tokenizer|
                   -> Result<Box<dyn Task>> {
-                let ModelConfig::DecoderOnly(c) = mc else {
-                    return Err(Error::Config(
-                        "data.kind = \"text\" trains a decoder_only model".into(),
-                    ));
-                };
-                let need = c.block_size + 1;
+                let model = mc
+                    .build(&vs.root())?
+                    .into_causal_lm("data.kind = \"text\" (language modelling)")?;
+                let block_size = model.context_length();
+                let need = block_size + 1;
                 for (split, n) in [
                     ("training", data.train().len()),
                     ("validation", data.val().len()),
@@ -140,10 +140,10 @@ pub fn prepare_run(
                     }
                 }
                 Ok(Box::new(LmTask {
-                    model: DecoderOnly::new(c, &vs.root())?,
+                    model,
                     data,
                     batch_size,
-                    block_size: c.block_size,
+                    block_size,
                     loss,
                     device,
                 }))
@@ -165,15 +165,13 @@ pub fn prepare_run(
             let (min_len, max_len, n_val) = (*min_len, *max_len, *n_val);
             let batch_size = cfg.train.batch_size;
             let device = device.clone();
-            let builder = move |mc: &ModelConfig,
+            let builder = move |mc: &dyn AnyConfig,
                                 vs: &crate::nn::VarStore,
                                 tok: &Tokenizer|
                   -> Result<Box<dyn Task>> {
-                let ModelConfig::EncoderDecoder(c) = mc else {
-                    return Err(Error::Config(
-                        "data.kind = \"reverse\" trains an encoder_decoder model".into(),
-                    ));
-                };
+                let model = mc
+                    .build(&vs.root())?
+                    .into_seq2seq("data.kind = \"reverse\"")?;
                 let symbols: Vec<u32> = REVERSE_ALPHABET
                     .chars()
                     .take(tok.vocab_size() - 3)
@@ -187,7 +185,7 @@ pub fn prepare_run(
                     .map(|_| reverse_pair(&symbols, min_len, max_len, &mut val_rng))
                     .collect();
                 Ok(Box::new(Seq2SeqTask {
-                    model: EncoderDecoder::new(c, &vs.root())?,
+                    model,
                     train: PairSource::Reverse {
                         symbols,
                         min_len,
@@ -282,20 +280,18 @@ pub fn prepare_run(
             model_defaults.push(("tie_output", toml::Value::Boolean(true)));
             let max_pairs = cfg.train.batch_size;
             let device = device.clone();
-            let builder = move |mc: &ModelConfig,
+            let builder = move |mc: &dyn AnyConfig,
                                 vs: &crate::nn::VarStore,
                                 _: &Tokenizer|
                   -> Result<Box<dyn Task>> {
-                let ModelConfig::EncoderDecoder(c) = mc else {
-                    return Err(Error::Config(
-                        "data.kind = \"parallel\" trains an encoder_decoder model".into(),
-                    ));
-                };
-                if c.max_len < max_len {
+                let model = mc
+                    .build(&vs.root())?
+                    .into_seq2seq("data.kind = \"parallel\" (translation)")?;
+                if model.max_len() < max_len {
                     return Err(Error::Config(format!(
                         "data.max_len = {max_len} is more than the model's positions \
                          (model.max_len = {}); lower data.max_len or raise model.max_len",
-                        c.max_len
+                        model.max_len()
                     )));
                 }
                 let data = BucketedPairs {
@@ -305,7 +301,6 @@ pub fn prepare_run(
                     max_pairs,
                     initial_rng: initial_data_rng(seed),
                 };
-                let model = EncoderDecoder::new(c, &vs.root())?;
                 Ok(Box::new(BucketedSeq2SeqTask::new(
                     model, data, ids, loss, device,
                 )?))
@@ -321,21 +316,16 @@ pub fn prepare_run(
         .as_ref()
         .map_or(tokenizer.vocab_size(), Tokenizer::vocab_size);
     let model_config = model_cfg.model_config_with_vocabs(src_vocab, tokenizer.vocab_size())?;
-    let (init, n_layers) = match &model_config {
-        ModelConfig::EncoderDecoder(c) => (c.init, c.n_encoder_layers + c.n_decoder_layers),
-        ModelConfig::DecoderOnly(c) => (c.init, c.n_layers),
-        ModelConfig::EncoderOnly(c) => (c.init, c.n_layers),
-    };
-    let vs = crate::nn::VarStore::new(DType::F32, device, init, seed).with_n_layers(n_layers);
-    let task = task_builder(&model_config, &vs, &tokenizer)?;
-    let optimizer = AdamW::new(vs.vars(), cfg.optimizer)?;
+    let vs = model_config.var_store(DType::F32, device, seed);
+    let task = task_builder(model_config.as_ref(), &vs, &tokenizer)?;
+    let optimizer = AdamW::new(vs.vars(), cfg.optimizer)?.with_kernels(vs.kernels());
     let setup = TrainerSetup {
         out_dir: out_dir.to_path_buf(),
         vs: vs.clone(),
         optimizer,
         schedule: cfg.schedule.clone(),
         train: cfg.train.clone(),
-        family: model_config.family(),
+        family: model_config.family().name,
         model_config: model_config.to_json()?,
         tokenizer: Some(tokenizer.clone()),
         src_tokenizer: src_tokenizer.clone(),
@@ -543,9 +533,10 @@ factor = 1.0
         let dir = parallel_dir("parallel-resume", 40);
         let cfg = parallel_config(&dir, 8, true);
         let mut full = prepare_run(&cfg, &dir.join("full"), false, &Device::Cpu)?;
-        let ModelConfig::EncoderDecoder(mc) = &full.model_config else {
-            panic!("family")
-        };
+        let mc = full
+            .model_config
+            .downcast_ref::<crate::models::EncoderDecoderConfig>()
+            .expect("family");
         assert!(
             mc.share_embeddings && mc.tie_output,
             "joint vocabulary shares embeddings"
@@ -578,9 +569,10 @@ factor = 1.0
         let cfg = parallel_config(&dir, 1, false);
         let out = dir.join("run");
         let mut run = prepare_run(&cfg, &out, false, &Device::Cpu)?;
-        let ModelConfig::EncoderDecoder(mc) = &run.model_config else {
-            panic!("family")
-        };
+        let mc = run
+            .model_config
+            .downcast_ref::<crate::models::EncoderDecoderConfig>()
+            .expect("family");
         let src = run.src_tokenizer.as_ref().expect("a source tokenizer");
         assert_eq!(mc.src_vocab_size, src.vocab_size());
         assert_eq!(mc.tgt_vocab_size, run.tokenizer.vocab_size());

@@ -7,14 +7,14 @@ use candle_core::{DType, Device, Tensor};
 use super::loss::{cross_entropy, CrossEntropyConfig};
 use super::trainer::Task;
 use crate::data::{bucket_by_tokens, LmDataset, Seq2SeqBatch, Seq2SeqIds, Split};
-use crate::models::{DecoderOnly, EncoderDecoder};
+use crate::models::{CausalLm, Seq2Seq};
 use crate::nn::AttnMask;
 use crate::rng::Rng;
 use crate::Result;
 
 /// Next-token prediction on random windows of a token stream (nanoGPT's training).
 pub struct LmTask {
-    pub model: DecoderOnly,
+    pub model: Box<dyn CausalLm>,
     pub data: LmDataset,
     pub batch_size: usize,
     pub block_size: usize,
@@ -78,7 +78,7 @@ pub enum PairSource {
 
 /// Teacher-forced encoder-decoder training on (source, target) pairs.
 pub struct Seq2SeqTask {
-    pub model: EncoderDecoder,
+    pub model: Box<dyn Seq2Seq>,
     pub train: PairSource,
     pub val: Vec<(Vec<u32>, Vec<u32>)>,
     pub batch_size: usize,
@@ -105,7 +105,7 @@ pub fn reverse_pair(
 /// Teacher-forced loss of one batch of pairs: the mean cross-entropy over the target tokens
 /// (`eos` included, padding skipped).
 pub fn seq2seq_loss<S: AsRef<[u32]>, U: AsRef<[u32]>>(
-    model: &EncoderDecoder,
+    model: &dyn Seq2Seq,
     pairs: &[(S, U)],
     ids: Seq2SeqIds,
     train: bool,
@@ -137,7 +137,7 @@ impl Seq2SeqTask {
         train: bool,
         loss: &CrossEntropyConfig,
     ) -> Result<Tensor> {
-        seq2seq_loss(&self.model, pairs, self.ids, train, loss, &self.device)
+        seq2seq_loss(self.model.as_ref(), pairs, self.ids, train, loss, &self.device)
     }
 }
 
@@ -294,7 +294,7 @@ impl BucketSchedule {
 /// (little padding), visited once per epoch in a random order ([`BucketSchedule`]), with the
 /// whole validation set as validation loss.
 pub struct BucketedSeq2SeqTask {
-    pub model: EncoderDecoder,
+    pub model: Box<dyn Seq2Seq>,
     /// Encoded training pairs.
     pub train: Vec<(Vec<u32>, Vec<u32>)>,
     /// Indices into `train` of each batch.
@@ -326,7 +326,7 @@ pub struct BucketedPairs {
 impl BucketedSeq2SeqTask {
     /// Bucket the training and validation pairs.
     pub fn new(
-        model: EncoderDecoder,
+        model: Box<dyn Seq2Seq>,
         data: BucketedPairs,
         ids: Seq2SeqIds,
         loss: CrossEntropyConfig,
@@ -357,7 +357,7 @@ impl Task for BucketedSeq2SeqTask {
             .collect();
         let tokens = pairs.iter().map(|(_, t)| t.len() + 1).sum();
         let loss = seq2seq_loss(
-            &self.model,
+            self.model.as_ref(),
             &pairs,
             self.ids,
             true,
@@ -378,7 +378,7 @@ impl Task for BucketedSeq2SeqTask {
                 .map(|&i| (self.val[i].0.as_slice(), self.val[i].1.as_slice()))
                 .collect();
             let n: usize = pairs.iter().map(|(_, t)| t.len() + 1).sum();
-            let loss = seq2seq_loss(&self.model, &pairs, self.ids, false, &plain, &self.device)?;
+            let loss = seq2seq_loss(self.model.as_ref(), &pairs, self.ids, false, &plain, &self.device)?;
             sum += scalar(&loss.detach())? * n as f64;
             count += n;
         }

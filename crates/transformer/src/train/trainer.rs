@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, CheckpointParts, TrainerState};
 use super::clip::{clip_grad_norm, GradAccumulator};
-use super::config::{Family, RunConfig, TrainConfig};
+use super::config::{RunConfig, TrainConfig};
 use super::optim::AdamW;
 use super::schedule::LrSchedule;
 use crate::data::Tokenizer;
@@ -81,7 +81,7 @@ pub struct Trainer {
     optimizer: AdamW,
     schedule: LrSchedule,
     cfg: TrainConfig,
-    family: Family,
+    family: &'static str,
     model_config: serde_json::Value,
     tokenizer: Option<Tokenizer>,
     src_tokenizer: Option<Tokenizer>,
@@ -98,7 +98,8 @@ pub struct TrainerSetup {
     pub optimizer: AdamW,
     pub schedule: LrSchedule,
     pub train: TrainConfig,
-    pub family: Family,
+    /// The family's registry name.
+    pub family: &'static str,
     pub model_config: serde_json::Value,
     pub tokenizer: Option<Tokenizer>,
     /// The source tokenizer of a translation model with separate vocabularies.
