@@ -14,9 +14,9 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{check_grads, randn, randn_var, randomize_params};
 use transformer::nn::{
-    scaled_dot_product_attention, Activation, AttnMask, DecoderLayer, EncoderLayer, Mlp,
-    InitScheme, LayerConfig, Norm, LayerOptions, Masks, MhaConfig, MhaInput,
-    MultiHeadAttention, NeedWeights, Rope, SdpaOptions, VarStore,
+    scaled_dot_product_attention, Activation, AttnMask, DecoderLayer, EncoderLayer, InitScheme,
+    LayerConfig, LayerOptions, Masks, MhaConfig, MhaInput, Mlp, MultiHeadAttention, NeedWeights,
+    Norm, Rope, SdpaOptions, VarStore,
 };
 use transformer::rng::Rng;
 use transformer::Result;
@@ -43,16 +43,7 @@ fn named(name: &str, v: &Var) -> (String, Var) {
 }
 
 fn layer_config(activation: Activation, norm_first: bool) -> LayerConfig {
-    LayerConfig::new(
-        E,
-        H,
-        F,
-        0.0,
-        activation,
-        norm_first,
-        1e-5,
-        true,
-    )
+    LayerConfig::new(E, H, F, 0.0, activation, norm_first, 1e-5, true)
 }
 
 /// An additive (rows, cols) mask of small random values with `-inf` at the given cells.

@@ -13,8 +13,8 @@ use candle_core::{DType, Device, Tensor};
 use transformer::import::pytorch::{float_mask, load_state_dict, mha_bool_mask, sdpa_bool_mask};
 use transformer::nn::{
     scaled_dot_product_attention, Activation, AttnMask, Decoder, DecoderLayer, Encoder,
-    EncoderLayer, LayerConfig, Norm, Masks, MhaConfig, MhaInput, MultiHeadAttention,
-    NeedWeights, SdpaOptions, VarStore,
+    EncoderLayer, LayerConfig, Masks, MhaConfig, MhaInput, MultiHeadAttention, NeedWeights, Norm,
+    SdpaOptions, VarStore,
 };
 use transformer::Result;
 

@@ -81,9 +81,7 @@ pub fn generate(
     let mut caches = model.new_cache();
     let mut logits = if opts.use_cache {
         let from = tokens.len().saturating_sub(block);
-        last_logits(
-            &model.forward_cached(&ids_tensor(&tokens[from..], device)?, &mut caches)?,
-        )?
+        last_logits(&model.forward_cached(&ids_tensor(&tokens[from..], device)?, &mut caches)?)?
     } else {
         Vec::new()
     };
@@ -91,8 +89,7 @@ pub fn generate(
     for step in 0..opts.max_new_tokens {
         if !opts.use_cache {
             let from = tokens.len().saturating_sub(block);
-            logits =
-                last_logits(&model.forward(&ids_tensor(&tokens[from..], device)?, false)?)?;
+            logits = last_logits(&model.forward(&ids_tensor(&tokens[from..], device)?, false)?)?;
         }
         let next = sample_token(&logits, &opts.sampling, rng);
         tokens.push(next);

@@ -145,4 +145,3 @@ impl InplaceOp3 for ParamUpdate {
         Ok(())
     }
 }
-

@@ -99,13 +99,7 @@ fn bwd_rows<T: Float>(
     }
 }
 
-fn bwd<T: Float>(
-    x: &[T],
-    dy: &[T],
-    w: &[T],
-    eps: f64,
-    centre: Centre,
-) -> (Vec<T>, Vec<T>, Vec<T>) {
+fn bwd<T: Float>(x: &[T], dy: &[T], w: &[T], eps: f64, centre: Centre) -> (Vec<T>, Vec<T>, Vec<T>) {
     let c = w.len();
     let rows = x.len() / c.max(1);
     let mut dx = vec![T::ZERO; x.len()];
@@ -246,6 +240,9 @@ pub(crate) fn norm(
             &zeros
         }
     };
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &b.contiguous()?, LayerNormOp { eps, centre })
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &b.contiguous()?,
+        LayerNormOp { eps, centre },
+    )
 }

@@ -144,4 +144,33 @@ mod tests {
         // Bad shapes are errors, not panics.
         assert!(norm_linear(&x, &gamma, &w.t().unwrap(), 1e-5).is_err());
     }
+
+    #[test]
+    fn rms_variant_matches_rms_norm_then_matmul() {
+        let mut rng = Rng::new(10);
+        let (b, t, c, c_out) = (2, 33, 12, 20);
+        let x = randn(&mut rng, &[b, t, c]);
+        let gamma = randn(&mut rng, &[c]);
+        let w = randn(&mut rng, &[c_out, c]);
+        let g = randn(&mut rng, &[b, t, c_out]);
+        let fused = rms_norm_linear(&x, &gamma, &w, 1e-6).unwrap();
+        let composed = crate::nn::norm::rms_norm_composed(&x, &gamma, 1e-6)
+            .unwrap()
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-12);
+        let grads = |y: Tensor| {
+            (y * g.as_tensor())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (gf, gc) = (grads(fused), grads(composed));
+        for (name, v) in [("x", &x), ("gamma", &gamma), ("w", &w)] {
+            let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
+            assert!(d < 1e-10, "d{name} differs by {d}");
+        }
+    }
 }

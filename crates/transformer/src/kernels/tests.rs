@@ -452,3 +452,104 @@ fn fused_cross_entropy_matches_composed_and_finite_differences() {
     let err = super::cross_entropy::cross_entropy_rows(&x, &targets, 0.2, None).unwrap_err();
     assert!(err.to_string().contains("out of range"), "{err}");
 }
+
+#[test]
+fn rms_norm_matches_composed_and_finite_differences() {
+    let mut rng = Rng::new(12);
+    for dims in [vec![2, 5, 16], vec![512, 128]] {
+        let c = *dims.last().unwrap();
+        let x = randn(&mut rng, &dims, DType::F32);
+        let w = randn(&mut rng, &[c], DType::F32).affine(0.1, 1.0).unwrap();
+        let g = randn(&mut rng, &dims, DType::F32);
+        let r = both_paths(&[x, w], &g, &|t, k| {
+            crate::nn::norm::rms_norm(&t[0], &t[1], 1e-6, k).unwrap()
+        });
+        assert!(max_diff(&r[0].0, &r[1].0) < 1e-5, "forward");
+        for i in 0..2 {
+            let d = max_diff(&r[0].1[i], &r[1].1[i]);
+            assert!(d < 1e-4, "grad {i}: {d}");
+        }
+    }
+    // The kernel's backward, in f64, with respect to the input and the weight.
+    let x = randn(&mut rng, &[3, 7], DType::F64);
+    let w = randn(&mut rng, &[7], DType::F64).affine(0.1, 1.0).unwrap();
+    let g = randn(&mut rng, &[3, 7], DType::F64);
+    finite_difference_check(&x, &g, &|t| layer_norm::rms_norm(t, &w, 1e-6).unwrap());
+    finite_difference_check(&w, &g, &|t| layer_norm::rms_norm(&x, t, 1e-6).unwrap());
+    // RMS norm by hand: x / sqrt(mean(x^2) + eps) * w.
+    let v = x.to_vec2::<f64>().unwrap();
+    let wv = w.to_vec1::<f64>().unwrap();
+    let y = layer_norm::rms_norm(&x, &w, 1e-6)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    for (row, out) in v.iter().zip(&y) {
+        let rms = (row.iter().map(|a| a * a).sum::<f64>() / 7.0 + 1e-6).sqrt();
+        for i in 0..7 {
+            assert!((out[i] - row[i] / rms * wv[i]).abs() < 1e-12);
+        }
+    }
+}
+
+/// Grouped-query attention: key/value heads shared by groups of query heads, through the
+/// fused kernel and the composed path (which repeats them), forward and gradients.
+#[test]
+fn fused_attention_with_grouped_kv_heads_matches_composed() {
+    use crate::nn::SdpaOptions;
+    let mut rng = Rng::new(13);
+    let causal = SdpaOptions {
+        causal: true,
+        ..Default::default()
+    };
+    // (B, H, Hkv, T, S, D): grouped, multi-query (Hkv = 1), with a cache offset.
+    for (b, h, hkv, t, s, d) in [
+        (2, 4, 2, 70, 70, 8),
+        (1, 6, 1, 9, 9, 4),
+        (2, 4, 2, 3, 20, 8),
+    ] {
+        let q = randn(&mut rng, &[b, h, t, d], DType::F32);
+        let k = randn(&mut rng, &[b, hkv, s, d], DType::F32);
+        let v = randn(&mut rng, &[b, hkv, s, d], DType::F32);
+        let g = randn(&mut rng, &[b, h, t, d], DType::F32);
+        let r = both_paths(&[q.clone(), k.clone(), v.clone()], &g, &|x, kernels| {
+            let opts = SdpaOptions { kernels, ..causal };
+            crate::nn::scaled_dot_product_attention(&x[0], &x[1], &x[2], &opts)
+                .unwrap()
+                .context
+        });
+        let case = format!("H {h}, Hkv {hkv}, T {t}, S {s}");
+        assert!(max_diff(&r[0].0, &r[1].0) < 2e-6, "{case}: forward");
+        for (i, name) in ["q", "k", "v"].iter().enumerate() {
+            assert_eq!(r[0].1[i].dims(), r[1].1[i].dims(), "{case}: d{name} shape");
+            let diff = max_diff(&r[0].1[i], &r[1].1[i]);
+            assert!(diff < 2e-5, "{case}: d{name} differs by {diff}");
+        }
+        // The same as ordinary attention over explicitly repeated key/value heads.
+        let group = h / hkv;
+        let rep = |x: &Tensor| crate::nn::attention::repeat_kv(x, group).unwrap();
+        let full = crate::nn::scaled_dot_product_attention(&q, &rep(&k), &rep(&v), &causal)
+            .unwrap()
+            .context;
+        assert!(max_diff(&r[0].0, &full) < 2e-6, "{case}: vs repeated heads");
+    }
+    // The kernel's backward by finite differences in f64 (each group sums its heads' dK, dV).
+    let (b, h, hkv, t, s, d) = (1, 4, 2, 5, 7, 3);
+    let q = randn(&mut rng, &[b, h, t, d], DType::F64);
+    let k = randn(&mut rng, &[b, hkv, s, d], DType::F64);
+    let v = randn(&mut rng, &[b, hkv, s, d], DType::F64);
+    let g = randn(&mut rng, &[b, h, t, d], DType::F64);
+    let opts = super::attention::FlashOptions {
+        scale: 0.6,
+        causal: true,
+        bias: None,
+        dropout: Some((0.2, 5)),
+    };
+    let f =
+        |q: &Tensor, k: &Tensor, v: &Tensor| super::attention::attention(q, k, v, &opts).unwrap();
+    finite_difference_check(&q, &g, &|x| f(x, &k, &v));
+    finite_difference_check(&k, &g, &|x| f(&q, x, &v));
+    finite_difference_check(&v, &g, &|x| f(&q, &k, x));
+    // Key/value heads that do not divide the query heads are refused.
+    let k3 = randn(&mut rng, &[b, 3, s, d], DType::F64);
+    assert!(crate::nn::scaled_dot_product_attention(&q, &k3, &k3, &Default::default()).is_err());
+}

@@ -9,12 +9,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::family::{CausalLm, FamilyConfig, Model};
 use crate::nn::{
     AbsolutePositions, Activation, Dropout, Encoder, InitScheme, KvCache, LayerConfig,
-    LayerOptions, Linear, Masks, MlpKind, NormKind, PositionalKind, Rope, TokenEmbedding,
-    VarPath, VarStore,
+    LayerOptions, Linear, Masks, MlpKind, NormKind, PositionalKind, Rope, TokenEmbedding, VarPath,
+    VarStore,
 };
-use super::family::{CausalLm, FamilyConfig, Model};
 use crate::{Error, Result};
 
 /// Configuration of a decoder-only language model; saved as `config.json`.
@@ -191,7 +191,7 @@ impl DecoderOnlyConfig {
         let head_dim = self.layer().mha().head_width();
         if self.positional == PositionalKind::Rope && head_dim % 2 != 0 {
             return Err(Error::invalid(
-                "head width (head_dim or d_model / n_heads) with positional = \"rope\"",
+                "the head width (head_dim, or d_model / n_heads) with RoPE positions",
                 "even",
                 head_dim.to_string(),
             ));

@@ -8,12 +8,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::family::{FamilyConfig, Model, Seq2Seq, Source};
 use crate::nn::{
     AbsolutePositions, Activation, AttnMask, Decoder, DecoderState, Dropout, Encoder, Init,
     InitScheme, LayerConfig, LayerOptions, Linear, Masks, MlpKind, NeedWeights, NormKind,
     PositionalKind, Rope, TokenEmbedding, VarPath, VarStore,
 };
-use super::family::{FamilyConfig, Model, Seq2Seq, Source};
 use crate::{Error, Result};
 
 /// Configuration of an encoder-decoder model; saved as `config.json` beside the weights.
@@ -77,7 +77,10 @@ pub struct EncoderDecoderConfig {
     pub embed_init_std: Option<f64>,
     /// RoPE base frequency (with `positional = "rope"`, applied in encoder and decoder
     /// self-attention).
-    #[serde(default = "super::default_theta", skip_serializing_if = "super::is_default_theta")]
+    #[serde(
+        default = "super::default_theta",
+        skip_serializing_if = "super::is_default_theta"
+    )]
     pub rope_theta: f64,
     /// Layer norm (default) or RMS norm (Llama).
     #[serde(default, skip_serializing_if = "super::is_default")]
@@ -214,7 +217,7 @@ impl EncoderDecoderConfig {
         let head_dim = self.layer().mha().head_width();
         if self.positional == PositionalKind::Rope && head_dim % 2 != 0 {
             return Err(Error::invalid(
-                "head width (head_dim or d_model / n_heads) with positional = \"rope\"",
+                "the head width (head_dim, or d_model / n_heads) with RoPE positions",
                 "even",
                 head_dim.to_string(),
             ));
@@ -560,12 +563,9 @@ impl Seq2Seq for EncoderDecoder {
     }
     fn encode(&self, src: Source, train: bool) -> Result<Tensor> {
         match src {
-            Source::Tokens { ids, padding } => EncoderDecoder::encode(
-                self,
-                ids,
-                &Masks::none().with_key_padding(padding),
-                train,
-            ),
+            Source::Tokens { ids, padding } => {
+                EncoderDecoder::encode(self, ids, &Masks::none().with_key_padding(padding), train)
+            }
             Source::Features { x, .. } => Err(Error::shape(
                 "encoder-decoder source",
                 "(B, S) token ids (this model embeds tokens, not features)",

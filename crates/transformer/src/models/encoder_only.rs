@@ -8,11 +8,11 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{
-    AbsolutePositions, Activation, AttnMask, Dropout, Encoder, InitScheme, LayerConfig, Norm,
-    Linear, Masks, TokenEmbedding, VarPath, VarStore,
-};
 use super::family::{EncoderModel, FamilyConfig, Model};
+use crate::nn::{
+    AbsolutePositions, Activation, AttnMask, Dropout, Encoder, InitScheme, LayerConfig, Linear,
+    Masks, Norm, TokenEmbedding, VarPath, VarStore,
+};
 use crate::{Error, Result};
 
 /// How a sequence of hidden states becomes one vector.

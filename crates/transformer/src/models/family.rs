@@ -322,6 +322,7 @@ impl dyn AnyConfig {
 }
 
 /// A family's entry in the registry.
+#[derive(Debug)]
 pub struct Family {
     pub name: &'static str,
     pub presets: &'static [&'static str],

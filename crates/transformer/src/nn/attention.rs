@@ -136,19 +136,34 @@ pub fn scaled_dot_product_attention(
     let (b, h, t, d) = q
         .dims4()
         .map_err(|_| Error::shape("attention query", "(B, H, T, D)", q.dims()))?;
-    let (bk, hk, s, dk) = k
-        .dims4()
-        .map_err(|_| Error::shape("attention key", "(B, Hkv, S, D)", k.dims()))?;
-    if (bk, dk) != (b, d) || hk == 0 || h % hk != 0 {
+    let (bk, hk, s, dk) = k.dims4().map_err(|_| {
+        Error::shape(
+            "attention key",
+            "(B, H, S, D) (H: key/value heads)",
+            k.dims(),
+        )
+    })?;
+    if hk == 0 || h % hk != 0 {
         return Err(Error::shape(
             "attention key",
-            format!("({b}, Hkv, S, {d}) with Hkv dividing {h}, to match the query"),
+            format!("({b}, Hkv, S, {d}) with Hkv key/value heads dividing the {h} query heads"),
             k.dims(),
         ));
     }
-    let (bv, hv, sv, _dv) = v
-        .dims4()
-        .map_err(|_| Error::shape("attention value", "(B, Hkv, S, Dv)", v.dims()))?;
+    if (bk, dk) != (b, d) {
+        return Err(Error::shape(
+            "attention key",
+            format!("({b}, {hk}, S, {d}) to match the query"),
+            k.dims(),
+        ));
+    }
+    let (bv, hv, sv, _dv) = v.dims4().map_err(|_| {
+        Error::shape(
+            "attention value",
+            "(B, H, S, Dv) (H: key/value heads)",
+            v.dims(),
+        )
+    })?;
     if (bv, hv, sv) != (b, hk, s) {
         return Err(Error::shape(
             "attention value",

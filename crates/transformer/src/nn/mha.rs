@@ -63,8 +63,7 @@ impl MhaConfig {
 
     /// Width of each head.
     pub fn head_width(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.d_model / self.n_heads.max(1))
+        self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1))
     }
 
     /// Check that the shape is usable: d_model divisible by the head count (unless the head
@@ -409,14 +408,8 @@ impl MultiHeadAttention {
                 v: mk(vdim, hkv * d, "v_proj")?,
             }
         };
-        let out_proj = Linear::with_bias_init(
-            h * d,
-            e,
-            cfg.bias,
-            true,
-            Init::AttnBias,
-            &vp.pp("out_proj"),
-        )?;
+        let out_proj =
+            Linear::with_bias_init(h * d, e, cfg.bias, true, Init::AttnBias, &vp.pp("out_proj"))?;
         let (q_norm, k_norm) = match &cfg.qk_norm {
             Some(n) => (
                 Some(Norm::new(d, n, &vp.pp("q_norm"))?),
@@ -482,7 +475,10 @@ impl MultiHeadAttention {
 
     /// Rows of the packed projection: (first row, count) of Q (0), K (1) or V (2).
     fn rows(&self, which: usize) -> (usize, usize) {
-        let (q, kv) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+        let (q, kv) = (
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        );
         [(0, q), (q, kv), (q + kv, kv)][which]
     }
 
@@ -538,7 +534,10 @@ impl MultiHeadAttention {
                 let w = p.weight().narrow(0, start, 2 * len)?;
                 let b = p.bias().map(|b| b.narrow(0, start, 2 * len)).transpose()?;
                 let kv = linear(key, &w, b.as_ref())?;
-                Ok((kv.narrow(D::Minus1, 0, len)?, kv.narrow(D::Minus1, len, len)?))
+                Ok((
+                    kv.narrow(D::Minus1, 0, len)?,
+                    kv.narrow(D::Minus1, len, len)?,
+                ))
             }
             _ => Ok((self.project(key, 1)?, self.project(value, 2)?)),
         }

@@ -181,8 +181,6 @@ impl Mlp {
     }
 }
 
-
-
 /// A sub-layer's output before its last projection: `linear(dropout_in(act(h)))`.
 pub(crate) struct Branch<'a> {
     pub h: Tensor,

@@ -12,6 +12,7 @@ pub mod mlp;
 pub mod norm;
 pub mod var_store;
 
+pub use crate::kernels::Kernels;
 pub use attention::{causal_mask, scaled_dot_product_attention, AttnMask, AttnOutput, SdpaOptions};
 pub use dropout::Dropout;
 pub use embedding::{AbsolutePositions, PositionalKind, Rope, TokenEmbedding};
@@ -26,4 +27,3 @@ pub use mha::{
 pub use mlp::{Activation, Mlp, MlpConfig, MlpKind};
 pub use norm::{Norm, NormConfig, NormKind};
 pub use var_store::{Init, InitScheme, VarPath, VarStore};
-pub use crate::kernels::Kernels;

@@ -234,9 +234,8 @@ impl RunConfig {
             Error::invalid("model.family", format!("one of {}", known()), "nothing")
         })?;
         match f {
-            toml::Value::String(name) => family(name).map_err(|_| {
-                Error::invalid("model.family", format!("one of {}", known()), name)
-            }),
+            toml::Value::String(name) => family(name)
+                .map_err(|_| Error::invalid("model.family", format!("one of {}", known()), name)),
             v => Err(Error::invalid(
                 "model.family",
                 format!("a string, one of {}", known()),

@@ -452,7 +452,11 @@ mod tests {
                     Var::from_tensor(&Tensor::new(&p0, &cpu()).unwrap().to_dtype(dtype).unwrap())
                         .unwrap();
                 let mut opt = AdamW::new(vec![("w".into(), w.clone())], cfg).unwrap();
-                opt.kernels = if fused { Kernels::Fused } else { Kernels::Composed };
+                opt.kernels = if fused {
+                    Kernels::Fused
+                } else {
+                    Kernels::Composed
+                };
                 let lr = 0.01;
                 let n = 5;
                 for _ in 0..n {
@@ -490,7 +494,11 @@ mod tests {
                 cfg,
             )
             .unwrap();
-            opt.kernels = if fused { Kernels::Fused } else { Kernels::Composed };
+            opt.kernels = if fused {
+                Kernels::Fused
+            } else {
+                Kernels::Composed
+            };
             assert_eq!(
                 opt.param_groups(),
                 (vec!["layer.weight"], vec!["layer.bias"])
@@ -548,7 +556,11 @@ mod tests {
             let w = Var::from_tensor(&init).unwrap();
             let mut opt =
                 AdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default()).unwrap();
-            opt.kernels = if fused { Kernels::Fused } else { Kernels::Composed };
+            opt.kernels = if fused {
+                Kernels::Fused
+            } else {
+                Kernels::Composed
+            };
             for s in 0..10 {
                 let g = init.sin().unwrap().affine(1.0 + s as f64, 0.1).unwrap();
                 let mut grads = GradStore::default();

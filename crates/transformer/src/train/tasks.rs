@@ -137,7 +137,14 @@ impl Seq2SeqTask {
         train: bool,
         loss: &CrossEntropyConfig,
     ) -> Result<Tensor> {
-        seq2seq_loss(self.model.as_ref(), pairs, self.ids, train, loss, &self.device)
+        seq2seq_loss(
+            self.model.as_ref(),
+            pairs,
+            self.ids,
+            train,
+            loss,
+            &self.device,
+        )
     }
 }
 
@@ -378,7 +385,14 @@ impl Task for BucketedSeq2SeqTask {
                 .map(|&i| (self.val[i].0.as_slice(), self.val[i].1.as_slice()))
                 .collect();
             let n: usize = pairs.iter().map(|(_, t)| t.len() + 1).sum();
-            let loss = seq2seq_loss(self.model.as_ref(), &pairs, self.ids, false, &plain, &self.device)?;
+            let loss = seq2seq_loss(
+                self.model.as_ref(),
+                &pairs,
+                self.ids,
+                false,
+                &plain,
+                &self.device,
+            )?;
             sum += scalar(&loss.detach())? * n as f64;
             count += n;
         }
