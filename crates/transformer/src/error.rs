@@ -79,6 +79,24 @@ impl Error {
         }
     }
 
+    /// The same error, said of `source` (a file the bad value came from): config and
+    /// invalid-value errors name it first.
+    pub fn in_source(self, source: &str) -> Self {
+        match self {
+            Error::Config(msg) => Error::Config(format!("{source}: {msg}")),
+            Error::Invalid {
+                field,
+                expected,
+                actual,
+            } => Error::Invalid {
+                field: format!("{source}: {field}"),
+                expected,
+                actual,
+            },
+            other => other,
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

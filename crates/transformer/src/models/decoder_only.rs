@@ -183,10 +183,14 @@ impl DecoderOnlyConfig {
     pub fn validate(&self) -> Result<()> {
         self.layer().validate()?;
         if self.vocab_size == 0 || self.block_size == 0 || self.n_layers == 0 {
-            return Err(Error::Config(format!(
-                "vocab_size, block_size and n_layers must be > 0, got {}, {}, {}",
-                self.vocab_size, self.block_size, self.n_layers
-            )));
+            return Err(Error::invalid(
+                "vocab_size, block_size and n_layers",
+                "> 0",
+                format!(
+                    "{}, {}, {}",
+                    self.vocab_size, self.block_size, self.n_layers
+                ),
+            ));
         }
         let head_dim = self.layer().mha().head_width();
         if self.positional == PositionalKind::Rope && head_dim % 2 != 0 {

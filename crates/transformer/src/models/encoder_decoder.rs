@@ -196,22 +196,29 @@ impl EncoderDecoderConfig {
     pub fn validate(&self) -> Result<()> {
         self.layer().validate()?;
         if self.src_vocab_size == 0 || self.tgt_vocab_size == 0 {
-            return Err(Error::Config("vocabulary sizes must be > 0".into()));
+            return Err(Error::invalid(
+                "src_vocab_size and tgt_vocab_size",
+                "> 0",
+                format!("{} and {}", self.src_vocab_size, self.tgt_vocab_size),
+            ));
         }
         if self.max_len == 0 {
-            return Err(Error::Config("max_len must be > 0".into()));
+            return Err(Error::invalid("max_len", "> 0", "0"));
         }
         if self.share_embeddings && self.src_vocab_size != self.tgt_vocab_size {
-            return Err(Error::Config(format!(
-                "share_embeddings needs src_vocab_size == tgt_vocab_size, got {} and {}",
-                self.src_vocab_size, self.tgt_vocab_size
-            )));
+            return Err(Error::invalid(
+                "src_vocab_size and tgt_vocab_size with share_embeddings",
+                "equal (share_embeddings needs src_vocab_size == tgt_vocab_size)",
+                format!("{} and {}", self.src_vocab_size, self.tgt_vocab_size),
+            ));
         }
         if let Some(std) = self.embed_init_std {
             if !std.is_finite() || std <= 0.0 {
-                return Err(Error::Config(format!(
-                    "embed_init_std must be a finite number > 0, got {std}"
-                )));
+                return Err(Error::invalid(
+                    "embed_init_std",
+                    "a finite number > 0",
+                    std.to_string(),
+                ));
             }
         }
         let head_dim = self.layer().mha().head_width();

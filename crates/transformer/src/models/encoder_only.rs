@@ -157,13 +157,14 @@ impl EncoderOnlyConfig {
     pub fn validate(&self) -> Result<()> {
         self.layer().validate()?;
         if self.vocab_size == 0 || self.max_len == 0 {
-            return Err(Error::Config(format!(
-                "vocab_size and max_len must be > 0, got {} and {}",
-                self.vocab_size, self.max_len
-            )));
+            return Err(Error::invalid(
+                "vocab_size and max_len",
+                "> 0",
+                format!("{} and {}", self.vocab_size, self.max_len),
+            ));
         }
         if self.n_classes == Some(0) {
-            return Err(Error::Config("n_classes must be > 0 when set".into()));
+            return Err(Error::invalid("n_classes", "> 0 when set", "0"));
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ pub struct Dropout {
 impl Dropout {
     pub fn new(p: f64, rng: SharedRng, kernels: Kernels) -> Result<Self> {
         if !(0.0..1.0).contains(&p) {
-            return Err(Error::Config(format!("dropout must be in [0, 1), got {p}")));
+            return Err(Error::invalid("dropout", "in [0, 1)", p.to_string()));
         }
         Ok(Dropout { p, rng, kernels })
     }

@@ -132,19 +132,21 @@ impl LayerConfig {
     pub fn validate(&self) -> Result<()> {
         self.mha().validate()?;
         if self.d_ff == 0 {
-            return Err(Error::Config("d_ff must be > 0".into()));
+            return Err(Error::invalid("d_ff", "> 0", "0"));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::Config(format!(
-                "dropout must be in [0, 1), got {}",
-                self.dropout
-            )));
+            return Err(Error::invalid(
+                "dropout",
+                "in [0, 1)",
+                self.dropout.to_string(),
+            ));
         }
         if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
-            return Err(Error::Config(format!(
-                "layer_norm_eps must be > 0, got {}",
-                self.layer_norm_eps
-            )));
+            return Err(Error::invalid(
+                "layer_norm_eps",
+                "> 0",
+                self.layer_norm_eps.to_string(),
+            ));
         }
         if self.norm_unit_offset && self.norm != NormKind::RmsNorm {
             return Err(Error::invalid(

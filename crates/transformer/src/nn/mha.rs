@@ -70,16 +70,21 @@ impl MhaConfig {
     /// width is given), key/value heads dividing the query heads, nothing zero.
     pub fn validate(&self) -> Result<()> {
         if self.n_heads == 0 || self.d_model == 0 {
-            return Err(Error::Config(format!(
-                "attention needs d_model > 0 and n_heads > 0, got d_model {} and n_heads {}",
-                self.d_model, self.n_heads
-            )));
+            return Err(Error::invalid(
+                "attention d_model and n_heads",
+                "both > 0",
+                format!("d_model {} and n_heads {}", self.d_model, self.n_heads),
+            ));
         }
         if self.head_dim.is_none() && self.d_model % self.n_heads != 0 {
-            return Err(Error::Config(format!(
-                "d_model ({}) must be divisible by n_heads ({})",
-                self.d_model, self.n_heads
-            )));
+            return Err(Error::invalid(
+                format!("d_model ({})", self.d_model),
+                format!(
+                    "divisible by n_heads ({}) unless head_dim is set",
+                    self.n_heads
+                ),
+                format!("remainder {}", self.d_model % self.n_heads),
+            ));
         }
         if self.head_dim == Some(0) {
             return Err(Error::invalid("head_dim", "> 0", "0"));

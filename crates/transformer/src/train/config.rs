@@ -142,28 +142,29 @@ impl TrainConfig {
         ];
         for (name, v) in positive {
             if v == 0 {
-                return Err(Error::Config(format!("{name} must be > 0")));
+                return Err(Error::invalid(name, "> 0", "0"));
             }
         }
         if let Some(c) = self.grad_clip {
             if c.is_nan() || c <= 0.0 {
-                return Err(Error::Config(format!(
-                    "train.grad_clip must be > 0, got {c}"
-                )));
+                return Err(Error::invalid("train.grad_clip", "> 0", c.to_string()));
             }
         }
         if self.label_smoothing.is_nan() || !(0.0..1.0).contains(&self.label_smoothing) {
-            return Err(Error::Config(format!(
-                "train.label_smoothing must be in [0, 1), got {}",
-                self.label_smoothing
-            )));
+            return Err(Error::invalid(
+                "train.label_smoothing",
+                "in [0, 1)",
+                self.label_smoothing.to_string(),
+            ));
         }
         if self.checkpoint_every == Some(0) {
-            return Err(Error::Config("train.checkpoint_every must be > 0".into()));
+            return Err(Error::invalid("train.checkpoint_every", "> 0", "0"));
         }
         if self.keep_last == Some(0) {
-            return Err(Error::Config(
-                "train.keep_last must be > 0 (leave it out to keep no step checkpoints)".into(),
+            return Err(Error::invalid(
+                "train.keep_last",
+                "> 0 (leave it out to keep no step checkpoints)",
+                "0",
             ));
         }
         Ok(())

@@ -1,7 +1,7 @@
 //! From a [`RunConfig`] to a ready [`Trainer`] and its [`Task`]: tokenizer, data, model,
 //! optimizer — fresh or resumed from the run directory's checkpoint.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
@@ -76,6 +76,27 @@ fn corpus_text<'a>(lines: impl Iterator<Item = &'a str>) -> String {
     text
 }
 
+/// What every data kind's preparation reads.
+struct SetupContext<'a> {
+    cfg: &'a RunConfig,
+    /// The run's checkpoint, whose tokenizers a resumed run reuses.
+    ckpt_dir: PathBuf,
+    resume: bool,
+    loss: CrossEntropyConfig,
+    device: &'a Device,
+}
+
+/// What a data kind sets up: its tokenizers, the task to build once the model config is known,
+/// the model fields it decides unless the `[model]` section sets them, and lines worth showing
+/// the user. A new data kind is one function returning this and one arm in [`prepare_run`].
+struct DataSetup {
+    tokenizer: Tokenizer,
+    src_tokenizer: Option<Tokenizer>,
+    builder: TaskBuilder,
+    model_defaults: Vec<(&'static str, toml::Value)>,
+    notes: Vec<String>,
+}
+
 /// Build the tokenizer, data, model and optimizer of `cfg` writing into `out_dir`; with
 /// `resume`, continue from `out_dir/checkpoint` (its tokenizer is reused so ids never shift).
 pub fn prepare_run(
@@ -90,116 +111,36 @@ pub fn prepare_run(
         checkpoint::recover(&ckpt_dir)?;
         checkpoint::require_files(&ckpt_dir, &[TOKENIZER_FILE])?;
     }
-    let saved_tokenizer = || Tokenizer::load(ckpt_dir.join(TOKENIZER_FILE));
     let seed = cfg.train.seed;
     let loss = CrossEntropyConfig {
         label_smoothing: cfg.train.label_smoothing,
         ignore_index: None,
         kernels: crate::kernels::Kernels::from_env(),
     };
-    let mut src_tokenizer: Option<Tokenizer> = None;
-    let mut data_notes = Vec::new();
-    // Model fields a data kind decides unless the [model] section sets them.
-    let mut model_defaults: Vec<(&str, toml::Value)> = Vec::new();
-    let (tokenizer, task_builder): (Tokenizer, TaskBuilder) = match &cfg.data {
+    let ctx = SetupContext {
+        cfg,
+        ckpt_dir,
+        resume,
+        loss,
+        device,
+    };
+    let DataSetup {
+        tokenizer,
+        src_tokenizer,
+        builder: task_builder,
+        model_defaults,
+        notes: data_notes,
+    } = match &cfg.data {
         DataConfig::Text {
             path,
             train_fraction,
-        } => {
-            let text = read_text(path)?;
-            let tokenizer = if resume {
-                saved_tokenizer()?
-            } else {
-                cfg.tokenizer.build(Some(&text))?
-            };
-            let tokens = tokenizer
-                .encode(&text)
-                .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
-            let data = LmDataset::from_tokens(tokens, *train_fraction)?;
-            let batch_size = cfg.train.batch_size;
-            let device = device.clone();
-            let path = path.clone();
-            let builder = move |mc: &dyn AnyConfig,
-                                vs: &crate::nn::VarStore,
-                                _: &Tokenizer|
-                  -> Result<Box<dyn Task>> {
-                let model = mc
-                    .build(&vs.root())?
-                    .into_causal_lm("data.kind = \"text\" (language modelling)")?;
-                let block_size = model.context_length();
-                let need = block_size + 1;
-                for (split, n) in [
-                    ("training", data.train().len()),
-                    ("validation", data.val().len()),
-                ] {
-                    if n < need {
-                        return Err(Error::msg(format!(
-                                "{}: the {split} split has {n} tokens, fewer than block_size + 1 = {need}",
-                                path.display()
-                            )));
-                    }
-                }
-                Ok(Box::new(LmTask {
-                    model,
-                    data,
-                    batch_size,
-                    block_size,
-                    loss,
-                    device,
-                }))
-            };
-            (tokenizer, Box::new(builder))
-        }
+        } => text_data(&ctx, path, train_fraction)?,
         DataConfig::Reverse {
             n_symbols,
             min_len,
             max_len,
             n_val,
-        } => {
-            if *min_len == 0 || min_len > max_len {
-                return Err(Error::Config(format!(
-                        "data.min_len must be in [1, max_len], got min_len {min_len} and max_len {max_len}"
-                    )));
-            }
-            let tokenizer = reverse_tokenizer(*n_symbols)?;
-            let (min_len, max_len, n_val) = (*min_len, *max_len, *n_val);
-            let batch_size = cfg.train.batch_size;
-            let device = device.clone();
-            let builder = move |mc: &dyn AnyConfig,
-                                vs: &crate::nn::VarStore,
-                                tok: &Tokenizer|
-                  -> Result<Box<dyn Task>> {
-                let model = mc
-                    .build(&vs.root())?
-                    .into_seq2seq("data.kind = \"reverse\"")?;
-                let symbols: Vec<u32> = REVERSE_ALPHABET
-                    .chars()
-                    .take(tok.vocab_size() - 3)
-                    .map(|ch| {
-                        tok.token_to_id(&ch.to_string())
-                            .expect("alphabet in vocabulary")
-                    })
-                    .collect();
-                let mut val_rng = Rng::new(seed ^ 0x7A1_u64);
-                let val = (0..n_val)
-                    .map(|_| reverse_pair(&symbols, min_len, max_len, &mut val_rng))
-                    .collect();
-                Ok(Box::new(Seq2SeqTask {
-                    model,
-                    train: PairSource::Reverse {
-                        symbols,
-                        min_len,
-                        max_len,
-                    },
-                    val,
-                    batch_size,
-                    ids: Seq2SeqIds::from_tokenizer(tok)?,
-                    loss,
-                    device,
-                }))
-            };
-            (tokenizer, Box::new(builder))
-        }
+        } => reverse_data(&ctx, n_symbols, min_len, max_len, n_val)?,
         DataConfig::Parallel {
             train_src,
             train_tgt,
@@ -208,105 +149,16 @@ pub fn prepare_run(
             max_tokens,
             max_len,
             joint_vocab,
-        } => {
-            let (max_tokens, max_len, joint) = (*max_tokens, *max_len, *joint_vocab);
-            if max_len == 0 {
-                return Err(Error::Config("data.max_len must be > 0".into()));
-            }
-            if max_tokens < max_len {
-                return Err(Error::Config(format!(
-                    "data.max_tokens = {max_tokens} must be at least data.max_len = {max_len}, \
-                     so that every kept sentence pair fits in a batch"
-                )));
-            }
-            let train_lines = read_parallel(train_src, train_tgt)?;
-            let val_lines = read_parallel(val_src, val_tgt)?;
-            let tok_cfg = with_seq2seq_specials(&cfg.tokenizer);
-            let tokenizer = if resume {
-                if !joint {
-                    checkpoint::require_files(&ckpt_dir, &[SRC_TOKENIZER_FILE])?;
-                    src_tokenizer = Some(Tokenizer::load(ckpt_dir.join(SRC_TOKENIZER_FILE))?);
-                }
-                saved_tokenizer()?
-            } else if joint {
-                let text = corpus_text(
-                    train_lines
-                        .iter()
-                        .flat_map(|(s, t)| [s.as_str(), t.as_str()]),
-                );
-                tok_cfg.build(Some(&text))?
-            } else {
-                let src_text = corpus_text(train_lines.iter().map(|(s, _)| s.as_str()));
-                let tgt_text = corpus_text(train_lines.iter().map(|(_, t)| t.as_str()));
-                src_tokenizer = Some(tok_cfg.build(Some(&src_text))?);
-                tok_cfg.build(Some(&tgt_text))?
-            };
-            let ids = Seq2SeqIds::from_tokenizer(&tokenizer)?;
-            if let Some(st) = &src_tokenizer {
-                // The batch pads sources with the target's pad id.
-                if st.pad_id() != Some(ids.pad) {
-                    return Err(Error::Config(format!(
-                        "separate vocabularies need the padding token at the same id on both \
-                         sides; source {:?}, target {}",
-                        st.pad_id(),
-                        ids.pad
-                    )));
-                }
-            }
-            let src_tok = src_tokenizer.as_ref().unwrap_or(&tokenizer);
-            let train = encode_pairs(src_tok, &tokenizer, &train_lines, max_len)?;
-            let val = encode_pairs(src_tok, &tokenizer, &val_lines, max_len)?;
-            for (what, set, n) in [
-                ("training", &train, train_lines.len()),
-                ("validation", &val, val_lines.len()),
-            ] {
-                data_notes.push(format!(
-                    "{what} pairs: {} kept of {n} ({} longer than data.max_len = {max_len}, {} \
-                     with an empty side)",
-                    set.pairs.len(),
-                    set.too_long,
-                    set.empty
-                ));
-            }
-            if train.pairs.is_empty() || val.pairs.is_empty() {
-                return Err(Error::msg(format!(
-                    "no sentence pairs left after filtering ({} training, {} validation); \
-                     raise data.max_len",
-                    train.pairs.len(),
-                    val.pairs.len()
-                )));
-            }
-            model_defaults.push(("share_embeddings", toml::Value::Boolean(joint)));
-            model_defaults.push(("tie_output", toml::Value::Boolean(true)));
-            let max_pairs = cfg.train.batch_size;
-            let device = device.clone();
-            let builder = move |mc: &dyn AnyConfig,
-                                vs: &crate::nn::VarStore,
-                                _: &Tokenizer|
-                  -> Result<Box<dyn Task>> {
-                let model = mc
-                    .build(&vs.root())?
-                    .into_seq2seq("data.kind = \"parallel\" (translation)")?;
-                if model.max_len() < max_len {
-                    return Err(Error::Config(format!(
-                        "data.max_len = {max_len} is more than the model's positions \
-                         (model.max_len = {}); lower data.max_len or raise model.max_len",
-                        model.max_len()
-                    )));
-                }
-                let data = BucketedPairs {
-                    train: train.pairs,
-                    val: val.pairs,
-                    max_tokens,
-                    max_pairs,
-                    initial_rng: initial_data_rng(seed),
-                };
-                Ok(Box::new(BucketedSeq2SeqTask::new(
-                    model, data, ids, loss, device,
-                )?))
-            };
-            (tokenizer, Box::new(builder))
-        }
+        } => parallel_data(
+            &ctx,
+            train_src,
+            train_tgt,
+            val_src,
+            val_tgt,
+            max_tokens,
+            max_len,
+            joint_vocab,
+        )?,
     };
     let mut model_cfg = cfg.clone();
     for (key, value) in model_defaults {
@@ -344,6 +196,252 @@ pub fn prepare_run(
         n_params: vs.num_params(),
         src_tokenizer,
         data_notes,
+    })
+}
+
+/// `data.kind = "text"`: language modelling on one text file.
+fn text_data(ctx: &SetupContext, path: &Path, train_fraction: &f64) -> Result<DataSetup> {
+    let cfg = ctx.cfg;
+    let resume = ctx.resume;
+    let loss = ctx.loss;
+    let device = ctx.device;
+    let saved_tokenizer = || Tokenizer::load(ctx.ckpt_dir.join(TOKENIZER_FILE));
+    let text = read_text(path)?;
+    let tokenizer = if resume {
+        saved_tokenizer()?
+    } else {
+        cfg.tokenizer.build(Some(&text))?
+    };
+    let tokens = tokenizer
+        .encode(&text)
+        .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+    let data = LmDataset::from_tokens(tokens, *train_fraction)?;
+    let batch_size = cfg.train.batch_size;
+    let device = device.clone();
+    let path = path.to_path_buf();
+    let builder = move |mc: &dyn AnyConfig,
+                        vs: &crate::nn::VarStore,
+                        _: &Tokenizer|
+          -> Result<Box<dyn Task>> {
+        let model = mc
+            .build(&vs.root())?
+            .into_causal_lm("data.kind = \"text\" (language modelling)")?;
+        let block_size = model.context_length();
+        let need = block_size + 1;
+        for (split, n) in [
+            ("training", data.train().len()),
+            ("validation", data.val().len()),
+        ] {
+            if n < need {
+                return Err(Error::msg(format!(
+                    "{}: the {split} split has {n} tokens, fewer than block_size + 1 = {need}",
+                    path.display()
+                )));
+            }
+        }
+        Ok(Box::new(LmTask {
+            model,
+            data,
+            batch_size,
+            block_size,
+            loss,
+            device,
+        }))
+    };
+    Ok(DataSetup {
+        tokenizer,
+        src_tokenizer: None,
+        builder: Box::new(builder),
+        model_defaults: Vec::new(),
+        notes: Vec::new(),
+    })
+}
+/// `data.kind = "reverse"`: the generated sequence-reversal task of the demo.
+fn reverse_data(
+    ctx: &SetupContext,
+    n_symbols: &usize,
+    min_len: &usize,
+    max_len: &usize,
+    n_val: &usize,
+) -> Result<DataSetup> {
+    let cfg = ctx.cfg;
+    let loss = ctx.loss;
+    let seed = cfg.train.seed;
+    let device = ctx.device;
+    if *min_len == 0 || min_len > max_len {
+        return Err(Error::Config(format!(
+            "data.min_len must be in [1, max_len], got min_len {min_len} and max_len {max_len}"
+        )));
+    }
+    let tokenizer = reverse_tokenizer(*n_symbols)?;
+    let (min_len, max_len, n_val) = (*min_len, *max_len, *n_val);
+    let batch_size = cfg.train.batch_size;
+    let device = device.clone();
+    let builder = move |mc: &dyn AnyConfig,
+                        vs: &crate::nn::VarStore,
+                        tok: &Tokenizer|
+          -> Result<Box<dyn Task>> {
+        let model = mc
+            .build(&vs.root())?
+            .into_seq2seq("data.kind = \"reverse\"")?;
+        let symbols: Vec<u32> = REVERSE_ALPHABET
+            .chars()
+            .take(tok.vocab_size() - 3)
+            .map(|ch| {
+                tok.token_to_id(&ch.to_string())
+                    .expect("alphabet in vocabulary")
+            })
+            .collect();
+        let mut val_rng = Rng::new(seed ^ 0x7A1_u64);
+        let val = (0..n_val)
+            .map(|_| reverse_pair(&symbols, min_len, max_len, &mut val_rng))
+            .collect();
+        Ok(Box::new(Seq2SeqTask {
+            model,
+            train: PairSource::Reverse {
+                symbols,
+                min_len,
+                max_len,
+            },
+            val,
+            batch_size,
+            ids: Seq2SeqIds::from_tokenizer(tok)?,
+            loss,
+            device,
+        }))
+    };
+    Ok(DataSetup {
+        tokenizer,
+        src_tokenizer: None,
+        builder: Box::new(builder),
+        model_defaults: Vec::new(),
+        notes: Vec::new(),
+    })
+}
+/// `data.kind = "parallel"`: translation on a parallel corpus, in length buckets.
+#[allow(clippy::too_many_arguments)]
+fn parallel_data(
+    ctx: &SetupContext,
+    train_src: &Path,
+    train_tgt: &Path,
+    val_src: &Path,
+    val_tgt: &Path,
+    max_tokens: &usize,
+    max_len: &usize,
+    joint_vocab: &bool,
+) -> Result<DataSetup> {
+    let cfg = ctx.cfg;
+    let resume = ctx.resume;
+    let loss = ctx.loss;
+    let seed = cfg.train.seed;
+    let device = ctx.device;
+    let ckpt_dir = &ctx.ckpt_dir;
+    let saved_tokenizer = || Tokenizer::load(ctx.ckpt_dir.join(TOKENIZER_FILE));
+    let mut src_tokenizer: Option<Tokenizer> = None;
+    let mut data_notes = Vec::new();
+    let mut model_defaults: Vec<(&'static str, toml::Value)> = Vec::new();
+    let (max_tokens, max_len, joint) = (*max_tokens, *max_len, *joint_vocab);
+    if max_len == 0 {
+        return Err(Error::Config("data.max_len must be > 0".into()));
+    }
+    if max_tokens < max_len {
+        return Err(Error::Config(format!(
+            "data.max_tokens = {max_tokens} must be at least data.max_len = {max_len}, \
+             so that every kept sentence pair fits in a batch"
+        )));
+    }
+    let train_lines = read_parallel(train_src, train_tgt)?;
+    let val_lines = read_parallel(val_src, val_tgt)?;
+    let tok_cfg = with_seq2seq_specials(&cfg.tokenizer);
+    let tokenizer = if resume {
+        if !joint {
+            checkpoint::require_files(ckpt_dir, &[SRC_TOKENIZER_FILE])?;
+            src_tokenizer = Some(Tokenizer::load(ckpt_dir.join(SRC_TOKENIZER_FILE))?);
+        }
+        saved_tokenizer()?
+    } else if joint {
+        let text = corpus_text(
+            train_lines
+                .iter()
+                .flat_map(|(s, t)| [s.as_str(), t.as_str()]),
+        );
+        tok_cfg.build(Some(&text))?
+    } else {
+        let src_text = corpus_text(train_lines.iter().map(|(s, _)| s.as_str()));
+        let tgt_text = corpus_text(train_lines.iter().map(|(_, t)| t.as_str()));
+        src_tokenizer = Some(tok_cfg.build(Some(&src_text))?);
+        tok_cfg.build(Some(&tgt_text))?
+    };
+    let ids = Seq2SeqIds::from_tokenizer(&tokenizer)?;
+    if let Some(st) = &src_tokenizer {
+        // The batch pads sources with the target's pad id.
+        if st.pad_id() != Some(ids.pad) {
+            return Err(Error::Config(format!(
+                "separate vocabularies need the padding token at the same id on both \
+                 sides; source {:?}, target {}",
+                st.pad_id(),
+                ids.pad
+            )));
+        }
+    }
+    let src_tok = src_tokenizer.as_ref().unwrap_or(&tokenizer);
+    let train = encode_pairs(src_tok, &tokenizer, &train_lines, max_len)?;
+    let val = encode_pairs(src_tok, &tokenizer, &val_lines, max_len)?;
+    for (what, set, n) in [
+        ("training", &train, train_lines.len()),
+        ("validation", &val, val_lines.len()),
+    ] {
+        data_notes.push(format!(
+            "{what} pairs: {} kept of {n} ({} longer than data.max_len = {max_len}, {} \
+             with an empty side)",
+            set.pairs.len(),
+            set.too_long,
+            set.empty
+        ));
+    }
+    if train.pairs.is_empty() || val.pairs.is_empty() {
+        return Err(Error::msg(format!(
+            "no sentence pairs left after filtering ({} training, {} validation); \
+             raise data.max_len",
+            train.pairs.len(),
+            val.pairs.len()
+        )));
+    }
+    model_defaults.push(("share_embeddings", toml::Value::Boolean(joint)));
+    model_defaults.push(("tie_output", toml::Value::Boolean(true)));
+    let max_pairs = cfg.train.batch_size;
+    let device = device.clone();
+    let builder = move |mc: &dyn AnyConfig,
+                        vs: &crate::nn::VarStore,
+                        _: &Tokenizer|
+          -> Result<Box<dyn Task>> {
+        let model = mc
+            .build(&vs.root())?
+            .into_seq2seq("data.kind = \"parallel\" (translation)")?;
+        if model.max_len() < max_len {
+            return Err(Error::Config(format!(
+                "data.max_len = {max_len} is more than the model's positions \
+                 (model.max_len = {}); lower data.max_len or raise model.max_len",
+                model.max_len()
+            )));
+        }
+        let data = BucketedPairs {
+            train: train.pairs,
+            val: val.pairs,
+            max_tokens,
+            max_pairs,
+            initial_rng: initial_data_rng(seed),
+        };
+        Ok(Box::new(BucketedSeq2SeqTask::new(
+            model, data, ids, loss, device,
+        )?))
+    };
+    Ok(DataSetup {
+        tokenizer,
+        src_tokenizer,
+        builder: Box::new(builder),
+        model_defaults,
+        notes: data_notes,
     })
 }
 
