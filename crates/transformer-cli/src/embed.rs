@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
-use transformer::import::hf_bert::{EmbedOptions, HfBert};
 use transformer::models::Pooling;
+use transformer::pipelines::embed::{EmbedOptions, HfBert};
 
 #[derive(Args)]
 pub struct EmbedArgs {

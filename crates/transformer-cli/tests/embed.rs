@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
-use transformer::import::hf_bert::HfBert;
+use transformer::pipelines::embed::HfBert;
 
 /// Largest accepted |ours - sentence-transformers| for any value of any embedding.
 const TOLERANCE: f64 = 1e-4;

@@ -5,8 +5,8 @@
 //! attention, encoder and decoder layers, three model families (encoder-decoder, decoder-only,
 //! encoder-only), PyTorch weight import, training and decoding.
 //!
-//! Layout (dependencies point one way): `kernels` → `nn` → `models` → `train` / `decode`;
-//! `data` holds tokenizers and batching.
+//! Layout (dependencies point one way): `kernels` → `nn` → `models` → `import` / `pipelines` /
+//! `train` / `decode`; `data` holds tokenizers and batching.
 
 pub mod data;
 pub mod decode;
@@ -16,6 +16,9 @@ pub mod kernels;
 pub mod metrics;
 pub mod models;
 pub mod nn;
+/// End-to-end jobs a user names — embedding today; translation, generation, speech and vision
+/// pipelines will live here too.
+pub mod pipelines;
 pub mod rng;
 pub mod train;
 

@@ -1,5 +1,5 @@
-//! Hugging Face BERT import (`transformer::import::hf_bert`) on small checkpoints that need no
-//! network: the committed `tests/fixtures/embeddings/tiny_bert` (a random `BertForPreTraining`
+//! Hugging Face BERT import (`transformer::import::hf_bert`) and its sentence embeddings
+//! (`transformer::pipelines::embed`) on small checkpoints that need no network: the committed `tests/fixtures/embeddings/tiny_bert` (a random `BertForPreTraining`
 //! written by `tests/fixtures/gen_embeddings.py` with `torch.save`, checked against
 //! transformers' `BertModel`), and directories this test writes from it to exercise the other
 //! layouts (safetensors, no `bert.` prefix, `gamma`/`beta`, sentence-transformers files) and the
@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use common::max_abs_diff;
 use serde_json::Value;
-use transformer::import::hf_bert::{read_weights, HfBert};
+use transformer::import::hf_bert::read_weights;
 use transformer::models::Pooling;
 use transformer::nn::AttnMask;
+use transformer::pipelines::embed::HfBert;
 use transformer::Result;
 
 fn fixture_dir() -> PathBuf {

@@ -7,10 +7,16 @@
 //!
 //! A mirror has the same layout as the destination: `DIR/tinyshakespeare/input.txt`,
 //! `DIR/multi30k/train.de`, ... (decompressed, like the fetched files).
+//!
+//! Downloading needs the crate's `fetch` feature (an HTTP client and a gzip decoder, which a
+//! library user who never downloads should not have to compile). Without it, copying from a
+//! mirror and verifying work the same, and a file that would be downloaded fails with
+//! [`FetchError::FeatureDisabled`].
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+#[cfg(feature = "fetch")]
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -20,10 +26,13 @@ pub const MIRROR_ENV: &str = "TRANSFORMER_DATA_MIRROR";
 
 /// How long to wait for a TCP connection (and for name resolution): without network access the
 /// fetch should fail quickly with the hint to use a mirror, not hang.
+#[cfg(feature = "fetch")]
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the response headers once connected.
+#[cfg(feature = "fetch")]
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the whole body may take (the largest file is about 2 MB).
+#[cfg(feature = "fetch")]
 const BODY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// One file of a data set.
@@ -203,6 +212,19 @@ pub enum FetchError {
         file: String,
     },
 
+    /// The file would be downloaded, but this build of the crate has no HTTP client. The
+    /// variant exists in both builds so that callers match on the same enum.
+    #[error(
+        "cannot download {url}: the transformer crate was built without its `fetch` feature \
+         (enable it with `features = [\"fetch\"]`), or fetch from a local mirror laid out as \
+         DIR/{dataset}/{file}: pass `--mirror DIR` or set {MIRROR_ENV}=DIR"
+    )]
+    FeatureDisabled {
+        url: String,
+        dataset: String,
+        file: String,
+    },
+
     /// A file of the mirror could not be read.
     #[error("mirror file {path}: {source} (a mirror holds DIR/<data set>/<file>)")]
     Mirror {
@@ -252,7 +274,7 @@ pub fn fetch_dataset(
         source,
     })?;
 
-    let mut fetcher = Fetcher { agent: None };
+    let mut fetcher = Fetcher::default();
     let mut files = Vec::with_capacity(dataset.files.len());
     for file in &dataset.files {
         match fetcher.fetch_file(dataset, file, &dir, mirror) {
@@ -298,8 +320,11 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Holds the HTTP agent, built on the first download only.
+/// Holds the HTTP agent, built on the first download only (nothing without the `fetch`
+/// feature).
+#[derive(Default)]
 struct Fetcher {
+    #[cfg(feature = "fetch")]
     agent: Option<ureq::Agent>,
 }
 
@@ -311,7 +336,18 @@ enum CopyError {
     TooLarge,
 }
 
+/// The [`FetchError::Download`] of `file`, for any `reason`.
+fn download_err(dataset: &Dataset, file: &DataFile, reason: String) -> FetchError {
+    FetchError::Download {
+        url: file.url.clone(),
+        reason,
+        dataset: dataset.name.clone(),
+        file: file.name.clone(),
+    }
+}
+
 impl Fetcher {
+    #[cfg(feature = "fetch")]
     fn agent(&mut self) -> &ureq::Agent {
         self.agent.get_or_insert_with(|| {
             ureq::Agent::config_builder()
@@ -321,6 +357,40 @@ impl Fetcher {
                 .timeout_recv_body(Some(BODY_TIMEOUT))
                 .build()
                 .into()
+        })
+    }
+
+    /// The body of `file.url`, decompressed when `file.gzip`.
+    #[cfg(feature = "fetch")]
+    fn download(
+        &mut self,
+        dataset: &Dataset,
+        file: &DataFile,
+    ) -> Result<Box<dyn Read>, FetchError> {
+        let response = self
+            .agent()
+            .get(&file.url)
+            .call()
+            .map_err(|e| download_err(dataset, file, e.to_string()))?;
+        let body = response.into_body().into_reader();
+        Ok(if file.gzip {
+            Box::new(flate2::read::MultiGzDecoder::new(body))
+        } else {
+            Box::new(body)
+        })
+    }
+
+    /// Without the `fetch` feature there is no HTTP client: say so, and how to use a mirror.
+    #[cfg(not(feature = "fetch"))]
+    fn download(
+        &mut self,
+        dataset: &Dataset,
+        file: &DataFile,
+    ) -> Result<Box<dyn Read>, FetchError> {
+        Err(FetchError::FeatureDisabled {
+            url: file.url.clone(),
+            dataset: dataset.name.clone(),
+            file: file.name.clone(),
         })
     }
 
@@ -355,12 +425,6 @@ impl Fetcher {
             });
         }
 
-        let download_err = |reason: String| FetchError::Download {
-            url: file.url.clone(),
-            reason,
-            dataset: dataset.name.clone(),
-            file: file.name.clone(),
-        };
         let (reader, source, source_desc): (Box<dyn Read>, FileSource, String) = match mirror {
             Some(mirror) => {
                 let path = mirror.join(&dataset.name).join(&file.name);
@@ -372,17 +436,7 @@ impl Fetcher {
                 (Box::new(f), FileSource::Copied(path), desc)
             }
             None => {
-                let response = self
-                    .agent()
-                    .get(&file.url)
-                    .call()
-                    .map_err(|e| download_err(e.to_string()))?;
-                let body = response.into_body().into_reader();
-                let reader: Box<dyn Read> = if file.gzip {
-                    Box::new(flate2::read::MultiGzDecoder::new(body))
-                } else {
-                    Box::new(body)
-                };
+                let reader = self.download(dataset, file)?;
                 let desc = file.url.clone();
                 (reader, FileSource::Downloaded(file.url.clone()), desc)
             }
@@ -409,7 +463,7 @@ impl Fetcher {
                         path: path.clone(),
                         source: e,
                     },
-                    _ => download_err(e.to_string()),
+                    _ => download_err(dataset, file, e.to_string()),
                 })
             }
             Err(CopyError::Write(e)) => return Err(io_err(tmp.path())(e)),
@@ -715,6 +769,7 @@ mod tests {
         assert!(!tmp.path().join("data").join("fake").exists());
     }
 
+    #[cfg(feature = "fetch")]
     #[test]
     fn unreachable_url_without_mirror_says_how_to_get_the_data() {
         let tmp = TempDir::new("fetch-offline");
@@ -732,6 +787,25 @@ mod tests {
         assert!(!dest.join("fake").exists());
     }
 
+    #[cfg(not(feature = "fetch"))]
+    #[test]
+    fn without_the_fetch_feature_a_download_says_so_and_how_to_use_a_mirror() {
+        let tmp = TempDir::new("fetch-no-feature");
+        let url = "http://127.0.0.1:9/x";
+        let (dataset, _) = fake_dataset(url);
+        let dest = tmp.path().join("data");
+
+        let err = fetch_dataset(&dataset, &dest, None).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, FetchError::FeatureDisabled { .. }), "{msg}");
+        assert!(msg.contains(url), "{msg}");
+        assert!(msg.contains("`fetch` feature"), "{msg}");
+        assert!(msg.contains("--mirror DIR"), "{msg}");
+        assert!(msg.contains(MIRROR_ENV), "{msg}");
+        assert!(!dest.join("fake").exists());
+    }
+
+    #[cfg(feature = "fetch")]
     #[test]
     fn gzip_download_is_decompressed_before_verifying() {
         // The download path cannot reach the network here; check the decoder chain on its own.

@@ -1,38 +1,14 @@
-//! Hugging Face BERT checkpoints → [`EncoderOnly`], and sentence embeddings computed exactly as
+//! Sentence embeddings of a Hugging Face BERT checkpoint, computed exactly as
 //! sentence-transformers computes them (all-MiniLM-L6-v2 and other BERT-based models).
 //!
-//! A model directory holds `config.json` (`"model_type": "bert"`), `model.safetensors` (or, if
-//! absent, `pytorch_model.bin` in torch's zip format, read by candle's pickle reader) and
-//! `tokenizer.json`. The sentence-transformers files are honoured when present: `modules.json`
-//! (Transformer → Pooling → optional Normalize), the pooling module's `config.json`
-//! (`1_Pooling/config.json`) and `sentence_bert_config.json` (`max_seq_length`,
-//! `do_lower_case`).
-//!
-//! Parameter names (Hugging Face names with or without the `bert.` prefix of `BertFor*`
-//! checkpoints; `N` is the layer):
-//!
-//! | Hugging Face                                          | ours                              |
-//! |-------------------------------------------------------|-----------------------------------|
-//! | `embeddings.word_embeddings.weight`                   | `embed.tok.weight`                |
-//! | `embeddings.position_embeddings.weight`               | `embed.pos.weight`                |
-//! | `embeddings.token_type_embeddings.weight`             | `embed.type.weight`               |
-//! | `embeddings.LayerNorm.{weight,bias}` (`gamma`,`beta`) | `embed.norm.{weight,bias}`        |
-//! | `encoder.layer.N.attention.self.{query,key,value}.*`  | `layers.N.self_attn.in_proj.*` (q, k, v stacked along dim 0) |
-//! | `encoder.layer.N.attention.output.dense.*`            | `layers.N.self_attn.out_proj.*`   |
-//! | `encoder.layer.N.attention.output.LayerNorm.*`        | `layers.N.norm1.*`                |
-//! | `encoder.layer.N.intermediate.dense.*`                | `layers.N.ff.linear1.*`           |
-//! | `encoder.layer.N.output.dense.*`                      | `layers.N.ff.linear2.*`           |
-//! | `encoder.layer.N.output.LayerNorm.*`                  | `layers.N.norm2.*`                |
-//! | `pooler.dense.*`                                      | `pooler.*`                        |
-//!
-//! `embeddings.position_ids` buffers and task heads outside the BERT body (`cls.*` MLM/NSP
-//! heads, `classifier.*`, ...) are ignored; any other tensor of the body that the model does
-//! not use is an error, as are missing tensors and wrong shapes (named by their Hugging Face
-//! name, with the expected and the actual shape).
+//! The model directory is read by [`import::hf_bert`](crate::import::hf_bert): `config.json`,
+//! `model.safetensors` or `pytorch_model.bin`, and `tokenizer.json`. The sentence-transformers
+//! files are honoured when present: `modules.json` (Transformer → Pooling → optional
+//! Normalize), the pooling module's `config.json` (`1_Pooling/config.json`) and
+//! `sentence_bert_config.json` (`max_seq_length`, `do_lower_case`).
 //!
 //! Dimension letters: `N` texts, `B` batch, `T` tokens, `E` hidden size.
 
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
@@ -40,347 +16,19 @@ use serde::Deserialize;
 use tokenizers::{PostProcessor, TruncationDirection};
 
 use crate::data::{HfTokenizer, Tokenizer};
+use crate::import::hf_bert::{
+    has_pooler, map_state_dict, read_weights, HfBertConfig, HF_CONFIG_FILE, HF_PYTORCH_FILE,
+    HF_SAFETENSORS_FILE, HF_TOKENIZER_FILE,
+};
 use crate::models::encoder_only::pool;
-use crate::models::{config_from_json, EncoderOnly, EncoderOnlyConfig, Pooling};
-use crate::nn::{Activation, AttnMask, InitScheme, VarStore};
+use crate::models::{config_from_json, EncoderOnly, Pooling};
+use crate::nn::{AttnMask, VarStore};
 use crate::{Error, Result};
 
-/// File names of a Hugging Face / sentence-transformers model directory.
-pub const HF_CONFIG_FILE: &str = "config.json";
-pub const HF_SAFETENSORS_FILE: &str = "model.safetensors";
-pub const HF_PYTORCH_FILE: &str = "pytorch_model.bin";
-pub const HF_TOKENIZER_FILE: &str = "tokenizer.json";
+/// sentence-transformers' list of modules (Transformer, Pooling, Normalize).
 pub const ST_MODULES_FILE: &str = "modules.json";
+/// sentence-transformers' `max_seq_length` and `do_lower_case`.
 pub const ST_BERT_CONFIG_FILE: &str = "sentence_bert_config.json";
-
-/// The fields of a Hugging Face `BertConfig` (`config.json`) that shape the network; the many
-/// other fields (dropout, `architectures`, `transformers_version`, ...) are ignored.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct HfBertConfig {
-    /// Vocabulary size (rows of `word_embeddings`).
-    pub vocab_size: usize,
-    /// Width of every layer (E).
-    pub hidden_size: usize,
-    /// Number of encoder layers.
-    pub num_hidden_layers: usize,
-    /// Attention heads per layer.
-    pub num_attention_heads: usize,
-    /// Inner width of the feed-forward blocks.
-    pub intermediate_size: usize,
-    /// Feed-forward non-linearity: `gelu` (exact), `gelu_new` / `gelu_pytorch_tanh` (tanh
-    /// approximation) or `relu`.
-    #[serde(default = "default_hidden_act")]
-    pub hidden_act: String,
-    /// Rows of the learned position table: the longest input.
-    #[serde(default = "default_max_positions")]
-    pub max_position_embeddings: usize,
-    /// Number of segment types.
-    #[serde(default = "default_type_vocab")]
-    pub type_vocab_size: usize,
-    /// Layer norm epsilon.
-    #[serde(default = "default_eps")]
-    pub layer_norm_eps: f64,
-    /// Dropout on hidden states (training only; kept so that fine-tuning starts from BERT's).
-    #[serde(default = "default_dropout")]
-    pub hidden_dropout_prob: f64,
-    /// Only `absolute` positions are supported.
-    #[serde(default)]
-    pub position_embedding_type: Option<String>,
-}
-
-fn default_hidden_act() -> String {
-    "gelu".into()
-}
-fn default_max_positions() -> usize {
-    512
-}
-fn default_type_vocab() -> usize {
-    2
-}
-fn default_eps() -> f64 {
-    1e-12
-}
-fn default_dropout() -> f64 {
-    0.1
-}
-
-impl HfBertConfig {
-    /// Read `config.json`, which must say `"model_type": "bert"`; `path` names it in errors.
-    pub fn from_json(text: &str, path: &str) -> Result<Self> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|source| Error::Json {
-                what: path.to_string(),
-                source,
-            })?;
-        match value.get("model_type").and_then(|v| v.as_str()) {
-            Some("bert") => {}
-            Some(other) => {
-                return Err(Error::Config(format!(
-                    "{path}: model_type is {other:?}, but only \"bert\" checkpoints can be \
-                     loaded (BERT, MiniLM, all-MiniLM-L6-v2, ...)"
-                )))
-            }
-            None => {
-                return Err(Error::Config(format!(
-                    "{path}: no \"model_type\" field; expected \"model_type\": \"bert\""
-                )))
-            }
-        }
-        config_from_json(text, path)
-    }
-
-    /// Our configuration of the same network. `pooler` says whether the checkpoint has BERT's
-    /// pooler; `pooling` is the sentence pooling the model should use.
-    pub fn to_encoder_only(
-        &self,
-        pooler: bool,
-        pooling: Pooling,
-        path: &str,
-    ) -> Result<EncoderOnlyConfig> {
-        let activation = match self.hidden_act.as_str() {
-            // transformers' "gelu" is the exact erf form (GELUActivation).
-            "gelu" => Activation::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluTanh,
-            "relu" => Activation::Relu,
-            other => {
-                return Err(Error::Config(format!(
-                    "{path}: field `hidden_act` is {other:?}; supported: \"gelu\", \
-                     \"gelu_new\", \"gelu_pytorch_tanh\", \"relu\""
-                )))
-            }
-        };
-        if let Some(kind) = &self.position_embedding_type {
-            if kind != "absolute" {
-                return Err(Error::Config(format!(
-                    "{path}: field `position_embedding_type` is {kind:?}; only \"absolute\" \
-                     is supported"
-                )));
-            }
-        }
-        let cfg = EncoderOnlyConfig {
-            vocab_size: self.vocab_size,
-            max_len: self.max_position_embeddings,
-            type_vocab_size: self.type_vocab_size,
-            d_model: self.hidden_size,
-            n_heads: self.num_attention_heads,
-            n_layers: self.num_hidden_layers,
-            d_ff: self.intermediate_size,
-            dropout: self.hidden_dropout_prob,
-            activation,
-            norm_first: false,
-            layer_norm_eps: self.layer_norm_eps,
-            embedding_norm: true,
-            pooling,
-            pooler,
-            n_classes: None,
-            init: InitScheme::Gpt2,
-        };
-        cfg.validate().map_err(|e| match e {
-            Error::Config(msg) => Error::Config(format!("{path}: {msg}")),
-            other => other,
-        })?;
-        Ok(cfg)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Weights
-// ---------------------------------------------------------------------------------------------
-
-/// Where one of our parameters comes from in a Hugging Face state dict (names without prefix).
-enum HfSource {
-    /// One tensor; the alternatives are tried in order (`LayerNorm.weight` or `.gamma`).
-    One(Vec<String>),
-    /// Query, key and value stacked along dim 0 into our packed `in_proj`.
-    Qkv([String; 3]),
-}
-
-/// The Hugging Face tensor(s) holding our parameter `ours`, or None for a parameter that no
-/// BERT checkpoint has.
-fn hf_source(ours: &str) -> Option<HfSource> {
-    let one = |n: String| Some(HfSource::One(vec![n]));
-    // LayerNorm parameters: `weight`/`bias`, or `gamma`/`beta` in TensorFlow-era checkpoints.
-    let norm = |module: &str, leaf: &str| {
-        let old = if leaf == "weight" { "gamma" } else { "beta" };
-        Some(HfSource::One(vec![
-            format!("{module}.LayerNorm.{leaf}"),
-            format!("{module}.LayerNorm.{old}"),
-        ]))
-    };
-    let parts: Vec<&str> = ours.split('.').collect();
-    match parts.as_slice() {
-        ["embed", "tok", "weight"] => one("embeddings.word_embeddings.weight".into()),
-        ["embed", "pos", "weight"] => one("embeddings.position_embeddings.weight".into()),
-        ["embed", "type", "weight"] => one("embeddings.token_type_embeddings.weight".into()),
-        ["embed", "norm", leaf] => norm("embeddings", leaf),
-        ["pooler", leaf] => one(format!("pooler.dense.{leaf}")),
-        ["layers", n, rest @ ..] => {
-            let l = format!("encoder.layer.{n}");
-            match rest {
-                ["self_attn", "in_proj", leaf] => Some(HfSource::Qkv(
-                    ["query", "key", "value"].map(|p| format!("{l}.attention.self.{p}.{leaf}")),
-                )),
-                ["self_attn", "out_proj", leaf] => {
-                    one(format!("{l}.attention.output.dense.{leaf}"))
-                }
-                ["norm1", leaf] => norm(&format!("{l}.attention.output"), leaf),
-                ["ff", "linear1", leaf] => one(format!("{l}.intermediate.dense.{leaf}")),
-                ["ff", "linear2", leaf] => one(format!("{l}.output.dense.{leaf}")),
-                ["norm2", leaf] => norm(&format!("{l}.output"), leaf),
-                _ => None,
-            }
-        }
-        _ => None,
-    }
-}
-
-/// The prefix of the BERT body in a state dict: `bert.` for `BertFor*` checkpoints, or none.
-fn body_prefix(hf: &HashMap<String, Tensor>) -> &'static str {
-    if hf.keys().any(|k| k.starts_with("bert.embeddings.")) {
-        "bert."
-    } else {
-        ""
-    }
-}
-
-/// Whether `name` (without prefix) belongs to the BERT body rather than to a task head.
-fn in_body(name: &str) -> bool {
-    ["embeddings.", "encoder.", "pooler."]
-        .iter()
-        .any(|p| name.starts_with(p))
-}
-
-/// Rename a Hugging Face BERT state dict into our parameter names, for the parameters
-/// `params` (name, shape) of the model that will receive it. Strict: every parameter must be
-/// found with its shape, and every tensor of the BERT body must be used; errors name the
-/// Hugging Face tensor, the expected and the actual shape. Tensors are converted to f32.
-pub fn map_state_dict(
-    hf: &HashMap<String, Tensor>,
-    params: &[(String, Vec<usize>)],
-    source_name: &str,
-) -> Result<HashMap<String, Tensor>> {
-    let err = |msg: String| Error::Weights {
-        source_name: source_name.to_string(),
-        msg,
-    };
-    let prefix = body_prefix(hf);
-    let mut used: HashSet<String> = HashSet::new();
-    let mut missing: Vec<String> = Vec::new();
-    // Look up one tensor by its unprefixed name(s) and check its shape.
-    let mut fetch = |names: &[String], expected: &[usize], used: &mut HashSet<String>| {
-        let Some((full, t)) = names.iter().find_map(|n| {
-            let full = format!("{prefix}{n}");
-            hf.get(&full).map(|t| (full, t))
-        }) else {
-            missing.push(format!("{prefix}{}", names[0]));
-            return Ok(None);
-        };
-        if t.dims() != expected {
-            return Err(err(format!(
-                "tensor {full}: expected shape {expected:?}, got {:?}",
-                t.dims()
-            )));
-        }
-        used.insert(full);
-        Ok(Some(t.to_dtype(DType::F32)?))
-    };
-    let mut out = HashMap::new();
-    for (ours, shape) in params {
-        let source = hf_source(ours).ok_or_else(|| {
-            err(format!(
-                "the model has a parameter {ours} that BERT checkpoints do not hold"
-            ))
-        })?;
-        match source {
-            HfSource::One(names) => {
-                if let Some(t) = fetch(&names, shape, &mut used)? {
-                    out.insert(ours.clone(), t);
-                }
-            }
-            HfSource::Qkv(names) => {
-                // in_proj is (3E, E) / (3E): each of q, k, v is a third of dim 0.
-                let mut part_shape = shape.clone();
-                part_shape[0] /= 3;
-                let mut parts = Vec::with_capacity(3);
-                for n in &names {
-                    if let Some(t) = fetch(std::slice::from_ref(n), &part_shape, &mut used)? {
-                        parts.push(t);
-                    }
-                }
-                if parts.len() == 3 {
-                    out.insert(ours.clone(), Tensor::cat(&parts, 0)?);
-                }
-            }
-        }
-    }
-    if !missing.is_empty() {
-        return Err(err(format!("missing tensors: {}", missing.join(", "))));
-    }
-    let mut unexpected: Vec<&str> = hf
-        .keys()
-        .filter(|k| !used.contains(*k))
-        .filter(|k| {
-            k.strip_prefix(prefix)
-                .is_some_and(|n| in_body(n) && n != "embeddings.position_ids")
-        })
-        .map(|k| k.as_str())
-        .collect();
-    if !unexpected.is_empty() {
-        unexpected.sort();
-        return Err(err(format!(
-            "tensors the model (as config.json describes it) does not use: {}",
-            unexpected.join(", ")
-        )));
-    }
-    Ok(out)
-}
-
-/// Read the weights of a model directory: `model.safetensors`, else `pytorch_model.bin`.
-/// Returns the tensors and the file they came from.
-pub fn read_weights(dir: &Path) -> Result<(HashMap<String, Tensor>, PathBuf)> {
-    let st = dir.join(HF_SAFETENSORS_FILE);
-    if st.is_file() {
-        let bad = |e: candle_core::Error| Error::Weights {
-            source_name: st.display().to_string(),
-            msg: format!("cannot read safetensors: {e}"),
-        };
-        // Mapped rather than read: reading copied the whole file into a fresh buffer first,
-        // and that page faulting and copying was most of `embed`'s start-up time.
-        // SAFETY: the mapping is only read, and dropped before this function returns; a model
-        // file changed by another process while it loads is not supported.
-        let mm = unsafe { candle_core::safetensors::MmapedSafetensors::new(&st) }.map_err(bad)?;
-        let mut map = HashMap::new();
-        for (name, _) in mm.tensors() {
-            let t = mm.load(&name, &Device::Cpu).map_err(bad)?;
-            map.insert(name, t);
-        }
-        return Ok((map, st));
-    }
-    let pt = dir.join(HF_PYTORCH_FILE);
-    if pt.is_file() {
-        let list = candle_core::pickle::read_all(&pt).map_err(|e| Error::Weights {
-            source_name: pt.display().to_string(),
-            msg: format!(
-                "cannot read the PyTorch checkpoint (torch.save's zip format of torch >= 1.6 \
-                 is supported): {e}"
-            ),
-        })?;
-        return Ok((list.into_iter().collect(), pt));
-    }
-    let sharded = dir
-        .join(format!("{HF_SAFETENSORS_FILE}.index.json"))
-        .is_file()
-        || dir.join(format!("{HF_PYTORCH_FILE}.index.json")).is_file();
-    Err(Error::msg(format!(
-        "{}: no {HF_SAFETENSORS_FILE} or {HF_PYTORCH_FILE}{}",
-        dir.display(),
-        if sharded {
-            " (sharded checkpoints with an .index.json are not supported)"
-        } else {
-            ""
-        }
-    )))
-}
 
 // ---------------------------------------------------------------------------------------------
 // sentence-transformers settings
@@ -656,9 +304,8 @@ impl HfBert {
         let (tokenizer, n_special, pad_id) = prepare_tokenizer(&hf_tok)?;
 
         let (hf_weights, weights_file) = read_weights(&model_dir)?;
-        let prefix = body_prefix(&hf_weights);
-        let has_pooler = hf_weights.contains_key(&format!("{prefix}pooler.dense.weight"));
-        let cfg = hf_config.to_encoder_only(has_pooler, sentence.pooling, &config_shown)?;
+        let cfg =
+            hf_config.to_encoder_only(has_pooler(&hf_weights), sentence.pooling, &config_shown)?;
         // Inference views: forward passes record no autograd graph (see for_inference).
         let vars = VarStore::new(DType::F32, device, cfg.init, 0)
             .with_n_layers(cfg.n_layers)
@@ -859,60 +506,4 @@ fn prepare_tokenizer(t: &HfTokenizer) -> Result<(tokenizers::Tokenizer, usize, u
         .or_else(|| tok.token_to_id("[PAD]"))
         .unwrap_or(0);
     Ok((tok, n_special, pad_id))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn names(ours: &str) -> Vec<String> {
-        match hf_source(ours) {
-            Some(HfSource::One(n)) => n,
-            Some(HfSource::Qkv(n)) => n.to_vec(),
-            None => vec![],
-        }
-    }
-
-    #[test]
-    fn every_parameter_has_its_hugging_face_name() {
-        assert_eq!(
-            names("embed.tok.weight"),
-            ["embeddings.word_embeddings.weight"]
-        );
-        assert_eq!(
-            names("embed.norm.bias"),
-            ["embeddings.LayerNorm.bias", "embeddings.LayerNorm.beta"]
-        );
-        assert_eq!(
-            names("layers.3.self_attn.in_proj.weight"),
-            [
-                "encoder.layer.3.attention.self.query.weight",
-                "encoder.layer.3.attention.self.key.weight",
-                "encoder.layer.3.attention.self.value.weight",
-            ]
-        );
-        assert_eq!(
-            names("layers.0.norm1.weight"),
-            [
-                "encoder.layer.0.attention.output.LayerNorm.weight",
-                "encoder.layer.0.attention.output.LayerNorm.gamma",
-            ]
-        );
-        assert_eq!(
-            names("layers.11.ff.linear1.bias"),
-            ["encoder.layer.11.intermediate.dense.bias"]
-        );
-        assert_eq!(
-            names("layers.1.ff.linear2.weight"),
-            ["encoder.layer.1.output.dense.weight"]
-        );
-        assert_eq!(names("pooler.weight"), ["pooler.dense.weight"]);
-        assert!(names("classifier.weight").is_empty());
-        // Every parameter of a BERT-shaped model is covered.
-        let cfg = EncoderOnlyConfig::tiny(10);
-        let (_, vs) = EncoderOnly::init(&cfg, DType::F32, &Device::Cpu, 0).unwrap();
-        for (name, _) in vs.vars() {
-            assert!(!names(&name).is_empty(), "{name} has no Hugging Face name");
-        }
-    }
 }

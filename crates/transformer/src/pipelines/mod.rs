@@ -1,0 +1,9 @@
+//! Each pipeline goes from what a user has (texts, a model directory) to what they asked for
+//! (embeddings, ...), composed from `data` (tokenizers), `import` (checkpoints), `models` and
+//! `nn`. Nothing below `pipelines` depends on it.
+//!
+//! - [`embed`](crate::pipelines::embed): sentence embeddings of a Hugging Face BERT
+//!   checkpoint, as sentence-transformers computes them
+//!   ([`HfBert`](crate::pipelines::embed::HfBert)).
+
+pub mod embed;
