@@ -129,10 +129,7 @@ impl HfBertConfig {
             n_classes: None,
             init: InitScheme::Gpt2,
         };
-        cfg.validate().map_err(|e| match e {
-            Error::Config(msg) => Error::Config(format!("{path}: {msg}")),
-            other => other,
-        })?;
+        cfg.validate().map_err(|e| e.in_source(path))?;
         Ok(cfg)
     }
 }
