@@ -1,22 +1,29 @@
-//! `transformer models`: the model families and their presets.
+//! `transformer models`: the registered model families and their presets.
 
-use transformer::models::{DecoderOnlyConfig, EncoderDecoderConfig, EncoderOnlyConfig};
+use std::io::Write;
+
+use transformer::models::FAMILIES;
+
+/// Vocabulary size shown in the example configs (a run takes it from its tokenizer).
+const EXAMPLE_VOCAB: usize = 32000;
 
 pub fn run() -> anyhow::Result<()> {
-    println!("encoder_decoder presets: base, big, tiny; base =");
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&EncoderDecoderConfig::base(37000))?
-    );
-    println!("decoder_only presets: shakespeare_char, gpt2_small, tiny; shakespeare_char =");
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&DecoderOnlyConfig::shakespeare_char(65))?
-    );
-    println!("encoder_only presets: bert_base, minilm_l6, tiny; bert_base =");
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&EncoderOnlyConfig::bert_base(30522))?
-    );
+    // `writeln!`, not `println!`: a closed pipe (`| head`) is an error that main ends on
+    // quietly, where `println!` would panic.
+    let mut out = std::io::stdout().lock();
+    for family in FAMILIES {
+        let Some(&first) = family.presets.first() else {
+            writeln!(out, "{}: no presets", family.name)?;
+            continue;
+        };
+        writeln!(
+            out,
+            "{} presets: {}; {first} (vocabulary {EXAMPLE_VOCAB}) =",
+            family.name,
+            family.presets.join(", ")
+        )?;
+        let cfg = family.preset(first, EXAMPLE_VOCAB)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&cfg.to_json()?)?)?;
+    }
     Ok(())
 }

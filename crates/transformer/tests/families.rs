@@ -161,6 +161,21 @@ fn llama_style_decoder_caches_and_trains() -> Result<()> {
     }
     randomize_params(&vs, &mut Rng::new(4), 0.3)?;
 
+    // Saved in f32, loaded in f64: the same config and the same values.
+    let dir = std::env::temp_dir().join(format!("transformer-llama-{}", std::process::id()));
+    cfg.save(&dir, &vs)?;
+    let (_, vs64, back) = DecoderOnlyConfig::load(&dir, &Device::Cpu, DType::F64)?;
+    assert_eq!(back, cfg);
+    for (name, v) in vs.vars() {
+        let w = vs64
+            .get(&name)
+            .unwrap_or_else(|| panic!("{name} not loaded"));
+        assert_eq!(w.dtype(), DType::F64);
+        let d = max_abs_diff(&w.to_dtype(DType::F32)?, &v)?;
+        assert_eq!(d, 0.0, "{name}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
     // Cached decoding, token by token and in uneven chunks, equals the full forward.
     let mut rng = Rng::new(5);
     let (b, t) = (2, 12);

@@ -262,6 +262,11 @@ pub trait FamilyConfig:
         Ok((model, vs))
     }
 
+    /// Save `config.json` and `model.safetensors` (in the store's dtype) into `dir`.
+    fn save(&self, dir: &Path, vs: &VarStore) -> Result<()> {
+        super::save_model(dir, self, vs)
+    }
+
     /// Load `config.json` and `model.safetensors` from a directory, in `dtype`.
     fn load(dir: &Path, device: &Device, dtype: DType) -> Result<(Self::Model, VarStore, Self)> {
         super::check_model_dir(dir)?;
