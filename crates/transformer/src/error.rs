@@ -30,9 +30,22 @@ pub enum Error {
         actual: String,
     },
 
+    /// An input (token ids, a sequence, a source) outside what the model takes.
+    #[error("{what}: expected {expected}, got {actual}")]
+    Input {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+
     /// A weight file does not match the model (missing, extra or mis-shaped tensors).
     #[error("weights {source_name}: {msg}")]
     Weights { source_name: String, msg: String },
+
+    /// A path that is not what it must be (a model directory that is not one, a file that is
+    /// missing from it).
+    #[error("{path}: {problem}")]
+    Path { path: PathBuf, problem: String },
 
     /// An I/O failure, with the path it concerned.
     #[error("{path}: {source}")]
@@ -94,6 +107,19 @@ impl Error {
                 actual,
             },
             other => other,
+        }
+    }
+
+    /// An input outside what the model takes: what it is, what is accepted, what it was.
+    pub fn input(
+        what: impl Into<String>,
+        expected: impl Into<String>,
+        actual: impl Into<String>,
+    ) -> Self {
+        Error::Input {
+            what: what.into(),
+            expected: expected.into(),
+            actual: actual.into(),
         }
     }
 

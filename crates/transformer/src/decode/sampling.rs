@@ -39,17 +39,18 @@ impl Sampling {
 
     pub fn validate(&self) -> Result<()> {
         if self.temperature.is_nan() || self.temperature < 0.0 || !self.temperature.is_finite() {
-            return Err(Error::Config(format!(
-                "temperature must be a finite number >= 0, got {}",
-                self.temperature
-            )));
+            return Err(Error::invalid(
+                "temperature",
+                "a finite number >= 0",
+                self.temperature.to_string(),
+            ));
         }
         if self.top_k == Some(0) {
-            return Err(Error::Config("top_k must be >= 1, got 0".into()));
+            return Err(Error::invalid("top_k", ">= 1", "0"));
         }
         if let Some(p) = self.top_p {
             if p.is_nan() || p <= 0.0 || p > 1.0 {
-                return Err(Error::Config(format!("top_p must be in (0, 1], got {p}")));
+                return Err(Error::invalid("top_p", "in (0, 1]", p.to_string()));
             }
         }
         Ok(())

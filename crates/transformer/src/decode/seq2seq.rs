@@ -94,19 +94,21 @@ impl Seq2SeqDecodeOptions {
 
     pub fn validate(&self) -> Result<()> {
         if self.beam_size == 0 {
-            return Err(Error::Config("beam_size must be >= 1, got 0".into()));
+            return Err(Error::invalid("beam_size", ">= 1", "0"));
         }
         if !self.alpha.is_finite() || self.alpha < 0.0 {
-            return Err(Error::Config(format!(
-                "alpha (length penalty) must be a finite number >= 0, got {}",
-                self.alpha
-            )));
+            return Err(Error::invalid(
+                "alpha (length penalty)",
+                "a finite number >= 0",
+                self.alpha.to_string(),
+            ));
         }
         if !self.max_len_a.is_finite() || self.max_len_a < 0.0 {
-            return Err(Error::Config(format!(
-                "max_len_a must be a finite number >= 0, got {}",
-                self.max_len_a
-            )));
+            return Err(Error::invalid(
+                "max_len_a",
+                "a finite number >= 0",
+                self.max_len_a.to_string(),
+            ));
         }
         Ok(())
     }
@@ -394,22 +396,22 @@ impl<'a> Batch<'a> {
         check_id("eos", ids.eos, "target", tgt_vocab_size)?;
         for (i, src) in sources.iter().enumerate() {
             if src.len() > max_len {
-                return Err(Error::msg(format!(
-                    "source {i} has {} tokens, more than the model's max_len {}",
-                    src.len(),
-                    max_len
-                )));
+                return Err(Error::input(
+                    format!("source {i}"),
+                    format!("at most the model's max_len {max_len} tokens"),
+                    format!("{} tokens", src.len()),
+                ));
             }
             if let Some((j, t)) = src
                 .iter()
                 .enumerate()
                 .find(|(_, &t)| t as usize >= src_vocab_size)
             {
-                return Err(Error::msg(format!(
-                    "source {i}, position {j}: token id {t} is out of range for a source \
-                     vocabulary of {}",
-                    src_vocab_size
-                )));
+                return Err(Error::input(
+                    format!("source {i}, position {j}: token id {t}"),
+                    format!("an id in range for a source vocabulary of {src_vocab_size}"),
+                    t.to_string(),
+                ));
             }
         }
         let src_lens: Vec<usize> = sources.iter().map(Vec::len).collect();
@@ -599,9 +601,11 @@ impl<'a> Batch<'a> {
 
 fn check_id(name: &str, id: u32, vocab: &str, size: usize) -> Result<()> {
     if id as usize >= size {
-        return Err(Error::msg(format!(
-            "{name} id {id} is out of range for a {vocab} vocabulary of {size}"
-        )));
+        return Err(Error::input(
+            format!("{name} id {id}"),
+            format!("an id in range for a {vocab} vocabulary of {size}"),
+            id.to_string(),
+        ));
     }
     Ok(())
 }

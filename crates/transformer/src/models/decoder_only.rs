@@ -326,11 +326,14 @@ impl DecoderOnly {
             .and_then(|c| c.first())
             .map_or(0, |c| c.len());
         if offset + t > self.cfg.block_size {
-            return Err(Error::msg(format!(
-                "sequence of {} tokens exceeds the context length (block_size) {}",
-                offset + t,
-                self.cfg.block_size
-            )));
+            return Err(Error::input(
+                "sequence length",
+                format!(
+                    "at most the context length (block_size) {}",
+                    self.cfg.block_size
+                ),
+                format!("{} tokens", offset + t),
+            ));
         }
         let x = self.tok_embed.forward(ids)?;
         let x = match &self.pos {

@@ -114,11 +114,17 @@ pub fn save_model<T: Serialize>(dir: &Path, config: &T, vs: &VarStore) -> Result
 /// Check that a model directory holds its two files, naming what is missing.
 pub fn check_model_dir(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
-        return Err(Error::msg(format!("{}: not a directory", dir.display())));
+        return Err(Error::Path {
+            path: dir.to_path_buf(),
+            problem: "not a directory".into(),
+        });
     }
     for f in [CONFIG_FILE, WEIGHTS_FILE] {
         if !dir.join(f).is_file() {
-            return Err(Error::msg(format!("{}: missing {f}", dir.display())));
+            return Err(Error::Path {
+                path: dir.to_path_buf(),
+                problem: format!("missing {f}"),
+            });
         }
     }
     Ok(())

@@ -73,9 +73,11 @@ impl TokenEmbedding {
         let ids = ids.to_dtype(DType::U32)?;
         let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>().unwrap_or(0);
         if max as usize >= v {
-            return Err(Error::msg(format!(
-                "token id {max} is out of range for a vocabulary of {v}"
-            )));
+            return Err(Error::input(
+                format!("token id {max}"),
+                format!("an id in range for a vocabulary of {v}"),
+                max.to_string(),
+            ));
         }
         let x = self.weight.index_select(&ids.flatten_all()?, 0)?;
         let x = x.reshape((b, t, self.weight.dims()[1]))?;
@@ -160,11 +162,14 @@ impl AbsolutePositions {
     pub fn forward(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
         if offset + t > self.max_len() {
-            return Err(Error::msg(format!(
-                "sequence of {} positions exceeds the model's maximum length (max_len) {}",
-                offset + t,
-                self.max_len()
-            )));
+            return Err(Error::input(
+                "sequence length",
+                format!(
+                    "at most the model's maximum length (max_len) {}",
+                    self.max_len()
+                ),
+                format!("{} positions", offset + t),
+            ));
         }
         Ok(x.broadcast_add(&self.table.narrow(0, offset, t)?)?)
     }
@@ -226,11 +231,11 @@ impl Rope {
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let (_, _, t, d) = x.dims4()?;
         if offset + t > self.max_len() {
-            return Err(Error::msg(format!(
-                "sequence of {} positions exceeds the RoPE table length {}",
-                offset + t,
-                self.max_len()
-            )));
+            return Err(Error::input(
+                "sequence length",
+                format!("at most the RoPE table length {}", self.max_len()),
+                format!("{} positions", offset + t),
+            ));
         }
         let half = d / 2;
         let cos = self.cos.narrow(0, offset, t)?; // (T, D/2)

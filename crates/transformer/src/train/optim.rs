@@ -84,16 +84,20 @@ impl AdamWConfig {
     pub fn validate(&self) -> Result<()> {
         for (field, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&beta) {
-                return Err(Error::Config(format!(
-                    "adamw: {field} must be in [0, 1), got {beta}"
-                )));
+                return Err(Error::invalid(
+                    format!("optimizer.{field} (adamw)"),
+                    "in [0, 1)",
+                    beta.to_string(),
+                ));
             }
         }
         for (field, x) in [("eps", self.eps), ("weight_decay", self.weight_decay)] {
             if !(x.is_finite() && x >= 0.0) {
-                return Err(Error::Config(format!(
-                    "adamw: {field} must be finite and >= 0, got {x}"
-                )));
+                return Err(Error::invalid(
+                    format!("optimizer.{field} (adamw)"),
+                    "finite and >= 0",
+                    x.to_string(),
+                ));
             }
         }
         Ok(())
@@ -602,7 +606,10 @@ mod tests {
             beta2: 1.0,
             ..AdamWConfig::default()
         };
-        assert!(matches!(AdamW::new(vec![], bad), Err(Error::Config(_))));
+        assert!(matches!(
+            AdamW::new(vec![], bad),
+            Err(Error::Config(_) | Error::Invalid { .. })
+        ));
         let v = Var::new(&[1.0f32], &cpu()).unwrap();
         assert!(AdamW::new(
             vec![("x".into(), v.clone()), ("x".into(), v)],

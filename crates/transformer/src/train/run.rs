@@ -27,10 +27,11 @@ pub const REVERSE_ALPHABET: &str = "abcdefghijklmnopqrstuvwxyz0123456789";
 /// The tokenizer of the reversal task: `n_symbols` letters plus `<pad>`, `<bos>`, `<eos>`.
 pub fn reverse_tokenizer(n_symbols: usize) -> Result<Tokenizer> {
     if n_symbols < 2 || n_symbols > REVERSE_ALPHABET.len() {
-        return Err(Error::Config(format!(
-            "data.n_symbols must be in [2, {}], got {n_symbols}",
-            REVERSE_ALPHABET.len()
-        )));
+        return Err(Error::invalid(
+            "data.n_symbols",
+            format!("in [2, {}]", REVERSE_ALPHABET.len()),
+            n_symbols.to_string(),
+        ));
     }
     let chars: Vec<char> = REVERSE_ALPHABET.chars().take(n_symbols).collect();
     let specials = ["<pad>", "<bos>", "<eos>"].map(String::from).to_vec();
@@ -269,9 +270,11 @@ fn reverse_data(
     let seed = cfg.train.seed;
     let device = ctx.device;
     if *min_len == 0 || min_len > max_len {
-        return Err(Error::Config(format!(
-            "data.min_len must be in [1, max_len], got min_len {min_len} and max_len {max_len}"
-        )));
+        return Err(Error::invalid(
+            "data.min_len",
+            format!("in [1, max_len = {max_len}]"),
+            min_len.to_string(),
+        ));
     }
     let tokenizer = reverse_tokenizer(*n_symbols)?;
     let (min_len, max_len, n_val) = (*min_len, *max_len, *n_val);
@@ -342,13 +345,17 @@ fn parallel_data(
     let mut model_defaults: Vec<(&'static str, toml::Value)> = Vec::new();
     let (max_tokens, max_len, joint) = (*max_tokens, *max_len, *joint_vocab);
     if max_len == 0 {
-        return Err(Error::Config("data.max_len must be > 0".into()));
+        return Err(Error::invalid("data.max_len", "> 0", "0"));
     }
     if max_tokens < max_len {
-        return Err(Error::Config(format!(
-            "data.max_tokens = {max_tokens} must be at least data.max_len = {max_len}, \
-             so that every kept sentence pair fits in a batch"
-        )));
+        return Err(Error::invalid(
+            "data.max_tokens",
+            format!(
+                "at least data.max_len = {max_len}, so that every kept sentence pair fits in a \
+                 batch"
+            ),
+            max_tokens.to_string(),
+        ));
     }
     let train_lines = read_parallel(train_src, train_tgt)?;
     let val_lines = read_parallel(val_src, val_tgt)?;
@@ -419,11 +426,15 @@ fn parallel_data(
             .build(&vs.root())?
             .into_seq2seq("data.kind = \"parallel\" (translation)")?;
         if model.max_len() < max_len {
-            return Err(Error::Config(format!(
-                "data.max_len = {max_len} is more than the model's positions \
-                 (model.max_len = {}); lower data.max_len or raise model.max_len",
-                model.max_len()
-            )));
+            return Err(Error::invalid(
+                "data.max_len",
+                format!(
+                    "at most the model's positions (model.max_len = {}); lower data.max_len or \
+                     raise model.max_len",
+                    model.max_len()
+                ),
+                max_len.to_string(),
+            ));
         }
         let data = BucketedPairs {
             train: train.pairs,

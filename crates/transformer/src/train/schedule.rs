@@ -53,9 +53,11 @@ impl LrSchedule {
             if v.is_finite() && v >= 0.0 {
                 Ok(())
             } else {
-                Err(Error::Config(format!(
-                    "lr schedule: {field} must be finite and >= 0, got {v}"
-                )))
+                Err(Error::invalid(
+                    format!("schedule.{field}"),
+                    "finite and >= 0",
+                    v.to_string(),
+                ))
             }
         };
         match *self {
@@ -69,10 +71,11 @@ impl LrSchedule {
                 check_lr("lr", lr)?;
                 check_lr("min_lr", min_lr)?;
                 if decay_steps <= warmup_steps {
-                    return Err(Error::Config(format!(
-                        "lr schedule warmup_cosine: decay_steps ({decay_steps}) must be greater \
-                         than warmup_steps ({warmup_steps})"
-                    )));
+                    return Err(Error::invalid(
+                        format!("schedule.decay_steps ({decay_steps}) of warmup_cosine"),
+                        format!("greater than warmup_steps ({warmup_steps})"),
+                        decay_steps.to_string(),
+                    ));
                 }
                 Ok(())
             }
@@ -83,14 +86,10 @@ impl LrSchedule {
             } => {
                 check_lr("factor", factor)?;
                 if d_model == 0 {
-                    return Err(Error::Config(
-                        "lr schedule noam: d_model must be > 0".into(),
-                    ));
+                    return Err(Error::invalid("schedule.d_model of noam", "> 0", "0"));
                 }
                 if warmup_steps == 0 {
-                    return Err(Error::Config(
-                        "lr schedule noam: warmup_steps must be > 0".into(),
-                    ));
+                    return Err(Error::invalid("schedule.warmup_steps of noam", "> 0", "0"));
                 }
                 Ok(())
             }
@@ -261,7 +260,10 @@ mod tests {
         ];
         for s in bad {
             let err = s.validate().unwrap_err();
-            assert!(matches!(err, Error::Config(_)), "{s:?}: {err}");
+            assert!(
+                matches!(err, Error::Config(_) | Error::Invalid { .. }),
+                "{s:?}: {err}"
+            );
         }
     }
 }
