@@ -133,6 +133,36 @@ fn models_load_through_the_registry_with_their_capabilities() -> Result<()> {
     Ok(())
 }
 
+/// The interleaved RoPE layout of Llama GGUF files decodes with a cache like the full pass.
+#[test]
+fn interleaved_rope_caches_like_the_full_forward() -> Result<()> {
+    let cfg = DecoderOnlyConfig {
+        rope_layout: transformer::nn::RopeLayout::Interleaved,
+        ..llama_config()
+    };
+    let back: DecoderOnlyConfig = serde_json::from_value(AnyConfig::to_json(&cfg)?).unwrap();
+    assert_eq!(back, cfg);
+    let (model, vs) = cfg.init(DType::F32, &Device::Cpu, 14)?;
+    randomize_params(&vs, &mut Rng::new(15), 0.3)?;
+    let ids = rand_ids(&mut Rng::new(16), 2, 10, 0, 50)?;
+    let full = model.forward(&ids, false)?;
+    let mut caches = model.new_cache();
+    let mut steps = Vec::new();
+    for j in 0..10 {
+        steps.push(model.forward_cached(&ids.narrow(1, j, 1)?, &mut caches)?);
+    }
+    let d = max_abs_diff(&full, &Tensor::cat(&steps, 1)?)?;
+    assert!(d <= TOL, "cached decoding differs by {d}");
+    // Not the half-split model: the layouts rotate different coordinates together.
+    let half = DecoderOnlyConfig {
+        rope_layout: transformer::nn::RopeLayout::HalfSplit,
+        ..cfg.clone()
+    };
+    let other = FamilyConfig::build(&half, &vs.root())?;
+    assert!(max_abs_diff(&full, &other.forward(&ids, false)?)? > 1e-4);
+    Ok(())
+}
+
 #[test]
 fn llama_style_decoder_caches_and_trains() -> Result<()> {
     let cfg = llama_config();

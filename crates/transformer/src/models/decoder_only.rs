@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use super::family::{CausalLm, FamilyConfig, Model};
 use crate::nn::{
     AbsolutePositions, Activation, Dropout, Encoder, InitScheme, KvCache, LayerConfig,
-    LayerOptions, Linear, Masks, MlpKind, NormKind, PositionalKind, Rope, TokenEmbedding, VarPath,
-    VarStore,
+    LayerOptions, Linear, Masks, MlpKind, NormKind, PositionalKind, Rope, RopeLayout,
+    TokenEmbedding, VarPath, VarStore,
 };
 use crate::{Error, Result};
 
@@ -77,6 +77,10 @@ pub struct DecoderOnlyConfig {
     /// Norms over each head's queries and keys (Gemma 3).
     #[serde(default, skip_serializing_if = "super::is_default")]
     pub qk_norm: bool,
+    /// Which coordinates RoPE rotates together: `half_split` (Hugging Face) or `interleaved`
+    /// (Llama-architecture GGUF files).
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub rope_layout: RopeLayout,
 }
 
 fn default_gelu() -> Activation {
@@ -118,6 +122,7 @@ impl DecoderOnlyConfig {
             n_kv_heads: None,
             head_dim: None,
             qk_norm: false,
+            rope_layout: RopeLayout::HalfSplit,
         }
     }
 
@@ -237,13 +242,16 @@ impl DecoderOnly {
             _ => None,
         };
         let rope = match cfg.positional {
-            PositionalKind::Rope => Some(Rope::new(
-                cfg.layer().mha().head_width(),
-                cfg.block_size,
-                cfg.rope_theta,
-                vp.dtype(),
-                vp.device(),
-            )?),
+            PositionalKind::Rope => Some(
+                Rope::new(
+                    cfg.layer().mha().head_width(),
+                    cfg.block_size,
+                    cfg.rope_theta,
+                    vp.dtype(),
+                    vp.device(),
+                )?
+                .with_layout(cfg.rope_layout),
+            ),
             _ => None,
         };
         // The layer stack holds the final norm (`norm.*` sits beside `layers.*`).

@@ -12,7 +12,7 @@ use super::family::{FamilyConfig, Model, Seq2Seq, Source};
 use crate::nn::{
     AbsolutePositions, Activation, AttnMask, Decoder, DecoderState, Dropout, Encoder, Init,
     InitScheme, LayerConfig, LayerOptions, Linear, Masks, MlpKind, NeedWeights, NormKind,
-    PositionalKind, Rope, TokenEmbedding, VarPath, VarStore,
+    PositionalKind, Rope, RopeLayout, TokenEmbedding, VarPath, VarStore,
 };
 use crate::{Error, Result};
 
@@ -100,6 +100,10 @@ pub struct EncoderDecoderConfig {
     /// Norms over each head's queries and keys (Gemma 3).
     #[serde(default, skip_serializing_if = "super::is_default")]
     pub qk_norm: bool,
+    /// Which coordinates RoPE rotates together: `half_split` (Hugging Face) or `interleaved`
+    /// (Llama-architecture GGUF files).
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub rope_layout: RopeLayout,
 }
 
 impl EncoderDecoderConfig {
@@ -134,6 +138,7 @@ impl EncoderDecoderConfig {
             n_kv_heads: None,
             head_dim: None,
             qk_norm: false,
+            rope_layout: RopeLayout::HalfSplit,
         }
     }
 
@@ -333,13 +338,16 @@ impl EncoderDecoder {
             )?)
         };
         let rope = match cfg.positional {
-            PositionalKind::Rope => Some(Rope::new(
-                layer.mha().head_width(),
-                cfg.max_len,
-                cfg.rope_theta,
-                vp.dtype(),
-                vp.device(),
-            )?),
+            PositionalKind::Rope => Some(
+                Rope::new(
+                    layer.mha().head_width(),
+                    cfg.max_len,
+                    cfg.rope_theta,
+                    vp.dtype(),
+                    vp.device(),
+                )?
+                .with_layout(cfg.rope_layout),
+            ),
             _ => None,
         };
         Ok(EncoderDecoder {

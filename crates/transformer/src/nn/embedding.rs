@@ -175,14 +175,29 @@ impl AbsolutePositions {
     }
 }
 
-/// Rotary position embedding (Su et al. 2021), in the "rotate half" layout (GPT-NeoX, LLaMA):
-/// the first and second halves of each head form the rotated pairs.
+/// Which coordinates of a head RoPE rotates together. Both rotate pair `i` by
+/// `position · θ^(-2i/D)`; they differ in where the pair's two coordinates sit, which must
+/// match how the checkpoint laid out the rows of W_q and W_k.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeLayout {
+    /// Pair `i` is `(x[i], x[i + D/2])`: "rotate half" (GPT-NeoX, Hugging Face Llama, Gemma;
+    /// llama.cpp's NEOX type).
+    #[default]
+    HalfSplit,
+    /// Pair `i` is `(x[2i], x[2i + 1])`: the original paper's, and what llama.cpp's converter
+    /// gives Llama-architecture GGUF files by permuting the rows of W_q and W_k (its NORM type).
+    Interleaved,
+}
+
+/// Rotary position embedding (Su et al. 2021), in either pair layout ([`RopeLayout`]).
 #[derive(Debug, Clone)]
 pub struct Rope {
     /// (max_len, D/2)
     cos: Tensor,
     /// (max_len, D/2)
     sin: Tensor,
+    layout: RopeLayout,
 }
 
 impl Rope {
@@ -217,7 +232,18 @@ impl Rope {
         Ok(Rope {
             cos: mk(cos)?,
             sin: mk(sin)?,
+            layout: RopeLayout::HalfSplit,
         })
+    }
+
+    /// The same rotation with the given pair layout.
+    pub fn with_layout(mut self, layout: RopeLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    pub fn layout(&self) -> RopeLayout {
+        self.layout
     }
 
     pub fn max_len(&self) -> usize {
@@ -240,10 +266,64 @@ impl Rope {
         let half = d / 2;
         let cos = self.cos.narrow(0, offset, t)?; // (T, D/2)
         let sin = self.sin.narrow(0, offset, t)?;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-        let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-        Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+        match self.layout {
+            RopeLayout::HalfSplit => {
+                let x1 = x.narrow(D::Minus1, 0, half)?;
+                let x2 = x.narrow(D::Minus1, half, half)?;
+                let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+                let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+                Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+            }
+            RopeLayout::Interleaved => {
+                let (b, h, _, _) = x.dims4()?;
+                // (B, H, T, D) -> (B, H, T, D/2, 2): the pairs along the last axis.
+                let pairs = x.reshape((b, h, t, half, 2))?;
+                let x1 = pairs.narrow(4, 0, 1)?.squeeze(4)?; // (B, H, T, D/2)
+                let x2 = pairs.narrow(4, 1, 1)?.squeeze(4)?;
+                let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+                let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+                // (B, H, T, D/2, 2) -> (B, H, T, D)
+                Ok(Tensor::stack(&[r1, r2], 4)?.reshape((b, h, t, d))?)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod rope_tests {
+    use super::*;
+
+    /// Interleaved RoPE on a head whose coordinates were permuted as llama.cpp's converter
+    /// permutes W_q and W_k rows (`2j + s` ← `s·D/2 + j`) equals half-split RoPE on the
+    /// original head, permuted the same way; so q·k, and attention, are unchanged.
+    #[test]
+    fn interleaved_layout_is_half_split_on_permuted_coordinates() {
+        let (b, h, t, d) = (2, 3, 5, 8);
+        let mut rng = crate::rng::Rng::new(31);
+        let x = crate::kernels::tests::randn(&mut rng, &[b, h, t, d], DType::F64);
+        let half = Rope::new(d, 16, 10000.0, DType::F64, &Device::Cpu).unwrap();
+        let inter = half.clone().with_layout(RopeLayout::Interleaved);
+        // perm[2j + s] = s·D/2 + j
+        let perm: Vec<u32> = (0..d).map(|r| ((r % 2) * d / 2 + r / 2) as u32).collect();
+        let perm = Tensor::new(perm.as_slice(), &Device::Cpu).unwrap();
+        let permute = |x: &Tensor| x.index_select(&perm, 3).unwrap();
+        for offset in [0, 3] {
+            let want = permute(&half.apply(&x, offset).unwrap());
+            let got = inter.apply(&permute(&x), offset).unwrap();
+            let diff = crate::kernels::tests::max_diff(&got, &want);
+            assert!(diff < 1e-12, "offset {offset}: {diff}");
+        }
+        // And it is a rotation: lengths are kept (to the f32 precision of the cos/sin table).
+        let y = inter.apply(&x, 2).unwrap();
+        let sq = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        assert!((sq(&y) / sq(&x) - 1.0).abs() < 1e-6);
+        assert_ne!(inter.layout(), half.layout());
     }
 }

@@ -15,7 +15,7 @@ pub mod var_store;
 pub use crate::kernels::Kernels;
 pub use attention::{causal_mask, scaled_dot_product_attention, AttnMask, AttnOutput, SdpaOptions};
 pub use dropout::Dropout;
-pub use embedding::{AbsolutePositions, PositionalKind, Rope, TokenEmbedding};
+pub use embedding::{AbsolutePositions, PositionalKind, Rope, RopeLayout, TokenEmbedding};
 pub use layers::{
     Decoder, DecoderLayer, DecoderOutput, DecoderState, Encoder, EncoderLayer, LayerConfig,
     LayerOptions, Masks, Memory, SelfAttentionBlock,
