@@ -1,4 +1,5 @@
 //! Importers for weights saved by other frameworks.
 
+pub mod gguf;
 pub mod hf_bert;
 pub mod pytorch;
