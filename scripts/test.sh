@@ -6,4 +6,6 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 # all-MiniLM-L6-v2 for the sentence-embedding parity test, which fails without it.
 bash scripts/fetch-minilm.sh >/dev/null
+# SmolLM2-135M-Instruct (GGUF) for the GGUF import and generation tests, which fail without it.
+bash scripts/fetch-smollm2.sh >/dev/null
 cargo test --workspace

@@ -27,8 +27,23 @@ fn load_model(dir: &Path, device: &Device) -> Result<LoadedModel> {
         .with_context(|| format!("loading {}", dir.display()))
 }
 
-/// Load a language-model checkpoint (a checkpoint directory or a run directory).
+/// Load a language model: a checkpoint directory, a run directory, or a GGUF file (its
+/// tensors dequantized to f32, its tokenizer from the metadata).
 pub fn load_lm(path: &Path, device: &Device) -> Result<LoadedLm> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        let file = transformer::import::gguf::GgufFile::open(path)?;
+        let tokenizer = file
+            .tokenizer()
+            .with_context(|| format!("{}: tokenizer", path.display()))?;
+        drop(file);
+        let (model, _vs, _cfg) =
+            transformer::import::gguf::load_decoder_only(path, device, DType::F32)?;
+        return Ok(LoadedLm {
+            dir: path.to_path_buf(),
+            model: Box::new(model),
+            tokenizer,
+        });
+    }
     let dir = resolve_model_dir(path)?;
     require_files(&dir, &[CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE])?;
     let family = read_meta(&dir)?.family;

