@@ -98,6 +98,19 @@ struct DataSetup {
     notes: Vec<String>,
 }
 
+impl DataSetup {
+    /// One tokenizer, no model fields decided, nothing to tell.
+    fn new(tokenizer: Tokenizer, builder: TaskBuilder) -> Self {
+        DataSetup {
+            tokenizer,
+            src_tokenizer: None,
+            builder,
+            model_defaults: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+}
+
 /// Build the tokenizer, data, model and optimizer of `cfg` writing into `out_dir`; with
 /// `resume`, continue from `out_dir/checkpoint` (its tokenizer is reused so ids never shift).
 pub fn prepare_run(
@@ -249,13 +262,7 @@ fn text_data(ctx: &SetupContext, path: &Path, train_fraction: &f64) -> Result<Da
             device,
         }))
     };
-    Ok(DataSetup {
-        tokenizer,
-        src_tokenizer: None,
-        builder: Box::new(builder),
-        model_defaults: Vec::new(),
-        notes: Vec::new(),
-    })
+    Ok(DataSetup::new(tokenizer, Box::new(builder)))
 }
 /// `data.kind = "reverse"`: the generated sequence-reversal task of the demo.
 fn reverse_data(
@@ -313,13 +320,7 @@ fn reverse_data(
             device,
         }))
     };
-    Ok(DataSetup {
-        tokenizer,
-        src_tokenizer: None,
-        builder: Box::new(builder),
-        model_defaults: Vec::new(),
-        notes: Vec::new(),
-    })
+    Ok(DataSetup::new(tokenizer, Box::new(builder)))
 }
 /// `data.kind = "parallel"`: translation on a parallel corpus, in length buckets.
 #[allow(clippy::too_many_arguments)]
