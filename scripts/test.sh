@@ -4,6 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The library without its `fetch` feature (no HTTP client) must build too: the workspace build
+# above has it, through the CLI.
+cargo clippy -p transformer --no-default-features --all-targets -- -D warnings
 # all-MiniLM-L6-v2 for the sentence-embedding parity test, which fails without it.
 bash scripts/fetch-minilm.sh >/dev/null
 # SmolLM2-135M-Instruct (GGUF) for the GGUF import and generation tests, which fail without it.
