@@ -7,6 +7,7 @@ use candle_core::{DType, Device};
 use transformer::data::{Seq2SeqIds, Tokenizer};
 use transformer::decode::SpecialTokens;
 use transformer::models::{family, CausalLm, LoadedModel, Seq2Seq, CONFIG_FILE, WEIGHTS_FILE};
+use transformer::pipelines::chat::ChatTemplate;
 use transformer::train::checkpoint::{
     read_meta, require_files, resolve_model_dir, SRC_TOKENIZER_FILE, TOKENIZER_FILE,
 };
@@ -16,6 +17,8 @@ pub struct LoadedLm {
     pub dir: PathBuf,
     pub model: Box<dyn CausalLm>,
     pub tokenizer: Tokenizer,
+    /// The chat template and end-of-turn token of an instruct model, when the file has them.
+    pub chat: Option<(ChatTemplate, u32)>,
 }
 
 /// The model of a checkpoint directory, through the family its `meta.json` names.
@@ -35,6 +38,19 @@ pub fn load_lm(path: &Path, device: &Device) -> Result<LoadedLm> {
         let tokenizer = file
             .tokenizer()
             .with_context(|| format!("{}: tokenizer", path.display()))?;
+        let chat = match file.chat_template()? {
+            None => None,
+            Some(source) => {
+                let special = |key: &str| -> Result<String> {
+                    Ok(file.special_token(key)?.unwrap_or_default())
+                };
+                let eos = special("tokenizer.ggml.eos_token_id")?;
+                let template =
+                    ChatTemplate::new(&source, &special("tokenizer.ggml.bos_token_id")?, &eos)
+                        .with_context(|| format!("{}: tokenizer.chat_template", path.display()))?;
+                tokenizer.token_to_id(&eos).map(|id| (template, id))
+            }
+        };
         drop(file);
         let (model, _vs, _cfg) =
             transformer::import::gguf::load_decoder_only(path, device, DType::F32)?;
@@ -42,6 +58,7 @@ pub fn load_lm(path: &Path, device: &Device) -> Result<LoadedLm> {
             dir: path.to_path_buf(),
             model: Box::new(model),
             tokenizer,
+            chat,
         });
     }
     let dir = resolve_model_dir(path)?;
@@ -70,6 +87,7 @@ pub fn load_lm(path: &Path, device: &Device) -> Result<LoadedLm> {
         dir,
         model,
         tokenizer,
+        chat: None,
     })
 }
 

@@ -4,6 +4,7 @@
 
 mod average;
 mod bench;
+mod chat;
 mod checkpoint;
 mod data;
 mod demo;
@@ -91,6 +92,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Continue a text with a trained language model, streaming tokens.
     Generate(generate::GenerateArgs),
+    /// Talk with an instruct model (GGUF): each line of standard input is a user turn.
+    Chat(chat::ChatArgs),
     /// Loss and perplexity of a language model on a text file, or BLEU of a translation model
     /// on a source and reference file (one JSON line).
     Eval(eval::EvalArgs),
@@ -145,6 +148,7 @@ fn main() -> ExitCode {
         Command::Data(args) => data::run(args),
         Command::Train(args) => train::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Chat(args) => chat::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Translate(args) => translate::run(args),
         Command::Average(args) => average::run(args),

@@ -47,6 +47,47 @@ fn generate_completes_a_prompt_from_a_gguf_file() {
 }
 
 #[test]
+fn chat_answers_each_line_through_the_chat_template() {
+    use std::io::Write;
+    let ws = Workspace::new();
+    let path = gguf_path();
+    let mut child = ws
+        .command(&[
+            "chat",
+            "--checkpoint",
+            path.to_str().unwrap(),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "20",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"What is the capital of France?\n\nAnd of Italy?\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let replies: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
+    assert_eq!(replies.len(), 2, "one reply per question: {replies:?}");
+    assert!(replies[0].contains("Paris"), "{replies:?}");
+    assert!(replies[1].contains("Rome"), "{replies:?}");
+
+    // A model without a chat template is refused with a pointer to `generate`.
+    ws.train("lm", &[]);
+    ws.fails(
+        &["chat", "--checkpoint", "lm"],
+        &["no chat template", "transformer generate"],
+    );
+}
+
+#[test]
 fn a_file_that_is_not_gguf_is_an_error_naming_it() {
     let ws = Workspace::new();
     std::fs::write(ws.join("fake.gguf"), b"not a gguf file at all").unwrap();

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use transformer::decode::{generate, GenerateOptions, Sampling};
 use transformer::import::gguf::{load_decoder_only, GgufFile};
 use transformer::nn::RopeLayout;
+use transformer::pipelines::chat::{ChatMessage, ChatTemplate};
 use transformer::rng::Rng;
 use transformer::Result;
 
@@ -106,5 +107,38 @@ fn smollm2_loads_tokenizes_and_completes_a_prompt() -> Result<()> {
         let text = tok.decode(&out)?;
         assert!(text.starts_with(" Paris"), "cache {use_cache}: {text:?}");
     }
+
+    // A conversation through the file's own chat template (ChatML): the rendered prompt keeps
+    // its control tokens whole, and the model answers.
+    let template = file
+        .chat_template()?
+        .expect("an instruct model carries its template");
+    let bos = file.special_token("tokenizer.ggml.bos_token_id")?.unwrap();
+    let eos = file.special_token("tokenizer.ggml.eos_token_id")?.unwrap();
+    assert_eq!((bos.as_str(), eos.as_str()), ("<|im_start|>", "<|im_end|>"));
+    let chat = ChatTemplate::new(&template, &bos, &eos)?;
+    let prompt = chat.render(
+        &[ChatMessage::new("user", "What is the capital of France?")],
+        true,
+    )?;
+    assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt:?}");
+    let ids = tok.encode(&prompt)?;
+    assert_eq!(ids[0], tok.token_to_id("<|im_start|>").unwrap());
+    let opts = GenerateOptions {
+        max_new_tokens: 12,
+        sampling: Sampling {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        use_cache: true,
+    };
+    let end = tok.token_to_id(&eos).unwrap();
+    let mut out = Vec::new();
+    generate(&model, &ids, &opts, &Device::Cpu, &mut Rng::new(1), |id| {
+        out.push(id);
+        Ok(id != end)
+    })?;
+    let reply = tok.decode(&out)?;
+    assert!(reply.contains("Paris"), "{reply:?}");
     Ok(())
 }

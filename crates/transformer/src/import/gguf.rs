@@ -135,8 +135,8 @@ impl GgufFile {
         )
     }
 
-    /// An integer of any width (converters differ in the type they write).
-    fn usize_key(&self, key: &str) -> Result<Option<usize>> {
+    /// An integer of any width (converters differ in the type they write), at least `min`.
+    fn int_key(&self, key: &str, min: i128) -> Result<Option<usize>> {
         let v = match self.metadata(key) {
             None => return Ok(None),
             Some(v) => v,
@@ -153,9 +153,15 @@ impl GgufFile {
             _ => None,
         };
         match n {
-            Some(n) if n > 0 && n <= usize::MAX as i128 => Ok(Some(n as usize)),
-            _ => Err(self.bad_key(key, "a positive integer", Some(v))),
+            Some(n) if n >= min && n <= usize::MAX as i128 => Ok(Some(n as usize)),
+            _ if min > 0 => Err(self.bad_key(key, "a positive integer", Some(v))),
+            _ => Err(self.bad_key(key, "an integer >= 0", Some(v))),
         }
+    }
+
+    /// A positive integer of any width.
+    fn usize_key(&self, key: &str) -> Result<Option<usize>> {
+        self.int_key(key, 1)
     }
 
     fn required_usize(&self, key: &str) -> Result<usize> {
@@ -376,6 +382,31 @@ impl GgufFile {
                 })
                 .collect(),
             other => Err(bad(other)),
+        }
+    }
+
+    /// `tokenizer.chat_template`, when the file has one (instruct models do).
+    pub fn chat_template(&self) -> Result<Option<String>> {
+        match self.metadata("tokenizer.chat_template") {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            other => Err(self.bad_key("tokenizer.chat_template", "a string", other)),
+        }
+    }
+
+    /// The text of the token with the id at `key` (`tokenizer.ggml.bos_token_id`, ...).
+    pub fn special_token(&self, key: &str) -> Result<Option<String>> {
+        let Some(id) = self.int_key(key, 0)? else {
+            return Ok(None);
+        };
+        let tokens = self.strings("tokenizer.ggml.tokens")?;
+        match tokens.get(id) {
+            Some(t) => Ok(Some(t.clone())),
+            None => Err(self.bad_key(
+                key,
+                &format!("a token id below {}", tokens.len()),
+                self.metadata(key),
+            )),
         }
     }
 

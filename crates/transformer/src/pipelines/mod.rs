@@ -5,5 +5,8 @@
 //! - [`embed`](crate::pipelines::embed): sentence embeddings of a Hugging Face BERT
 //!   checkpoint, as sentence-transformers computes them
 //!   ([`HfBert`](crate::pipelines::embed::HfBert)).
+//! - [`chat`](crate::pipelines::chat): a conversation rendered through the model's chat
+//!   template.
 
+pub mod chat;
 pub mod embed;

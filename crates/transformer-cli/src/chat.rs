@@ -1,0 +1,100 @@
+//! `transformer chat --checkpoint FILE.gguf`: a conversation with an instruct model. Each line
+//! of standard input is a user turn; the reply streams to standard output. The whole
+//! conversation goes through the model's chat template at every turn.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use transformer::decode::{generate, GenerateOptions, Sampling};
+use transformer::pipelines::chat::ChatMessage;
+use transformer::rng::Rng;
+
+#[derive(Args)]
+pub struct ChatArgs {
+    /// A GGUF file of an instruct model (it carries its chat template).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// A system turn to start the conversation with (else the template's default, if any).
+    #[arg(long)]
+    system: Option<String>,
+    /// The longest reply, in tokens.
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 means greedy (argmax).
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
+    temperature: f64,
+    /// Sample only among the k most likely tokens.
+    #[arg(long, allow_negative_numbers = true)]
+    top_k: Option<usize>,
+    /// Sample only within the smallest set of tokens whose probability reaches p.
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+}
+
+pub fn run(args: ChatArgs) -> Result<()> {
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+    };
+    sampling.validate().context("invalid sampling flags")?;
+    let device = crate::device()?;
+    let lm = crate::checkpoint::load_lm(&args.checkpoint, &device)?;
+    let Some((template, end_of_turn)) = &lm.chat else {
+        bail!(
+            "{}: the model has no chat template (a base model?); use `transformer generate`",
+            args.checkpoint.display()
+        );
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        use_cache: true,
+    };
+    let mut messages: Vec<ChatMessage> = args
+        .system
+        .iter()
+        .map(|s| ChatMessage::new("system", s.clone()))
+        .collect();
+    let mut rng = Rng::new(args.seed);
+    let mut out = std::io::stdout().lock();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.context("reading standard input")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        messages.push(ChatMessage::new("user", line));
+        let prompt = template.render(&messages, true)?;
+        let ids = lm
+            .tokenizer
+            .encode(&prompt)
+            .context("the conversation cannot be encoded with this model's tokenizer")?;
+        let mut stream = lm.tokenizer.stream_decoder();
+        let mut reply = String::new();
+        let mut write_err: Option<std::io::Error> = None;
+        generate(lm.model.as_ref(), &ids, &opts, &device, &mut rng, |id| {
+            if id == *end_of_turn {
+                return Ok(false);
+            }
+            let piece = stream.push(id)?;
+            reply.push_str(&piece);
+            if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+                write_err = Some(e);
+                return Ok(false);
+            }
+            Ok(true)
+        })?;
+        if let Some(e) = write_err {
+            return Err(e.into());
+        }
+        let rest = stream.finish()?;
+        reply.push_str(&rest);
+        writeln!(out, "{rest}")?;
+        messages.push(ChatMessage::new("assistant", reply));
+    }
+    Ok(())
+}
