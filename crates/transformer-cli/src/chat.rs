@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use transformer::decode::{generate, GenerateOptions, Sampling};
+use transformer::decode::{generate, GenerateOptions};
 use transformer::pipelines::chat::ChatMessage;
 use transformer::rng::Rng;
 
@@ -22,26 +22,12 @@ pub struct ChatArgs {
     /// The longest reply, in tokens.
     #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     max_new_tokens: usize,
-    /// Sampling temperature; 0 means greedy (argmax).
-    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
-    temperature: f64,
-    /// Sample only among the k most likely tokens.
-    #[arg(long, allow_negative_numbers = true)]
-    top_k: Option<usize>,
-    /// Sample only within the smallest set of tokens whose probability reaches p.
-    #[arg(long, allow_negative_numbers = true)]
-    top_p: Option<f64>,
-    #[arg(long, default_value_t = 1337)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: crate::sampling::SamplingArgs,
 }
 
 pub fn run(args: ChatArgs) -> Result<()> {
-    let sampling = Sampling {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-    };
-    sampling.validate().context("invalid sampling flags")?;
+    let sampling = args.sampling.sampling()?;
     let device = crate::device()?;
     let lm = crate::checkpoint::load_lm(&args.checkpoint, &device)?;
     let Some((template, end_of_turn)) = &lm.chat else {
@@ -60,7 +46,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         .iter()
         .map(|s| ChatMessage::new("system", s.clone()))
         .collect();
-    let mut rng = Rng::new(args.seed);
+    let mut rng = Rng::new(args.sampling.seed);
     let mut out = std::io::stdout().lock();
     for line in std::io::stdin().lock().lines() {
         let line = line.context("reading standard input")?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use transformer::decode::{generate, GenerateOptions, Sampling};
+use transformer::decode::{generate, GenerateOptions};
 use transformer::rng::Rng;
 
 #[derive(Args)]
@@ -17,34 +17,17 @@ pub struct GenerateArgs {
     /// Text to continue.
     #[arg(long, default_value = "\n")]
     prompt: String,
-    // `allow_negative_numbers` on the numeric flags: without it clap reads `--temperature -1`
-    // as a stray flag and its error does not name --temperature; with it the value reaches
-    // parsing and validation, whose errors do.
     #[arg(long, default_value_t = 500, allow_negative_numbers = true)]
     max_new_tokens: usize,
-    /// Sampling temperature; 0 means greedy (argmax).
-    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
-    temperature: f64,
-    /// Sample only among the k most likely tokens.
-    #[arg(long, allow_negative_numbers = true)]
-    top_k: Option<usize>,
-    /// Sample only within the smallest set of tokens whose probability reaches p.
-    #[arg(long, allow_negative_numbers = true)]
-    top_p: Option<f64>,
-    #[arg(long, default_value_t = 1337)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: crate::sampling::SamplingArgs,
     /// Recompute the whole context at every step instead of using the KV cache.
     #[arg(long)]
     no_cache: bool,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let sampling = Sampling {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-    };
-    sampling.validate().context("invalid sampling flags")?;
+    let sampling = args.sampling.sampling()?;
     let device = crate::device()?;
     let lm = crate::checkpoint::load_lm(&args.checkpoint, &device)?;
     let prompt = lm
@@ -60,7 +43,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     out.write_all(args.prompt.as_bytes())?;
     out.flush()?;
     let mut stream = lm.tokenizer.stream_decoder();
-    let mut rng = Rng::new(args.seed);
+    let mut rng = Rng::new(args.sampling.seed);
     let mut write_err: Option<std::io::Error> = None;
     let (_, stats) = generate(lm.model.as_ref(), &prompt, &opts, &device, &mut rng, |id| {
         let piece = stream.push(id)?;

@@ -14,6 +14,7 @@ mod generate;
 mod models;
 mod plot;
 mod progress;
+mod sampling;
 mod train;
 mod translate;
 

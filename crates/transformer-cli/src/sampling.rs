@@ -1,0 +1,36 @@
+//! The sampling flags that `generate` and `chat` share.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use transformer::decode::Sampling;
+
+// `allow_negative_numbers` on the numeric flags: without it clap reads `--temperature -1` as a
+// stray flag and its error does not name --temperature; with it the value reaches parsing and
+// validation, whose errors do.
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 means greedy (argmax).
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
+    temperature: f64,
+    /// Sample only among the k most likely tokens.
+    #[arg(long, allow_negative_numbers = true)]
+    top_k: Option<usize>,
+    /// Sample only within the smallest set of tokens whose probability reaches p.
+    #[arg(long, allow_negative_numbers = true)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// The validated sampling options.
+    pub fn sampling(&self) -> Result<Sampling> {
+        let sampling = Sampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        };
+        sampling.validate().context("invalid sampling flags")?;
+        Ok(sampling)
+    }
+}
