@@ -31,18 +31,9 @@ export TRANSFORMER_THREADS="${BENCH_THREADS:-2}"
 results="$(mktemp)"
 trap 'rm -f "${results}"' EXIT
 
-steps_args() { # case -> "--warmup W --steps N", bench/run.sh's defaults
-    local key="${1//-/_}" warmup steps
-    key="${key^^}"
-    case "$1" in
-        A) warmup=5 steps=40 ;;
-        B) warmup=1 steps=3 ;;
-        C) warmup=2 steps=10 ;;
-        *) warmup=1 steps=3 ;;
-    esac
-    local wv="BENCH_${key}_WARMUP" sv="BENCH_${key}_STEPS"
-    echo "--warmup ${!wv:-${warmup}} --steps ${!sv:-${steps}}"
-}
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/steps.sh
+source "${root}/bench/steps.sh"
 
 for rep in $(seq 1 "${reps}"); do
     for case in ${cases}; do

@@ -63,18 +63,8 @@ export TRANSFORMER_THREADS="${TRANSFORMER_THREADS:-${BENCH_THREADS}}"
 echo "bench: preparing the Python environment" >&2
 py="$("${root}/scripts/py-env.sh" | tail -n 1)"
 
-steps_args() { # case -> "--warmup W --steps N"
-    local key="${1//-/_}" warmup steps
-    key="${key^^}"
-    case "$1" in
-        A) warmup=5 steps=40 ;;
-        B) warmup=1 steps=3 ;;
-        C) warmup=2 steps=10 ;;
-        *) warmup=1 steps=3 ;;
-    esac
-    local wv="BENCH_${key}_WARMUP" sv="BENCH_${key}_STEPS"
-    echo "--warmup ${!wv:-${warmup}} --steps ${!sv:-${steps}}"
-}
+# shellcheck source=bench/steps.sh
+source "${root}/bench/steps.sh"
 
 cpu_busy() { # fraction of both CPUs busy over the next 2 seconds
     local a b

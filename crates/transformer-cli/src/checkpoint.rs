@@ -34,7 +34,7 @@ fn load_model(dir: &Path, device: &Device) -> Result<LoadedModel> {
 /// tensors dequantized to f32, its tokenizer from the metadata).
 pub fn load_lm(path: &Path, device: &Device) -> Result<LoadedLm> {
     if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-        let file = transformer::import::gguf::GgufFile::open(path)?;
+        let mut file = transformer::import::gguf::GgufFile::open(path)?;
         let tokenizer = file
             .tokenizer()
             .with_context(|| format!("{}: tokenizer", path.display()))?;
@@ -51,9 +51,7 @@ pub fn load_lm(path: &Path, device: &Device) -> Result<LoadedLm> {
                 tokenizer.token_to_id(&eos).map(|id| (template, id))
             }
         };
-        drop(file);
-        let (model, _vs, _cfg) =
-            transformer::import::gguf::load_decoder_only(path, device, DType::F32)?;
+        let (model, _vs, _cfg) = file.decoder_only(device, DType::F32)?;
         return Ok(LoadedLm {
             dir: path.to_path_buf(),
             model: Box::new(model),

@@ -399,9 +399,14 @@ impl GgufFile {
         let Some(id) = self.int_key(key, 0)? else {
             return Ok(None);
         };
-        let tokens = self.strings("tokenizer.ggml.tokens")?;
+        // One entry of the token list, not a copy of all of it.
+        let tokens_key = "tokenizer.ggml.tokens";
+        let Some(Value::Array(tokens)) = self.metadata(tokens_key) else {
+            return Err(self.bad_key(tokens_key, "an array of strings", self.metadata(tokens_key)));
+        };
         match tokens.get(id) {
-            Some(t) => Ok(Some(t.clone())),
+            Some(Value::String(t)) => Ok(Some(t.clone())),
+            Some(other) => Err(self.bad_key(tokens_key, "an array of strings", Some(other))),
             None => Err(self.bad_key(
                 key,
                 &format!("a token id below {}", tokens.len()),
@@ -497,11 +502,22 @@ pub fn load_decoder_only(
     device: &Device,
     dtype: DType,
 ) -> Result<(DecoderOnly, VarStore, DecoderOnlyConfig)> {
-    let mut file = GgufFile::open(path)?;
-    let cfg = file.decoder_only_config()?;
-    let tensors = file.decoder_only_tensors(&cfg, dtype, device)?;
-    let vs = FamilyConfig::var_store(&cfg, dtype, device, 0).for_inference();
-    let model = FamilyConfig::build(&cfg, &vs.root())?;
-    vs.load_map(&tensors, &path.display().to_string())?;
-    Ok((model, vs, cfg))
+    GgufFile::open(path)?.decoder_only(device, dtype)
+}
+
+impl GgufFile {
+    /// The decoder-only model of this file, every tensor dequantized into `dtype` (for callers
+    /// that also read the tokenizer or template: the header is read once).
+    pub fn decoder_only(
+        &mut self,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(DecoderOnly, VarStore, DecoderOnlyConfig)> {
+        let cfg = self.decoder_only_config()?;
+        let tensors = self.decoder_only_tensors(&cfg, dtype, device)?;
+        let vs = FamilyConfig::var_store(&cfg, dtype, device, 0).for_inference();
+        let model = FamilyConfig::build(&cfg, &vs.root())?;
+        vs.load_map(&tensors, &self.path.display().to_string())?;
+        Ok((model, vs, cfg))
+    }
 }
