@@ -1,9 +1,8 @@
-//! `transformer chat --checkpoint FILE.gguf`: a conversation with an instruct model. Each line
+//! `transformer chat --model FILE.gguf`: a conversation with an instruct model. Each line
 //! of standard input is a user turn; the reply streams to standard output. The whole
 //! conversation goes through the model's chat template at every turn.
 
 use std::io::{BufRead, Write};
-use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -13,9 +12,9 @@ use transformer::rng::Rng;
 
 #[derive(Args)]
 pub struct ChatArgs {
-    /// A GGUF file of an instruct model (it carries its chat template).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    /// An instruct model: a GGUF file that carries its chat template.
+    #[command(flatten)]
+    model: crate::checkpoint::ModelArgs,
     /// A system turn to start the conversation with (else the template's default, if any).
     #[arg(long)]
     system: Option<String>,
@@ -29,11 +28,11 @@ pub struct ChatArgs {
 pub fn run(args: ChatArgs) -> Result<()> {
     let sampling = args.sampling.sampling()?;
     let device = crate::device()?;
-    let lm = crate::checkpoint::load_lm(&args.checkpoint, &device)?;
+    let lm = crate::checkpoint::load_lm(&args.model, &device)?;
     let Some((template, end_of_turn)) = &lm.chat else {
         bail!(
             "{}: the model has no chat template (a base model?); use `transformer generate`",
-            args.checkpoint.display()
+            args.model.model.display()
         );
     };
     let opts = GenerateOptions {

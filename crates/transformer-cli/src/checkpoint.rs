@@ -6,11 +6,43 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use transformer::data::{Seq2SeqIds, Tokenizer};
 use transformer::decode::SpecialTokens;
+use transformer::import::gguf::WeightFormat;
 use transformer::models::{family, CausalLm, LoadedModel, Seq2Seq, CONFIG_FILE, WEIGHTS_FILE};
 use transformer::pipelines::chat::ChatTemplate;
 use transformer::train::checkpoint::{
     read_meta, require_files, resolve_model_dir, SRC_TOKENIZER_FILE, TOKENIZER_FILE,
 };
+
+/// Which language model to load, and how to hold its weights.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// A GGUF file (llama architecture), a checkpoint directory, or a run directory (its
+    /// best/ checkpoint is used).
+    #[arg(long, visible_alias = "checkpoint")]
+    pub model: PathBuf,
+    /// The weights in memory: `stored` keeps a GGUF file's quantized matrices quantized
+    /// (candle's quantized matmul; f32 for our checkpoints); `f32` / `bf16` dequantize into
+    /// that dtype at load.
+    #[arg(long, value_enum, default_value_t = WeightDtype::Stored)]
+    pub dtype: WeightDtype,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightDtype {
+    Stored,
+    F32,
+    Bf16,
+}
+
+impl WeightDtype {
+    fn format(self) -> WeightFormat {
+        match self {
+            WeightDtype::Stored => WeightFormat::AsStored,
+            WeightDtype::F32 => WeightFormat::Dense(DType::F32),
+            WeightDtype::Bf16 => WeightFormat::Dense(DType::BF16),
+        }
+    }
+}
 
 /// A causal language model with its tokenizer.
 pub struct LoadedLm {
@@ -22,17 +54,19 @@ pub struct LoadedLm {
 }
 
 /// The model of a checkpoint directory, through the family its `meta.json` names.
-fn load_model(dir: &Path, device: &Device) -> Result<LoadedModel> {
+fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let meta = read_meta(dir)?;
     let family = family(&meta.family).with_context(|| format!("{}: meta.json", dir.display()))?;
     family
-        .load(dir, device, DType::F32)
+        .load(dir, device, dtype)
         .with_context(|| format!("loading {}", dir.display()))
 }
 
 /// Load a language model: a checkpoint directory, a run directory, or a GGUF file (its
-/// tensors dequantized to f32, its tokenizer from the metadata).
-pub fn load_lm(path: &Path, device: &Device) -> Result<LoadedLm> {
+/// weights in `dtype`, its tokenizer from the metadata).
+pub fn load_lm(args: &ModelArgs, device: &Device) -> Result<LoadedLm> {
+    let path = args.model.as_path();
+    let format = args.dtype.format();
     if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
         let mut file = transformer::import::gguf::GgufFile::open(path)?;
         let tokenizer = file
@@ -51,7 +85,7 @@ pub fn load_lm(path: &Path, device: &Device) -> Result<LoadedLm> {
                 tokenizer.token_to_id(&eos).map(|id| (template, id))
             }
         };
-        let (model, _vs, _cfg) = file.decoder_only(device, DType::F32)?;
+        let (model, _vs, _cfg) = file.decoder_only(device, format)?;
         return Ok(LoadedLm {
             dir: path.to_path_buf(),
             model: Box::new(model),
@@ -63,7 +97,7 @@ pub fn load_lm(path: &Path, device: &Device) -> Result<LoadedLm> {
     require_files(&dir, &[CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE])?;
     let family = read_meta(&dir)?.family;
     let tokenizer = Tokenizer::load(dir.join(TOKENIZER_FILE))?;
-    let model = load_model(&dir, device)?
+    let model = load_model(&dir, device, format.dtype())?
         .model
         .into_causal_lm("this command")
         .with_context(|| {
@@ -107,7 +141,7 @@ pub fn load_translator(path: &Path, device: &Device) -> Result<LoadedTranslator>
     let dir = resolve_model_dir(path)?;
     require_files(&dir, &[CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE])?;
     let family = read_meta(&dir)?.family;
-    let model = load_model(&dir, device)?
+    let model = load_model(&dir, device, DType::F32)?
         .model
         .into_seq2seq("this command")
         .with_context(|| {

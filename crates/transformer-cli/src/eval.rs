@@ -55,7 +55,13 @@ pub fn run(args: EvalArgs) -> Result<()> {
 
 fn eval_lm(args: &EvalArgs, text_path: &Path) -> Result<()> {
     let device = crate::device()?;
-    let lm = crate::checkpoint::load_lm(&args.checkpoint, &device)?;
+    let lm = crate::checkpoint::load_lm(
+        &crate::checkpoint::ModelArgs {
+            model: args.checkpoint.clone(),
+            dtype: crate::checkpoint::WeightDtype::F32,
+        },
+        &device,
+    )?;
     let text = read_text(text_path)?;
     let tokens = lm.tokenizer.encode(&text).with_context(|| {
         format!(

@@ -1,7 +1,6 @@
-//! `transformer generate --checkpoint DIR --prompt TEXT [...]`: stream tokens as they are made.
+//! `transformer generate --model DIR --prompt TEXT [...]`: stream tokens as they are made.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -10,10 +9,8 @@ use transformer::rng::Rng;
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// A checkpoint directory, a run directory (its best/ checkpoint is used), or a GGUF file
-    /// (llama architecture; dequantized to f32 for now).
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[command(flatten)]
+    model: crate::checkpoint::ModelArgs,
     /// Text to continue.
     #[arg(long, default_value = "\n")]
     prompt: String,
@@ -29,7 +26,7 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let sampling = args.sampling.sampling()?;
     let device = crate::device()?;
-    let lm = crate::checkpoint::load_lm(&args.checkpoint, &device)?;
+    let lm = crate::checkpoint::load_lm(&args.model, &device)?;
     let prompt = lm
         .tokenizer
         .encode(&args.prompt)

@@ -45,7 +45,10 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::data::{HfTokenizer, Tokenizer};
@@ -198,34 +201,6 @@ impl GgufFile {
         names
     }
 
-    /// A tensor, dequantized into `dtype`, after checking its shape.
-    pub fn dequantized(
-        &mut self,
-        name: &str,
-        expected: &[usize],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
-        let weights_err = |msg: String| Error::Weights {
-            source_name: self.path.display().to_string(),
-            msg,
-        };
-        match self.shape(name) {
-            None => return Err(weights_err(format!("missing tensor {name}"))),
-            Some(dims) if dims != expected => {
-                return Err(weights_err(format!(
-                    "tensor {name}: expected shape {expected:?} from the metadata, got {dims:?}"
-                )))
-            }
-            Some(_) => {}
-        }
-        let q = self
-            .content
-            .tensor(&mut self.reader, name, device)
-            .map_err(|e| weights_err(format!("tensor {name}: {e}")))?;
-        Ok(q.dequantize(device)?.to_dtype(dtype)?)
-    }
-
     /// The decoder-only config the metadata describes.
     pub fn decoder_only_config(&self) -> Result<DecoderOnlyConfig> {
         let arch = self.architecture()?.to_string();
@@ -307,50 +282,67 @@ impl GgufFile {
         Ok(cfg)
     }
 
-    /// Every tensor under our names, dequantized into `dtype`, shapes checked against `cfg`;
-    /// a tensor the model does not use is an error that names it.
-    pub fn decoder_only_tensors(
-        &mut self,
-        cfg: &DecoderOnlyConfig,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<HashMap<String, Tensor>> {
+    /// Every tensor the decoder-only model of `cfg` reads: (GGUF name, our name, shape), with
+    /// Q, K and V under separate names (`self_attn.{q,k,v}_proj.weight`).
+    fn decoder_only_names(cfg: &DecoderOnlyConfig) -> Vec<(String, String, Vec<usize>)> {
         let (e, f, v) = (cfg.d_model, cfg.d_ff, cfg.vocab_size);
         let mha = cfg.layer().mha();
         let (h, hkv, d) = (cfg.n_heads, mha.kv_heads(), mha.head_width());
-        let mut out = HashMap::new();
-        let mut used: Vec<String> = Vec::new();
-        let mut take = |file: &mut Self, gguf: String, shape: &[usize]| -> Result<Tensor> {
-            let t = file.dequantized(&gguf, shape, dtype, device)?;
-            used.push(gguf);
-            Ok(t)
-        };
-        let embed = take(self, "token_embd.weight".into(), &[v, e])?;
-        out.insert("tok_embed.weight".to_string(), embed);
-        let norm = take(self, "output_norm.weight".into(), &[e])?;
-        out.insert("norm.weight".to_string(), norm);
+        let mut names = vec![
+            (
+                "token_embd".to_string(),
+                "tok_embed".to_string(),
+                vec![v, e],
+            ),
+            ("output_norm".into(), "norm".into(), vec![e]),
+        ];
         if !cfg.tie_embeddings {
-            let head = take(self, "output.weight".into(), &[v, e])?;
-            out.insert("lm_head.weight".to_string(), head);
+            names.push(("output".into(), "lm_head".into(), vec![v, e]));
         }
         for n in 0..cfg.n_layers {
-            let g = |s: &str| format!("blk.{n}.{s}.weight");
-            let o = |s: &str| format!("layers.{n}.{s}.weight");
-            out.insert(o("norm1"), take(self, g("attn_norm"), &[e])?);
-            let q = take(self, g("attn_q"), &[h * d, e])?;
-            let k = take(self, g("attn_k"), &[hkv * d, e])?;
-            let val = take(self, g("attn_v"), &[hkv * d, e])?;
-            // The packed projection: rows of Q, then K, then V.
-            out.insert(o("self_attn.in_proj"), Tensor::cat(&[q, k, val], 0)?);
-            out.insert(
-                o("self_attn.out_proj"),
-                take(self, g("attn_output"), &[e, h * d])?,
-            );
-            out.insert(o("norm2"), take(self, g("ffn_norm"), &[e])?);
-            out.insert(o("ff.gate_proj"), take(self, g("ffn_gate"), &[f, e])?);
-            out.insert(o("ff.up_proj"), take(self, g("ffn_up"), &[f, e])?);
-            out.insert(o("ff.down_proj"), take(self, g("ffn_down"), &[e, f])?);
+            let layer = [
+                ("attn_norm", "norm1", vec![e]),
+                ("attn_q", "self_attn.q_proj", vec![h * d, e]),
+                ("attn_k", "self_attn.k_proj", vec![hkv * d, e]),
+                ("attn_v", "self_attn.v_proj", vec![hkv * d, e]),
+                ("attn_output", "self_attn.out_proj", vec![e, h * d]),
+                ("ffn_norm", "norm2", vec![e]),
+                ("ffn_gate", "ff.gate_proj", vec![f, e]),
+                ("ffn_up", "ff.up_proj", vec![f, e]),
+                ("ffn_down", "ff.down_proj", vec![e, f]),
+            ];
+            for (g, o, shape) in layer {
+                names.push((format!("blk.{n}.{g}"), format!("layers.{n}.{o}"), shape));
+            }
         }
+        names
+            .into_iter()
+            .map(|(g, o, shape)| (format!("{g}.weight"), format!("{o}.weight"), shape))
+            .collect()
+    }
+
+    /// A tensor as the file stores it, after checking its shape against the metadata's.
+    fn stored(&mut self, name: &str, expected: &[usize], device: &Device) -> Result<QTensor> {
+        let weights_err = |msg: String| Error::Weights {
+            source_name: self.path.display().to_string(),
+            msg,
+        };
+        match self.shape(name) {
+            None => return Err(weights_err(format!("missing tensor {name}"))),
+            Some(dims) if dims != expected => {
+                return Err(weights_err(format!(
+                    "tensor {name}: expected shape {expected:?} from the metadata, got {dims:?}"
+                )))
+            }
+            Some(_) => {}
+        }
+        self.content
+            .tensor(&mut self.reader, name, device)
+            .map_err(|e| weights_err(format!("tensor {name}: {e}")))
+    }
+
+    /// A tensor the model does not use is an error that names it.
+    fn check_all_used(&self, used: &[String]) -> Result<()> {
         let unused: Vec<&str> = self
             .tensor_names()
             .into_iter()
@@ -366,8 +358,93 @@ impl GgufFile {
                 ),
             });
         }
+        Ok(())
+    }
+
+    /// Every tensor under our names, shapes checked against `cfg`, in `format`: dense tensors
+    /// for the store to load, and the quantized matrices it serves as they are
+    /// ([`VarStore::with_quantized`]; none when dequantizing). Dense Q, K and V are packed
+    /// into `self_attn.in_proj.weight` (rows Q, K, V).
+    pub fn decoder_only_tensors(
+        &mut self,
+        cfg: &DecoderOnlyConfig,
+        format: impl Into<WeightFormat>,
+        device: &Device,
+    ) -> Result<DecoderOnlyTensors> {
+        let format = format.into();
+        let mut out = DecoderOnlyTensors::default();
+        let mut used = Vec::new();
+        for (gguf, ours, shape) in Self::decoder_only_names(cfg) {
+            let q = self.stored(&gguf, &shape, device)?;
+            used.push(gguf);
+            let block_quantized =
+                !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+            match format {
+                WeightFormat::AsStored if block_quantized => {
+                    out.quantized.insert(ours, Arc::new(q));
+                }
+                WeightFormat::AsStored => {
+                    out.dense.insert(ours, q.dequantize(device)?);
+                }
+                WeightFormat::Dense(dtype) => {
+                    out.dense
+                        .insert(ours, q.dequantize(device)?.to_dtype(dtype)?);
+                }
+            }
+        }
+        self.check_all_used(&used)?;
+        // Q, K and V that all stay dense go into the packed projection.
+        for n in 0..cfg.n_layers {
+            let name = |p: &str| format!("layers.{n}.self_attn.{p}_proj.weight");
+            let qkv: Vec<String> = ["q", "k", "v"].iter().map(|p| name(p)).collect();
+            if qkv.iter().all(|k| out.dense.contains_key(k)) {
+                let parts: Vec<Tensor> = qkv
+                    .iter()
+                    .map(|k| out.dense.remove(k).expect("checked above"))
+                    .collect();
+                out.dense.insert(
+                    format!("layers.{n}.self_attn.in_proj.weight"),
+                    Tensor::cat(&parts, 0)?,
+                );
+            }
+        }
         Ok(out)
     }
+}
+
+/// How a GGUF file's weights are held once loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// As the file stores them: block-quantized matrices stay quantized (candle's quantized
+    /// matmul), F32/F16/BF16 tensors become f32 tensors. Inference only.
+    AsStored,
+    /// Every tensor dequantized into this dtype (trainable).
+    Dense(DType),
+}
+
+impl From<DType> for WeightFormat {
+    fn from(dtype: DType) -> Self {
+        WeightFormat::Dense(dtype)
+    }
+}
+
+impl WeightFormat {
+    /// The dtype of the model's activations and dense parameters.
+    pub fn dtype(&self) -> DType {
+        match self {
+            WeightFormat::AsStored => DType::F32,
+            WeightFormat::Dense(d) => *d,
+        }
+    }
+}
+
+/// A decoder-only model's tensors under our names (see [`GgufFile::decoder_only_tensors`]).
+#[derive(Debug, Default)]
+pub struct DecoderOnlyTensors {
+    /// What the [`VarStore`] loads.
+    pub dense: HashMap<String, Tensor>,
+    /// What it serves quantized.
+    pub quantized: HashMap<String, Arc<QTensor>>,
 }
 
 impl GgufFile {
@@ -496,28 +573,32 @@ impl GgufFile {
     }
 }
 
-/// A decoder-only model from a GGUF file, every tensor dequantized into `dtype`.
+/// A decoder-only model from a GGUF file, its weights in `format` (a [`DType`] dequantizes
+/// every tensor into it; [`WeightFormat::AsStored`] keeps quantized matrices quantized).
 pub fn load_decoder_only(
     path: &Path,
     device: &Device,
-    dtype: DType,
+    format: impl Into<WeightFormat>,
 ) -> Result<(DecoderOnly, VarStore, DecoderOnlyConfig)> {
-    GgufFile::open(path)?.decoder_only(device, dtype)
+    GgufFile::open(path)?.decoder_only(device, format)
 }
 
 impl GgufFile {
-    /// The decoder-only model of this file, every tensor dequantized into `dtype` (for callers
-    /// that also read the tokenizer or template: the header is read once).
+    /// The decoder-only model of this file, its weights in `format` (for callers that also
+    /// read the tokenizer or template: the header is read once).
     pub fn decoder_only(
         &mut self,
         device: &Device,
-        dtype: DType,
+        format: impl Into<WeightFormat>,
     ) -> Result<(DecoderOnly, VarStore, DecoderOnlyConfig)> {
+        let format = format.into();
         let cfg = self.decoder_only_config()?;
-        let tensors = self.decoder_only_tensors(&cfg, dtype, device)?;
-        let vs = FamilyConfig::var_store(&cfg, dtype, device, 0).for_inference();
+        let tensors = self.decoder_only_tensors(&cfg, format, device)?;
+        let vs = FamilyConfig::var_store(&cfg, format.dtype(), device, 0)
+            .for_inference()
+            .with_quantized(tensors.quantized);
         let model = FamilyConfig::build(&cfg, &vs.root())?;
-        vs.load_map(&tensors, &self.path.display().to_string())?;
+        vs.load_map(&tensors.dense, &self.path.display().to_string())?;
         Ok((model, vs, cfg))
     }
 }

@@ -219,7 +219,8 @@ pub struct DecoderOnly {
     pos: Option<AbsolutePositions>,
     rope: Option<Rope>,
     blocks: Encoder,
-    lm_head: Option<Linear>,
+    /// The output projection; tied, it shares the token embedding's table.
+    lm_head: Linear,
     dropout: Dropout,
 }
 
@@ -257,15 +258,9 @@ impl DecoderOnly {
         // The layer stack holds the final norm (`norm.*` sits beside `layers.*`).
         let blocks = Encoder::new(&cfg.layer(), cfg.n_layers, cfg.norm_first, vp)?;
         let lm_head = if cfg.tie_embeddings {
-            None
+            tok_embed.as_linear()
         } else {
-            Some(Linear::new(
-                cfg.d_model,
-                cfg.vocab_size,
-                false,
-                false,
-                &vp.pp("lm_head"),
-            )?)
+            Linear::new(cfg.d_model, cfg.vocab_size, false, false, &vp.pp("lm_head"))?
         };
         Ok(DecoderOnly {
             cfg: cfg.clone(),
@@ -357,14 +352,7 @@ impl DecoderOnly {
         let x = self
             .blocks
             .forward_with(&x, &Masks::causal(), &opts, caches)?;
-        match &self.lm_head {
-            Some(h) => h.forward(&x),
-            None => Ok(crate::nn::linear::linear(
-                &x,
-                self.tok_embed.weight(),
-                None,
-            )?),
-        }
+        self.lm_head.forward(&x)
     }
 }
 

@@ -437,11 +437,7 @@ impl EncoderDecoder {
     pub fn generate_logits(&self, x: &Tensor) -> Result<Tensor> {
         match &self.generator {
             Some(g) => g.forward(x),
-            None => Ok(crate::nn::linear::linear(
-                x,
-                self.tgt_embed().weight(),
-                None,
-            )?),
+            None => self.tgt_embed().as_linear().forward(x),
         }
     }
 

@@ -1,16 +1,20 @@
 //! Token embeddings and positional information: sinusoidal encodings (the paper), learned
 //! position embeddings (GPT, BERT) and rotary embeddings (RoPE).
 
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, QTensor};
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use super::linear::{Linear, Weight};
 use super::var_store::{Init, VarPath};
 use crate::{Error, Result};
 
-/// A lookup table of token vectors, optionally scaled by √d_model as in the paper (§3.4).
+/// A lookup table of token vectors, optionally scaled (by √d_model in the paper, §3.4, and
+/// in Gemma). The table is dense, or quantized as a GGUF file stores it: then only the rows
+/// looked up are dequantized, and a tied output projection multiplies by the same blocks.
 #[derive(Debug, Clone)]
 pub struct TokenEmbedding {
-    weight: Tensor,
+    weight: Weight,
     scale: Option<f64>,
 }
 
@@ -39,7 +43,7 @@ impl TokenEmbedding {
         init: Init,
         vp: &VarPath,
     ) -> Result<Self> {
-        let weight = vp.var("weight", &[vocab_size, d_model], init)?;
+        let weight = vp.matrix("weight", &[vocab_size, d_model], init)?;
         Ok(TokenEmbedding {
             weight,
             scale: scale_by_sqrt_d.then(|| (d_model as f64).sqrt()),
@@ -47,12 +51,22 @@ impl TokenEmbedding {
     }
 
     /// The table (vocab_size, d_model), e.g. to tie an output projection to it.
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &Weight {
         &self.weight
+    }
+
+    /// An output projection tied to the table: logits = x Eᵀ, sharing its storage (and, for
+    /// a dense table, its gradient).
+    pub fn as_linear(&self) -> Linear {
+        Linear::from_weight(self.weight.clone(), None)
     }
 
     pub fn vocab_size(&self) -> usize {
         self.weight.dims()[0]
+    }
+
+    pub fn d_model(&self) -> usize {
+        self.weight.dims()[1]
     }
 
     /// # Shapes
@@ -70,8 +84,8 @@ impl TokenEmbedding {
             ));
         }
         let v = self.vocab_size();
-        let ids = ids.to_dtype(DType::U32)?;
-        let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>().unwrap_or(0);
+        let ids = ids.to_dtype(DType::U32)?.flatten_all()?;
+        let max = ids.max(0)?.to_scalar::<u32>().unwrap_or(0);
         if max as usize >= v {
             return Err(Error::input(
                 format!("token id {max}"),
@@ -79,13 +93,32 @@ impl TokenEmbedding {
                 max.to_string(),
             ));
         }
-        let x = self.weight.index_select(&ids.flatten_all()?, 0)?;
-        let x = x.reshape((b, t, self.weight.dims()[1]))?;
+        let d = self.d_model();
+        let x = match &self.weight {
+            Weight::Dense(w) => w.index_select(&ids, 0)?,
+            Weight::Quantized(q) => quantized_rows(q, &ids.to_vec1::<u32>()?, d)?,
+        };
+        let x = x.reshape((b, t, d))?;
         Ok(match self.scale {
             Some(s) => (x * s)?,
             None => x,
         })
     }
+}
+
+/// Rows `ids` of a quantized (V, d) table, dequantized to f32 (ids.len(), d): each row is a
+/// whole number of blocks, so the rows' bytes are gathered and dequantized together.
+fn quantized_rows(q: &QTensor, ids: &[u32], d: usize) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let row_bytes = d / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    let mut bytes = Vec::with_capacity(ids.len() * row_bytes);
+    for &id in ids {
+        let start = id as usize * row_bytes;
+        bytes.extend_from_slice(&data[start..start + row_bytes]);
+    }
+    let rows = qtensor_from_ggml(dtype, &bytes, vec![ids.len(), d], &q.device())?;
+    Ok(rows.dequantize(&q.device())?)
 }
 
 /// How positions enter the model.

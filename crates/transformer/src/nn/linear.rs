@@ -1,13 +1,76 @@
-//! `y = x Wᵀ + b`, with PyTorch's weight layout (out_features, in_features).
+//! `y = x Wᵀ + b`, with PyTorch's weight layout (out_features, in_features). The weight is a
+//! dense tensor (trainable) or quantized blocks read from a GGUF file, multiplied by candle's
+//! quantized matmul (AVX-512 VNNI repacked kernels, AMX where the CPU has it).
 
-use candle_core::{Module, Tensor};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Module, Tensor};
 
 use super::var_store::{Init, VarPath};
 use crate::{Error, Result};
 
+/// A weight matrix (out, in).
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// A tensor: trainable, any dtype.
+    Dense(Tensor),
+    /// GGUF blocks (Q4_K, Q8_0, ...), kept as the file stores them. Inference only: candle's
+    /// quantized matmul has no backward, for the weight or the input.
+    Quantized(Arc<QTensor>),
+}
+
+impl Weight {
+    /// (out, in)
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            Weight::Dense(t) => t.dims(),
+            Weight::Quantized(q) => q.shape().dims(),
+        }
+    }
+
+    /// The dense tensor, when the weight is one.
+    pub fn dense(&self) -> Option<&Tensor> {
+        match self {
+            Weight::Dense(t) => Some(t),
+            Weight::Quantized(_) => None,
+        }
+    }
+
+    /// The block type of a quantized weight.
+    pub fn quantization(&self) -> Option<GgmlDType> {
+        match self {
+            Weight::Dense(_) => None,
+            Weight::Quantized(q) => Some(q.dtype()),
+        }
+    }
+
+    /// `x Wᵀ` for x of any rank (..., in) → (..., out).
+    pub fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Dense(w) => linear(x, w, None),
+            Weight::Quantized(q) => {
+                // The quantized kernels take contiguous f32 (or f16) rows; other dtypes go
+                // through f32 and come back.
+                let dtype = x.dtype();
+                let xf = match dtype {
+                    DType::F32 | DType::F16 => x.contiguous()?,
+                    _ => x.to_dtype(DType::F32)?.contiguous()?,
+                };
+                let y = xf.apply_op1_no_bwd(q.as_ref())?;
+                if y.dtype() == dtype {
+                    Ok(y)
+                } else {
+                    y.to_dtype(dtype)
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
@@ -31,6 +94,8 @@ impl Linear {
         )
     }
 
+    /// Parameters: `weight` (d_out, d_in), dense or, when the store holds quantized weights
+    /// under this name, quantized; `bias` (d_out).
     pub fn with_bias_init(
         d_in: usize,
         d_out: usize,
@@ -39,7 +104,7 @@ impl Linear {
         bias_init: Init,
         vp: &VarPath,
     ) -> Result<Self> {
-        let weight = vp.var("weight", &[d_out, d_in], Init::Weight { residual })?;
+        let weight = vp.matrix("weight", &[d_out, d_in], Init::Weight { residual })?;
         let bias = if bias {
             Some(vp.var("bias", &[d_out], bias_init)?)
         } else {
@@ -49,11 +114,25 @@ impl Linear {
     }
 
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: Weight::Dense(weight),
+            bias,
+        }
+    }
+
+    /// A layer over a weight of either kind.
+    pub fn from_weight(weight: Weight, bias: Option<Tensor>) -> Self {
         Linear { weight, bias }
     }
 
-    pub fn weight(&self) -> &Tensor {
+    /// The weight, dense or quantized.
+    pub fn weight(&self) -> &Weight {
         &self.weight
+    }
+
+    /// The weight tensor, when it is dense (the fused training kernels need one).
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        self.weight.dense()
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -68,9 +147,7 @@ impl Linear {
         self.weight.dims()[0]
     }
 
-    /// # Shapes
-    /// `x`: (..., d_in) → (..., d_out)
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn check_input(&self, x: &Tensor) -> Result<()> {
         let d_in = self.d_in();
         if x.dims().last() != Some(&d_in) {
             return Err(Error::shape(
@@ -79,7 +156,42 @@ impl Linear {
                 x.dims(),
             ));
         }
-        Ok(linear(x, &self.weight, self.bias.as_ref())?)
+        Ok(())
+    }
+
+    /// # Shapes
+    /// `x`: (..., d_in) → (..., d_out)
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        Ok(Module::forward(self, x)?)
+    }
+
+    /// Several layers applied to the same input: `[l.forward(x) for l in layers]`. Quantized
+    /// layers without biases (Q, K, V; gate and up) share one quantization of `x` and one
+    /// parallel region when candle's fused kernel takes them.
+    ///
+    /// # Shapes
+    /// `x`: (..., d_in) → one (..., d_out_i) per layer
+    pub fn forward_shared(layers: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        for l in layers {
+            l.check_input(x)?;
+        }
+        let quantized: Option<Vec<&QTensor>> = layers
+            .iter()
+            .map(|l| match (&l.weight, &l.bias) {
+                (Weight::Quantized(q), None) => Some(q.as_ref()),
+                _ => None,
+            })
+            .collect();
+        if let (Some(qs), DType::F32) = (quantized, x.dtype()) {
+            if layers.len() > 1 {
+                let x = x.contiguous()?;
+                if let Some(ys) = QTensor::gemv_fused_shared_lhs(&qs, &x)? {
+                    return Ok(ys);
+                }
+            }
+        }
+        layers.iter().map(|l| l.forward(x)).collect()
     }
 }
 
@@ -101,6 +213,15 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        linear(x, &self.weight, self.bias.as_ref())
+        match &self.weight {
+            Weight::Dense(w) => linear(x, w, self.bias.as_ref()),
+            q => {
+                let y = q.matmul_t(x)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
     }
 }

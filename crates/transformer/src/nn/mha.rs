@@ -364,7 +364,8 @@ enum InProj {
     /// PyTorch's packed `in_proj_weight` ((H + 2·Hkv)·D, E): the rows of Q, then K, then V
     /// ((3E, E) without grouped-query attention).
     Packed(Linear),
-    /// Separate projections when the key or value width differs from d_model.
+    /// Separate projections: when the key or value width differs from d_model, and for
+    /// quantized weights (blocks cannot be sliced into Q, K and V rows).
     Separate { q: Linear, k: Linear, v: Linear },
 }
 
@@ -394,7 +395,8 @@ impl MultiHeadAttention {
         let kdim = cfg.kdim.unwrap_or(e);
         let vdim = cfg.vdim.unwrap_or(e);
         let (h, hkv, d) = (cfg.n_heads, cfg.kv_heads(), cfg.head_width());
-        let in_proj = if kdim == e && vdim == e {
+        let quantized = vp.has_quantized("q_proj.weight");
+        let in_proj = if kdim == e && vdim == e && !quantized {
             InProj::Packed(Linear::with_bias_init(
                 e,
                 (h + 2 * hkv) * d,
@@ -487,11 +489,17 @@ impl MultiHeadAttention {
         [(0, q), (q, kv), (q + kv, kv)][which]
     }
 
+    /// The packed projection's weight tensor (always dense: see [`InProj::Separate`]).
+    fn packed_weight(p: &Linear) -> Result<&Tensor> {
+        p.dense_weight()
+            .ok_or_else(|| Error::msg("a packed in_proj needs a dense weight"))
+    }
+
     fn project(&self, x: &Tensor, which: usize) -> Result<Tensor> {
         Ok(match &self.in_proj {
             InProj::Packed(p) => {
                 let (start, len) = self.rows(which);
-                let w = p.weight().narrow(0, start, len)?;
+                let w = Self::packed_weight(p)?.narrow(0, start, len)?;
                 let b = p.bias().map(|b| b.narrow(0, start, len)).transpose()?;
                 linear(x, &w, b.as_ref())?
             }
@@ -536,7 +544,7 @@ impl MultiHeadAttention {
             (InProj::Packed(p), true) => {
                 // One matmul for K and V together.
                 let (start, len) = self.rows(1);
-                let w = p.weight().narrow(0, start, 2 * len)?;
+                let w = Self::packed_weight(p)?.narrow(0, start, 2 * len)?;
                 let b = p.bias().map(|b| b.narrow(0, start, 2 * len)).transpose()?;
                 let kv = linear(key, &w, b.as_ref())?;
                 Ok((
@@ -607,18 +615,20 @@ impl MultiHeadAttention {
                 kv.k.clone(),
                 kv.v.clone(),
             )
-        } else if is_self {
-            let qkv = match (&self.in_proj, query_norm) {
-                (InProj::Packed(p), Some(norm)) => norm.forward_linear(query, p, train)?,
-                (InProj::Packed(p), None) => p.forward(query)?,
-                (InProj::Separate { .. }, _) => Tensor::cat(
-                    &[
-                        self.project(query, 0)?,
-                        self.project(query, 1)?,
-                        self.project(query, 2)?,
-                    ],
-                    D::Minus1,
-                )?,
+        } else if let (true, InProj::Separate { q, k, v }) = (is_self, &self.in_proj) {
+            let [q, k, v]: [Tensor; 3] = Linear::forward_shared(&[q, k, v], query)?
+                .try_into()
+                .expect("three layers, three outputs");
+            let heads = |x: Tensor, n: usize| x.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
+            (
+                Self::norm_heads(&self.q_norm, heads(q, h)?)?,
+                Self::norm_heads(&self.k_norm, heads(k, hkv)?)?,
+                heads(v, hkv)?,
+            )
+        } else if let (true, InProj::Packed(p)) = (is_self, &self.in_proj) {
+            let qkv = match query_norm {
+                Some(norm) => norm.forward_linear(query, p, train)?,
+                None => p.forward(query)?,
             };
             // (B, T, (H + 2Hkv)·D) -> (B, T, H + 2Hkv, D), then each of q, k, v as a strided
             // (B, heads, T, D) view: the fused kernel reads them in place, the other paths

@@ -147,7 +147,12 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = match &self.up {
             Up::Plain(l1) => self.activation.apply(&l1.forward(x)?, self.kernels)?,
-            Up::Gated { gate, up } => self.gated(gate.forward(x)?, up.forward(x)?)?,
+            Up::Gated { gate, up } => {
+                let [g, u]: [Tensor; 2] = Linear::forward_shared(&[gate, up], x)?
+                    .try_into()
+                    .expect("two layers, two outputs");
+                self.gated(g, u)?
+            }
         };
         let h = self.dropout.forward(&h, train)?;
         self.down.forward(&h)
@@ -171,7 +176,13 @@ impl Mlp {
             // The product of the two halves is the projection's input; the activation is
             // applied before it, so the fused projection sees the identity.
             Up::Gated { gate, up } => Branch {
-                h: self.gated(x.linear(gate, train)?, x.linear(up, train)?)?,
+                h: {
+                    let [g, u]: [Tensor; 2] = x
+                        .linear_shared(&[gate, up], train)?
+                        .try_into()
+                        .expect("two layers, two outputs");
+                    self.gated(g, u)?
+                },
                 act: None,
                 dropout_in: Some(&self.dropout),
                 linear: &self.down,
@@ -215,16 +226,15 @@ impl<'a> Branch<'a> {
             Some(Activation::GeluTanh | Activation::Silu) => None,
         };
         let dtype = self.h.dtype();
-        let same_dtype = x.dtype() == dtype && self.linear.weight().dtype() == dtype;
-        let fusable = train && same_dtype && self.kernels.applies(&self.h);
-        if let Some(act) = act.filter(|_| fusable) {
+        let dense = self.linear.dense_weight().filter(|w| w.dtype() == dtype);
+        let fusable = train && x.dtype() == dtype && self.kernels.applies(&self.h);
+        if let (Some(act), Some(w)) = (act.filter(|_| fusable), dense) {
             let mask = |d: &Dropout| (d.p() > 0.0).then(|| (d.p(), d.seed()));
             let cfg = Projection {
                 act,
                 dropout_in: self.dropout_in.and_then(mask),
                 dropout_out: mask(dropout),
             };
-            let w = self.linear.weight();
             return Ok(project(&self.h, w, self.linear.bias(), Some(x), cfg)?);
         }
         let a = match self.act {

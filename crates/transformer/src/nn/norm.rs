@@ -144,12 +144,11 @@ impl Norm {
             && linear.bias().is_none()
             && self.kernels.applies(x)
             && self.weight.dtype() == dtype
-            && linear.weight().dtype() == dtype
             && linear.d_in() == self.weight.dims()[0];
-        if fusable {
+        let dense = linear.dense_weight().filter(|w| w.dtype() == dtype);
+        if let Some(w) = dense.filter(|_| fusable) {
             use crate::kernels::norm_linear::{norm_linear, rms_norm_linear};
             let gamma = self.gamma()?;
-            let w = linear.weight();
             return Ok(match self.kind {
                 NormKind::LayerNorm => norm_linear(x, &gamma, w, self.eps)?,
                 NormKind::RmsNorm => rms_norm_linear(x, &gamma, w, self.eps)?,
@@ -173,6 +172,19 @@ impl NormedInput<'_> {
         match self.norm {
             Some(norm) => norm.forward_linear(self.x, linear, train),
             None => linear.forward(self.x),
+        }
+    }
+
+    /// `[l(input) for l in layers]`. In training each fuses with the norm; otherwise the norm
+    /// is computed once and the layers share it ([`Linear::forward_shared`]).
+    pub fn linear_shared(&self, layers: &[&Linear], train: bool) -> Result<Vec<Tensor>> {
+        match self.norm {
+            Some(norm) if train => layers
+                .iter()
+                .map(|l| norm.forward_linear(self.x, l, train))
+                .collect(),
+            Some(norm) => Linear::forward_shared(layers, &norm.forward(self.x)?),
+            None => Linear::forward_shared(layers, self.x),
         }
     }
 }

@@ -9,10 +9,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::dropout::Dropout;
+use super::linear::Weight;
 use crate::kernels::Kernels;
 use crate::rng::{Rng, SharedRng};
 use crate::{Error, Result};
@@ -70,6 +72,9 @@ pub struct VarStore {
     inference: bool,
     /// Fused kernels or composed ops, for every module built from this store.
     kernels: Kernels,
+    /// Quantized weight matrices by full name (from a GGUF file): modules that find their
+    /// matrix here take it as it is instead of creating a variable.
+    quantized: Arc<HashMap<String, Arc<QTensor>>>,
 }
 
 impl VarStore {
@@ -90,7 +95,21 @@ impl VarStore {
             dropout_rng,
             inference: false,
             kernels: Kernels::from_env(),
+            quantized: Arc::new(HashMap::new()),
         }
+    }
+
+    /// Serve these weight matrices (full names, e.g. `layers.0.ff.up_proj.weight`) quantized:
+    /// [`VarPath::matrix`] returns them instead of creating variables, so they are neither
+    /// trained nor saved, and [`VarStore::load_map`] does not expect them.
+    pub fn with_quantized(mut self, weights: HashMap<String, Arc<QTensor>>) -> Self {
+        self.quantized = Arc::new(weights);
+        self
+    }
+
+    /// The names of the quantized weight matrices the store serves.
+    pub fn quantized_names(&self) -> Vec<&str> {
+        self.quantized.keys().map(String::as_str).collect()
     }
 
     /// Build modules that use fused kernels or only composed ops (default:
@@ -383,6 +402,26 @@ impl VarPath {
     /// Create (or fetch, if it exists with the same shape) the parameter `name` under this path.
     pub fn var(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         self.store.create(self.join(name), shape, init)
+    }
+
+    /// A weight matrix: the store's quantized one under this name (its shape checked), or a
+    /// dense parameter as [`VarPath::var`] creates it.
+    pub fn matrix(&self, name: &str, shape: &[usize], init: Init) -> Result<Weight> {
+        let full = self.join(name);
+        match self.store.quantized.get(&full) {
+            Some(q) if q.shape().dims() != shape => Err(Error::shape(
+                format!("quantized weight {full}"),
+                format!("{shape:?}"),
+                q.shape().dims(),
+            )),
+            Some(q) => Ok(Weight::Quantized(q.clone())),
+            None => Ok(Weight::Dense(self.var(name, shape, init)?)),
+        }
+    }
+
+    /// Whether the store serves `name` under this path quantized.
+    pub fn has_quantized(&self, name: &str) -> bool {
+        self.store.quantized.contains_key(&self.join(name))
     }
 
     pub fn store(&self) -> &VarStore {
