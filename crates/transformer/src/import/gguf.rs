@@ -52,12 +52,19 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::data::{HfTokenizer, Tokenizer};
-use crate::models::{DecoderOnly, DecoderOnlyConfig, FamilyConfig};
+use crate::models::{DecoderOnly, DecoderOnlyConfig, FamilyConfig, LayerAttention};
 use crate::nn::{Activation, InitScheme, MlpKind, NormKind, PositionalKind, RopeLayout, VarStore};
 use crate::{Error, Result};
 
 /// Architectures this importer builds.
-pub const ARCHITECTURES: &[&str] = &["llama"];
+pub const ARCHITECTURES: &[&str] = &["llama", "gemma3"];
+
+/// Gemma 3's layer pattern, fixed by the architecture (llama.cpp and transformers hard-code
+/// it; the file does not say): five sliding-window layers, then a global one.
+const GEMMA3_GLOBAL_EVERY: usize = 6;
+/// Gemma 3's RoPE base on its sliding-window layers (the file's `rope.freq_base` is the
+/// global layers').
+const GEMMA3_LOCAL_ROPE_THETA: f64 = 10000.0;
 
 /// An open GGUF file: its header (metadata and tensor table), checked against the file size.
 pub struct GgufFile {
@@ -265,6 +272,41 @@ impl GgufFile {
             head_dim: key_length.filter(|&d| d * n_heads != d_model),
             qk_norm: false,
             rope_layout: RopeLayout::Interleaved,
+            post_norm: false,
+            embed_scale: false,
+            layer_types: Vec::new(),
+            sliding_window: None,
+            rope_local_theta: None,
+        };
+        let cfg = match arch.as_str() {
+            "gemma3" => {
+                let n_layers = cfg.n_layers;
+                let window = self.required_usize(&k("attention.sliding_window"))?;
+                DecoderOnlyConfig {
+                    activation: Activation::GeluTanh,
+                    // Gemma rotates half-split pairs (llama.cpp's NEOX type): the converter
+                    // leaves W_q and W_k as they are.
+                    rope_layout: RopeLayout::HalfSplit,
+                    // The converter stores Gemma's RMSNorm weights w as 1 + w already.
+                    norm_unit_offset: false,
+                    qk_norm: true,
+                    post_norm: true,
+                    embed_scale: true,
+                    layer_types: (0..n_layers)
+                        .map(|i| {
+                            if (i + 1) % GEMMA3_GLOBAL_EVERY == 0 {
+                                LayerAttention::Full
+                            } else {
+                                LayerAttention::Sliding
+                            }
+                        })
+                        .collect(),
+                    sliding_window: Some(window),
+                    rope_local_theta: Some(GEMMA3_LOCAL_ROPE_THETA),
+                    ..cfg
+                }
+            }
+            _ => cfg,
         };
         let source = self.path.display().to_string();
         FamilyConfig::validate(&cfg).map_err(|e| e.in_source(&source))?;
@@ -311,6 +353,18 @@ impl GgufFile {
                 ("ffn_up", "ff.up_proj", vec![f, e]),
                 ("ffn_down", "ff.down_proj", vec![e, f]),
             ];
+            let qk_norms = [
+                ("attn_q_norm", "self_attn.q_norm", vec![d]),
+                ("attn_k_norm", "self_attn.k_norm", vec![d]),
+            ];
+            let post_norms = [
+                ("post_attention_norm", "post_norm1", vec![e]),
+                ("post_ffw_norm", "post_norm2", vec![e]),
+            ];
+            let layer = layer
+                .into_iter()
+                .chain(qk_norms.into_iter().filter(|_| cfg.qk_norm))
+                .chain(post_norms.into_iter().filter(|_| cfg.post_norm));
             for (g, o, shape) in layer {
                 names.push((format!("blk.{n}.{g}"), format!("layers.{n}.{o}"), shape));
             }

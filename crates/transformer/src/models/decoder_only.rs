@@ -11,11 +11,27 @@ use serde::{Deserialize, Serialize};
 
 use super::family::{CausalLm, FamilyConfig, Model};
 use crate::nn::{
-    AbsolutePositions, Activation, Dropout, Encoder, InitScheme, KvCache, LayerConfig,
+    AbsolutePositions, Activation, AttnMask, Dropout, Encoder, InitScheme, KvCache, LayerConfig,
     LayerOptions, Linear, Masks, MlpKind, NormKind, PositionalKind, Rope, RopeLayout,
     TokenEmbedding, VarPath, VarStore,
 };
 use crate::{Error, Result};
+
+/// Causal attention over the last `window` positions: query `i` (at position `S - T + i`)
+/// may attend to key `j` when `0 <= (S - T + i) - j < window`.
+///
+/// # Shapes
+/// → (T, S), nonzero = may attend
+pub fn sliding_window_mask(t: usize, s: usize, window: usize, device: &Device) -> Result<AttnMask> {
+    let offset = s - t;
+    let v: Vec<u8> = (0..t)
+        .flat_map(|i| {
+            let q = i + offset;
+            (0..s).map(move |j| u8::from(j <= q && q - j < window))
+        })
+        .collect();
+    Ok(AttnMask::Allow(Tensor::from_vec(v, (t, s), device)?))
+}
 
 /// Configuration of a decoder-only language model; saved as `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +97,35 @@ pub struct DecoderOnlyConfig {
     /// (Llama-architecture GGUF files).
     #[serde(default, skip_serializing_if = "super::is_default")]
     pub rope_layout: RopeLayout,
+    /// Sandwich norms: each sub-layer's output normalized before the residual sum (Gemma 3).
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub post_norm: bool,
+    /// Token embeddings scaled by √d_model (the paper, §3.4; Gemma).
+    #[serde(default, skip_serializing_if = "super::is_default")]
+    pub embed_scale: bool,
+    /// Each layer's attention span: empty means every layer attends to the whole context;
+    /// otherwise one entry per layer (Gemma 3: five sliding-window layers, then a global one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_types: Vec<LayerAttention>,
+    /// How many positions a sliding-window layer sees: itself and the `sliding_window - 1`
+    /// before it (as Hugging Face and llama.cpp count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// RoPE base of the sliding-window layers (Gemma 3: 10000, its global layers 1e6); `None`
+    /// means `rope_theta`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_theta: Option<f64>,
+}
+
+/// What one decoder layer attends to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerAttention {
+    /// Every earlier position (and itself).
+    #[serde(rename = "full_attention")]
+    Full,
+    /// The last `sliding_window` positions.
+    #[serde(rename = "sliding_attention")]
+    Sliding,
 }
 
 fn default_gelu() -> Activation {
@@ -123,6 +168,11 @@ impl DecoderOnlyConfig {
             head_dim: None,
             qk_norm: false,
             rope_layout: RopeLayout::HalfSplit,
+            post_norm: false,
+            embed_scale: false,
+            layer_types: Vec::new(),
+            sliding_window: None,
+            rope_local_theta: None,
         }
     }
 
@@ -182,7 +232,16 @@ impl DecoderOnlyConfig {
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
             qk_norm: self.qk_norm,
+            post_norm: self.post_norm,
         }
+    }
+
+    /// Layer `i`'s attention span.
+    pub fn layer_attention(&self, i: usize) -> LayerAttention {
+        self.layer_types
+            .get(i)
+            .copied()
+            .unwrap_or(LayerAttention::Full)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -196,6 +255,25 @@ impl DecoderOnlyConfig {
                     self.vocab_size, self.block_size, self.n_layers
                 ),
             ));
+        }
+        if !self.layer_types.is_empty() && self.layer_types.len() != self.n_layers {
+            return Err(Error::invalid(
+                "layer_types",
+                format!("empty or one entry per layer ({})", self.n_layers),
+                format!("{} entries", self.layer_types.len()),
+            ));
+        }
+        let sliding = self.layer_types.contains(&LayerAttention::Sliding);
+        match self.sliding_window {
+            None if sliding => {
+                return Err(Error::invalid(
+                    "sliding_window",
+                    "a window length for the sliding_attention layers",
+                    "none",
+                ))
+            }
+            Some(0) => return Err(Error::invalid("sliding_window", "> 0", "0")),
+            _ => {}
         }
         let head_dim = self.layer().mha().head_width();
         if self.positional == PositionalKind::Rope && head_dim % 2 != 0 {
@@ -218,6 +296,8 @@ pub struct DecoderOnly {
     tok_embed: TokenEmbedding,
     pos: Option<AbsolutePositions>,
     rope: Option<Rope>,
+    /// The sliding-window layers' RoPE, when its base differs.
+    rope_local: Option<Rope>,
     blocks: Encoder,
     /// The output projection; tied, it shares the token embedding's table.
     lm_head: Linear,
@@ -227,8 +307,12 @@ pub struct DecoderOnly {
 impl DecoderOnly {
     pub fn new(cfg: &DecoderOnlyConfig, vp: &VarPath) -> Result<Self> {
         cfg.validate()?;
-        let tok_embed =
-            TokenEmbedding::new(cfg.vocab_size, cfg.d_model, false, &vp.pp("tok_embed"))?;
+        let tok_embed = TokenEmbedding::new(
+            cfg.vocab_size,
+            cfg.d_model,
+            cfg.embed_scale,
+            &vp.pp("tok_embed"),
+        )?;
         let pos = match cfg.positional {
             PositionalKind::Learned => Some(AbsolutePositions::learned(
                 cfg.block_size,
@@ -242,18 +326,25 @@ impl DecoderOnly {
             )?),
             _ => None,
         };
-        let rope = match cfg.positional {
-            PositionalKind::Rope => Some(
-                Rope::new(
-                    cfg.layer().mha().head_width(),
-                    cfg.block_size,
-                    cfg.rope_theta,
-                    vp.dtype(),
-                    vp.device(),
-                )?
-                .with_layout(cfg.rope_layout),
+        let rope_with = |theta: f64| -> Result<Rope> {
+            Ok(Rope::new(
+                cfg.layer().mha().head_width(),
+                cfg.block_size,
+                theta,
+                vp.dtype(),
+                vp.device(),
+            )?
+            .with_layout(cfg.rope_layout))
+        };
+        let (rope, rope_local) = match cfg.positional {
+            PositionalKind::Rope => (
+                Some(rope_with(cfg.rope_theta)?),
+                cfg.rope_local_theta
+                    .filter(|&t| t != cfg.rope_theta)
+                    .map(rope_with)
+                    .transpose()?,
             ),
-            _ => None,
+            _ => (None, None),
         };
         // The layer stack holds the final norm (`norm.*` sits beside `layers.*`).
         let blocks = Encoder::new(&cfg.layer(), cfg.n_layers, cfg.norm_first, vp)?;
@@ -267,6 +358,7 @@ impl DecoderOnly {
             tok_embed,
             pos,
             rope,
+            rope_local,
             blocks,
             lm_head,
             dropout: vp.dropout(cfg.dropout)?,
@@ -344,14 +436,35 @@ impl DecoderOnly {
             None => x,
         };
         let x = self.dropout.forward(&x, train)?;
-        let opts = LayerOptions {
-            train,
-            rope: self.rope.as_ref(),
-            ..Default::default()
-        };
-        let x = self
-            .blocks
-            .forward_with(&x, &Masks::causal(), &opts, caches)?;
+        // Sliding-window layers need a mask only once the context outgrows the window.
+        let window = self
+            .cfg
+            .sliding_window
+            .filter(|&w| offset + t > w && self.cfg.layer_types.contains(&LayerAttention::Sliding))
+            .map(|w| sliding_window_mask(t, offset + t, w, x.device()))
+            .transpose()?;
+        let x = self.blocks.forward_each(
+            &x,
+            |i| {
+                let (masks, rope) = match self.cfg.layer_attention(i) {
+                    LayerAttention::Full => (Masks::causal(), self.rope.as_ref()),
+                    LayerAttention::Sliding => (
+                        match &window {
+                            Some(w) => Masks::none().with_attn(Some(w)),
+                            None => Masks::causal(),
+                        },
+                        self.rope_local.as_ref().or(self.rope.as_ref()),
+                    ),
+                };
+                let opts = LayerOptions {
+                    train,
+                    rope,
+                    ..Default::default()
+                };
+                (masks, opts)
+            },
+            caches,
+        )?;
         self.lm_head.forward(&x)
     }
 }

@@ -195,6 +195,7 @@ impl EncoderDecoderConfig {
             n_kv_heads: self.n_kv_heads,
             head_dim: self.head_dim,
             qk_norm: self.qk_norm,
+            post_norm: false,
         }
     }
 

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::nn::VarStore;
 use crate::{Error, Result};
 
-pub use decoder_only::{DecoderOnly, DecoderOnlyConfig};
+pub use decoder_only::{sliding_window_mask, DecoderOnly, DecoderOnlyConfig, LayerAttention};
 pub use encoder_decoder::{EncoderDecoder, EncoderDecoderConfig};
 pub use encoder_only::{EncoderOnly, EncoderOnlyConfig, Pooling};
 pub use family::{

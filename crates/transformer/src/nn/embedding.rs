@@ -224,14 +224,24 @@ pub enum RopeLayout {
 }
 
 /// Rotary position embedding (Su et al. 2021), in either pair layout ([`RopeLayout`]).
+///
+/// The angles of the first [`ROPE_TABLE_ROWS`] positions are tabulated; positions past the
+/// table (long contexts: Gemma 3 has 32k) are computed when asked for, so that a model's
+/// context length does not cost its whole table in memory.
 #[derive(Debug, Clone)]
 pub struct Rope {
-    /// (max_len, D/2)
+    /// (rows, D/2)
     cos: Tensor,
-    /// (max_len, D/2)
+    /// (rows, D/2)
     sin: Tensor,
     layout: RopeLayout,
+    head_dim: usize,
+    theta: f64,
+    max_len: usize,
 }
+
+/// Positions whose RoPE angles are kept in a table.
+pub const ROPE_TABLE_ROWS: usize = 4096;
 
 impl Rope {
     pub fn new(
@@ -246,27 +256,49 @@ impl Rope {
                 "RoPE needs an even head width, got {head_dim}"
             )));
         }
+        let rows = max_len.min(ROPE_TABLE_ROWS);
+        let (cos, sin) = Self::angles(head_dim, theta, 0, rows, dtype, device)?;
+        Ok(Rope {
+            cos,
+            sin,
+            layout: RopeLayout::HalfSplit,
+            head_dim,
+            theta,
+            max_len,
+        })
+    }
+
+    /// cos and sin of positions `start .. start + n`, (n, D/2) each.
+    fn angles(
+        head_dim: usize,
+        theta: f64,
+        start: usize,
+        n: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = head_dim / 2;
-        let mut cos = vec![0f32; max_len * half];
-        let mut sin = vec![0f32; max_len * half];
-        for p in 0..max_len {
+        let mut cos = vec![0f32; n * half];
+        let mut sin = vec![0f32; n * half];
+        for p in 0..n {
             for i in 0..half {
                 let freq = theta.powf(-(2.0 * i as f64) / head_dim as f64);
-                let a = p as f64 * freq;
+                let a = (start + p) as f64 * freq;
                 cos[p * half + i] = a.cos() as f32;
                 sin[p * half + i] = a.sin() as f32;
             }
         }
         let mk = |v: Vec<f32>| -> Result<Tensor> {
-            Ok(Tensor::from_vec(v, (max_len, half), &Device::Cpu)?
+            Ok(Tensor::from_vec(v, (n, half), &Device::Cpu)?
                 .to_dtype(dtype)?
                 .to_device(device)?)
         };
-        Ok(Rope {
-            cos: mk(cos)?,
-            sin: mk(sin)?,
-            layout: RopeLayout::HalfSplit,
-        })
+        Ok((mk(cos)?, mk(sin)?))
+    }
+
+    /// The base θ of the frequencies θ^(-2i/D).
+    pub fn theta(&self) -> f64 {
+        self.theta
     }
 
     /// The same rotation with the given pair layout.
@@ -280,7 +312,7 @@ impl Rope {
     }
 
     pub fn max_len(&self) -> usize {
-        self.cos.dims()[0]
+        self.max_len
     }
 
     /// Rotate positions `offset .. offset + T`.
@@ -297,8 +329,23 @@ impl Rope {
             ));
         }
         let half = d / 2;
-        let cos = self.cos.narrow(0, offset, t)?; // (T, D/2)
-        let sin = self.sin.narrow(0, offset, t)?;
+        if d != self.head_dim {
+            return Err(Error::shape(
+                "RoPE input",
+                format!("(B, H, T, {})", self.head_dim),
+                x.dims(),
+            ));
+        }
+        // (T, D/2) each
+        let (cos, sin) = if offset + t <= self.cos.dims()[0] {
+            (
+                self.cos.narrow(0, offset, t)?,
+                self.sin.narrow(0, offset, t)?,
+            )
+        } else {
+            let dtype = self.cos.dtype();
+            Self::angles(d, self.theta, offset, t, dtype, self.cos.device())?
+        };
         match self.layout {
             RopeLayout::HalfSplit => {
                 let x1 = x.narrow(D::Minus1, 0, half)?;

@@ -59,6 +59,10 @@ pub struct LayerConfig {
     /// Norms over each head's queries and keys (Gemma 3), of the layers' norm kind.
     #[serde(default, skip_serializing_if = "is_default")]
     pub qk_norm: bool,
+    /// A second norm on each sub-layer's output before the residual sum,
+    /// x + norm'(f(norm(x))) (Gemma 2/3's "sandwich" norms; `post_norm{1,2}.*`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub post_norm: bool,
 }
 
 impl LayerConfig {
@@ -90,6 +94,7 @@ impl LayerConfig {
             n_kv_heads: None,
             head_dim: None,
             qk_norm: false,
+            post_norm: false,
         }
     }
 
@@ -146,6 +151,13 @@ impl LayerConfig {
                 "layer_norm_eps",
                 "> 0",
                 self.layer_norm_eps.to_string(),
+            ));
+        }
+        if self.post_norm && !self.norm_first {
+            return Err(Error::invalid(
+                "post_norm",
+                "false unless norm_first (sandwich norms are pre-norm layers)",
+                "true",
             ));
         }
         if self.norm_unit_offset && self.norm != NormKind::RmsNorm {
@@ -205,6 +217,8 @@ pub struct LayerOptions<'a> {
 #[derive(Debug, Clone)]
 struct Residual {
     norm: Norm,
+    /// The sandwich norm on the sub-layer's output (pre-norm only).
+    post_norm: Option<Norm>,
     dropout: Dropout,
     norm_first: bool,
 }
@@ -213,9 +227,18 @@ impl Residual {
     fn new(cfg: &LayerConfig, norm_vp: &VarPath, dropout: Dropout) -> Result<Self> {
         Ok(Residual {
             norm: Norm::new(cfg.d_model, &cfg.norm_config(), norm_vp)?,
+            post_norm: None,
             dropout,
             norm_first: cfg.norm_first,
         })
+    }
+
+    /// With the sandwich norm `post_norm_vp` when the config has them.
+    fn with_post_norm(mut self, cfg: &LayerConfig, post_norm_vp: &VarPath) -> Result<Self> {
+        if cfg.post_norm {
+            self.post_norm = Some(Norm::new(cfg.d_model, &cfg.norm_config(), post_norm_vp)?);
+        }
+        Ok(self)
     }
 
     fn apply<'a>(
@@ -229,7 +252,13 @@ impl Residual {
                 x,
                 norm: Some(&self.norm),
             };
-            f(input)?.add_to(x, &self.dropout, train)
+            match &self.post_norm {
+                Some(post) => {
+                    let y = post.forward(&f(input)?.output(train)?)?;
+                    self.dropout.add_to(x, &y, train)
+                }
+                None => f(input)?.add_to(x, &self.dropout, train),
+            }
         } else {
             let input = NormedInput { x, norm: None };
             self.norm
@@ -349,7 +378,7 @@ pub struct EncoderLayer {
 
 impl EncoderLayer {
     /// Parameters: `self_attn.*`, `ff.*` (`linear{1,2}` or `{gate,up,down}_proj`),
-    /// `norm{1,2}.*`.
+    /// `norm{1,2}.*`, and `post_norm{1,2}.*` with sandwich norms.
     pub fn new(cfg: &LayerConfig, vp: &VarPath) -> Result<Self> {
         cfg.validate()?;
         // Created in this order (attention, feed-forward, then the norms) so that a seed
@@ -357,14 +386,15 @@ impl EncoderLayer {
         let attn = MultiHeadAttention::new(&cfg.mha(), &vp.pp("self_attn"))?;
         let mlp = Mlp::new(&cfg.mlp_config(), &vp.pp("ff"))?;
         let residual = |name: &str| Residual::new(cfg, &vp.pp(name), vp.dropout(cfg.dropout)?);
+        let (attn_residual, ff_residual) = (residual("norm1")?, residual("norm2")?);
         Ok(EncoderLayer {
             self_attn: SelfAttentionBlock {
                 attn,
-                residual: residual("norm1")?,
+                residual: attn_residual.with_post_norm(cfg, &vp.pp("post_norm1"))?,
             },
             ff: FeedForwardBlock {
                 mlp,
-                residual: residual("norm2")?,
+                residual: ff_residual.with_post_norm(cfg, &vp.pp("post_norm2"))?,
             },
         })
     }
@@ -560,6 +590,38 @@ impl Encoder {
         for (i, layer) in self.layers.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
             x = layer.forward_with(&x, masks, opts, cache)?.0;
+        }
+        match &self.norm {
+            Some(n) => n.forward(&x),
+            None => Ok(x),
+        }
+    }
+
+    /// [`Encoder::forward_with`] with each layer's masks and options from `per_layer(i)`
+    /// (Gemma 3's sliding-window and global layers differ in both).
+    ///
+    /// # Shapes
+    /// `x`: (B, S, E) → (B, S, E)
+    pub fn forward_each<'m>(
+        &self,
+        x: &Tensor,
+        per_layer: impl Fn(usize) -> (Masks<'m>, LayerOptions<'m>),
+        mut caches: Option<&mut [KvCache]>,
+    ) -> Result<Tensor> {
+        if let Some(c) = &caches {
+            if c.len() != self.layers.len() {
+                return Err(Error::msg(format!(
+                    "{} caches for {} layers",
+                    c.len(),
+                    self.layers.len()
+                )));
+            }
+        }
+        let mut x = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            let (masks, opts) = per_layer(i);
+            x = layer.forward_with(&x, &masks, &opts, cache)?.0;
         }
         match &self.norm {
             Some(n) => n.forward(&x),

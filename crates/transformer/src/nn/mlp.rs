@@ -213,6 +213,20 @@ impl<'a> Branch<'a> {
         }
     }
 
+    /// The branch's output alone, `linear(dropout_in(act(h)))`, composed (for a sub-layer
+    /// whose output is normalized before the residual sum).
+    pub fn output(self, train: bool) -> Result<Tensor> {
+        let a = match self.act {
+            Some(act) => act.apply(&self.h, self.kernels)?,
+            None => self.h,
+        };
+        let a = match self.dropout_in {
+            Some(d) => d.forward(&a, train)?,
+            None => a,
+        };
+        self.linear.forward(&a)
+    }
+
     /// The residual connection `x + dropout(branch)`. In training on CPU this is one node
     /// (`kernels::projection`) that keeps none of the branch's intermediates.
     ///
