@@ -18,9 +18,13 @@
 # every run writes the same strings. Each file stays under 1 MB (asserted).
 #
 # Regenerate (from the repo root; the venv of scripts/py-env-llm.sh: transformers 5.24.0,
-# gguf 0.19.0, llama-cpp-python 0.3.36):
+# tokenizers 0.23.3, gguf 0.19.0, llama-cpp-python 0.3.36):
 #   bash scripts/fetch-smollm2.sh && bash scripts/fetch-gemma3.sh
-#   HF_HUB_OFFLINE=1 .venv/bin/python scripts/reference/gguf_tokenizer.py [--llama-cpp]
+#   HF_HUB_OFFLINE=1 .venv/bin/python scripts/reference/gguf_tokenizer.py --llama-cpp
+# The committed files were made so, and the Rust test needs llama.cpp's ids: where the two
+# references disagree it names per model which one is right (SmolLM2: llama.cpp, because
+# transformers' GGUF loader lacks the `smollm` pre-tokenizer that splits digits off; Gemma 3:
+# transformers, on runs of more than 31 spaces). Rerunning gives byte-identical files.
 # The GGUF files come from .cache/ (git-ignored), or TRANSFORMER_SMOLLM2_GGUF /
 # TRANSFORMER_GEMMA3_GGUF.
 
@@ -265,7 +269,7 @@ def reference(model: str, strings: list[str], use_llama_cpp: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description="GGUF tokenizer reference fixtures")
     parser.add_argument("--llama-cpp", action="store_true", help="also record llama.cpp's ids")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
