@@ -461,6 +461,7 @@ fn bench_generate(
         max_new_tokens: D_WARMUP_TOKENS,
         sampling: Sampling::default(),
         use_cache,
+        ..Default::default()
     };
     for _ in 0..warmup {
         generate(&model, &prompt, &opts, device, &mut rng, |_| Ok(true))?;

@@ -49,8 +49,25 @@ pub struct LoadedLm {
     pub dir: PathBuf,
     pub model: Box<dyn CausalLm>,
     pub tokenizer: Tokenizer,
-    /// The chat template and end-of-turn token of an instruct model, when the file has them.
-    pub chat: Option<(ChatTemplate, u32)>,
+    /// The chat template of an instruct model, when the file has one.
+    pub chat: Option<ChatTemplate>,
+    /// Prepended to every prompt (models trained with it: Gemma).
+    pub bos: Option<u32>,
+    /// Tokens that end a generation (EOS, end-of-turn); none for our own checkpoints.
+    pub stop: Vec<u32>,
+}
+
+impl LoadedLm {
+    /// A text's ids as the model reads them: the BOS token first when the model wants one.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.bos.into_iter().collect();
+        ids.extend(
+            self.tokenizer
+                .encode(text)
+                .context("the prompt cannot be encoded with this model's tokenizer")?,
+        );
+        Ok(ids)
+    }
 }
 
 /// The model of a checkpoint directory, through the family its `meta.json` names.
@@ -82,15 +99,23 @@ pub fn load_lm(args: &ModelArgs, device: &Device) -> Result<LoadedLm> {
                 let template =
                     ChatTemplate::new(&source, &special("tokenizer.ggml.bos_token_id")?, &eos)
                         .with_context(|| format!("{}: tokenizer.chat_template", path.display()))?;
-                tokenizer.token_to_id(&eos).map(|id| (template, id))
+                Some(template)
             }
         };
+        let bos = if file.add_bos_token()? {
+            file.bos_token_id()?
+        } else {
+            None
+        };
+        let stop = file.stop_token_ids()?;
         let (model, _vs, _cfg) = file.decoder_only(device, format)?;
         return Ok(LoadedLm {
             dir: path.to_path_buf(),
             model: Box::new(model),
             tokenizer,
             chat,
+            bos,
+            stop,
         });
     }
     let dir = resolve_model_dir(path)?;
@@ -120,6 +145,8 @@ pub fn load_lm(args: &ModelArgs, device: &Device) -> Result<LoadedLm> {
         model,
         tokenizer,
         chat: None,
+        bos: None,
+        stop: Vec::new(),
     })
 }
 

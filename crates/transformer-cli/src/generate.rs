@@ -2,20 +2,29 @@
 
 use std::io::Write;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
-use transformer::decode::{generate, GenerateOptions};
+use transformer::decode::{generate, GenerateOptions, Overflow};
 use transformer::rng::Rng;
 
 #[derive(Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
     model: crate::checkpoint::ModelArgs,
-    /// Text to continue.
+    /// Text to continue. Empty is allowed for models that start from a BOS token (Gemma).
     #[arg(long, default_value = "\n")]
     prompt: String,
+    /// The most tokens to generate (0: print the prompt and stop). Generation also stops at
+    /// the model's end-of-sequence / end-of-turn tokens.
     #[arg(long, default_value_t = 500, allow_negative_numbers = true)]
     max_new_tokens: usize,
+    /// When prompt + new tokens exceed the context window: `slide` keeps the most recent
+    /// tokens, `fail` refuses before generating.
+    #[arg(long, value_enum, default_value_t = OverflowArg::Slide)]
+    context_overflow: OverflowArg,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
     #[command(flatten)]
     sampling: crate::sampling::SamplingArgs,
     /// Recompute the whole context at every step instead of using the KV cache.
@@ -23,19 +32,36 @@ pub struct GenerateArgs {
     no_cache: bool,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OverflowArg {
+    Slide,
+    Fail,
+}
+
+impl OverflowArg {
+    pub fn overflow(self) -> Overflow {
+        match self {
+            OverflowArg::Slide => Overflow::Slide,
+            OverflowArg::Fail => Overflow::Fail,
+        }
+    }
+}
+
 pub fn run(args: GenerateArgs) -> Result<()> {
     let sampling = args.sampling.sampling()?;
     let device = crate::device()?;
     let lm = crate::checkpoint::load_lm(&args.model, &device)?;
-    let prompt = lm
-        .tokenizer
-        .encode(&args.prompt)
-        .with_context(|| "the prompt cannot be encoded with this model's tokenizer")?;
+    let prompt = lm.encode_prompt(&args.prompt)?;
+    if prompt.is_empty() {
+        bail!("--prompt is empty, and this model has no BOS token to start from");
+    }
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         sampling,
         use_cache: !args.no_cache,
+        overflow: args.context_overflow.overflow(),
     };
+    let stop: &[u32] = if args.ignore_eos { &[] } else { &lm.stop };
     let mut out = std::io::stdout().lock();
     out.write_all(args.prompt.as_bytes())?;
     out.flush()?;
@@ -43,6 +69,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut rng = Rng::new(args.sampling.seed);
     let mut write_err: Option<std::io::Error> = None;
     let (_, stats) = generate(lm.model.as_ref(), &prompt, &opts, &device, &mut rng, |id| {
+        if stop.contains(&id) {
+            return Ok(false);
+        }
         let piece = stream.push(id)?;
         if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
             write_err = Some(e);
@@ -56,10 +85,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     out.write_all(stream.finish()?.as_bytes())?;
     writeln!(out)?;
     eprintln!(
-        "{} tokens in {:.2} s ({:.1} tokens/s{})",
+        "prompt: {} tokens in {:.2} s ({:.1} tokens/s); generation: {} tokens in {:.2} s \
+         ({:.1} tokens/s{})",
+        stats.prompt_tokens,
+        stats.prompt_seconds,
+        stats.prompt_tokens_per_sec(),
         stats.new_tokens,
-        stats.seconds,
-        stats.tokens_per_sec(),
+        stats.seconds - stats.prompt_seconds,
+        stats.decode_tokens_per_sec(),
         if args.no_cache {
             ", no cache"
         } else {

@@ -11,6 +11,7 @@ mod demo;
 mod embed;
 mod eval;
 mod generate;
+mod inspect;
 mod models;
 mod plot;
 mod progress;
@@ -95,6 +96,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Talk with an instruct model (GGUF): each line of standard input is a user turn.
     Chat(chat::ChatArgs),
+    /// What a GGUF file holds: architecture, sizes, quantization types, tokenizer.
+    Inspect(inspect::InspectArgs),
     /// Loss and perplexity of a language model on a text file, or BLEU of a translation model
     /// on a source and reference file (one JSON line).
     Eval(eval::EvalArgs),
@@ -150,6 +153,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Inspect(args) => inspect::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Translate(args) => translate::run(args),
         Command::Average(args) => average::run(args),

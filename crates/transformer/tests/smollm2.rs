@@ -98,6 +98,7 @@ fn smollm2_loads_tokenizes_and_completes_a_prompt() -> Result<()> {
                 ..Default::default()
             },
             use_cache,
+            ..Default::default()
         };
         let mut out = Vec::new();
         generate(&model, &ids, &opts, &Device::Cpu, &mut Rng::new(1), |id| {
@@ -131,6 +132,7 @@ fn smollm2_loads_tokenizes_and_completes_a_prompt() -> Result<()> {
             ..Default::default()
         },
         use_cache: true,
+        ..Default::default()
     };
     let end = tok.token_to_id(&eos).unwrap();
     let mut out = Vec::new();

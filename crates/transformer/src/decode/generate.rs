@@ -17,6 +17,8 @@ pub struct GenerateOptions {
     /// Reuse keys/values of earlier positions (the default); false recomputes the whole context
     /// at every step, as nanoGPT samples.
     pub use_cache: bool,
+    /// What happens when the prompt and the new tokens outgrow the context window.
+    pub overflow: Overflow,
 }
 
 impl Default for GenerateOptions {
@@ -25,20 +27,51 @@ impl Default for GenerateOptions {
             max_new_tokens: 100,
             sampling: Sampling::default(),
             use_cache: true,
+            overflow: Overflow::Slide,
         }
     }
+}
+
+/// When prompt + new tokens exceed the model's context length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// Keep the most recent tokens: a prompt is cut to its last `context` tokens, and when
+    /// the cache fills, it restarts from the last half of the window.
+    #[default]
+    Slide,
+    /// Refuse, before generating anything, with an error that gives the lengths.
+    Fail,
 }
 
 /// Timing of a generation run.
 #[derive(Debug, Clone, Copy)]
 pub struct GenerateStats {
+    /// Tokens of the prompt the model read (after sliding, at most the context length).
+    pub prompt_tokens: usize,
+    /// Time to read the prompt and produce the first token's logits.
+    pub prompt_seconds: f64,
     pub new_tokens: usize,
+    /// Forward passes after the prompt's (one per new token but the first).
+    pub decode_steps: usize,
+    pub decode_seconds: f64,
+    /// Everything, sampling included.
     pub seconds: f64,
 }
 
 impl GenerateStats {
+    /// New tokens per second overall (prompt included).
     pub fn tokens_per_sec(&self) -> f64 {
         self.new_tokens as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Prompt processing speed.
+    pub fn prompt_tokens_per_sec(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prompt_seconds.max(1e-9)
+    }
+
+    /// Generation speed: decoding steps per second, as llama.cpp's "eval" rate counts them.
+    pub fn decode_tokens_per_sec(&self) -> f64 {
+        self.decode_steps as f64 / self.decode_seconds.max(1e-9)
     }
 }
 
@@ -76,20 +109,44 @@ pub fn generate(
         ));
     }
     let block = model.context_length();
+    if opts.overflow == Overflow::Fail && prompt.len() + opts.max_new_tokens > block {
+        return Err(Error::input(
+            "prompt and new tokens",
+            format!("at most the context length {block} in all"),
+            format!(
+                "{} prompt tokens + {} new tokens",
+                prompt.len(),
+                opts.max_new_tokens
+            ),
+        ));
+    }
     let start = Instant::now();
     let mut tokens = prompt.to_vec();
     let mut caches = model.new_cache();
-    let mut logits = if opts.use_cache {
-        let from = tokens.len().saturating_sub(block);
-        last_logits(&model.forward_cached(&ids_tensor(&tokens[from..], device)?, &mut caches)?)?
-    } else {
-        Vec::new()
-    };
+    let prompt_tokens = tokens.len().min(block);
+    let mut prompt_seconds = 0.0;
+    let mut logits = Vec::new();
+    if opts.use_cache && opts.max_new_tokens > 0 {
+        let from = tokens.len() - prompt_tokens;
+        logits = last_logits(
+            &model.forward_cached(&ids_tensor(&tokens[from..], device)?, &mut caches)?,
+        )?;
+        prompt_seconds = start.elapsed().as_secs_f64();
+    }
     let mut produced = 0;
+    let mut decode_steps = 0;
+    let mut decode_seconds = 0.0;
     for step in 0..opts.max_new_tokens {
         if !opts.use_cache {
+            let t0 = Instant::now();
             let from = tokens.len().saturating_sub(block);
             logits = last_logits(&model.forward(&ids_tensor(&tokens[from..], device)?, false)?)?;
+            if step == 0 {
+                prompt_seconds = t0.elapsed().as_secs_f64();
+            } else {
+                decode_steps += 1;
+                decode_seconds += t0.elapsed().as_secs_f64();
+            }
         }
         let next = sample_token(&logits, &opts.sampling, rng);
         tokens.push(next);
@@ -98,6 +155,7 @@ pub fn generate(
             break;
         }
         if opts.use_cache {
+            let t0 = Instant::now();
             let cached = caches.first().map_or(0, |c| c.len());
             let x = if cached + 1 > block {
                 for c in caches.iter_mut() {
@@ -109,10 +167,16 @@ pub fn generate(
                 ids_tensor(&[next], device)?
             };
             logits = last_logits(&model.forward_cached(&x, &mut caches)?)?;
+            decode_steps += 1;
+            decode_seconds += t0.elapsed().as_secs_f64();
         }
     }
     let stats = GenerateStats {
+        prompt_tokens,
+        prompt_seconds,
         new_tokens: produced,
+        decode_steps,
+        decode_seconds,
         seconds: start.elapsed().as_secs_f64(),
     };
     Ok((tokens, stats))
@@ -130,6 +194,7 @@ mod tests {
             max_new_tokens: n,
             sampling: s,
             use_cache: cache,
+            ..Default::default()
         };
         let mut rng = Rng::new(5);
         generate(model, prompt, &opts, &Device::Cpu, &mut rng, |_| Ok(true))
@@ -185,6 +250,34 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("prompt is empty"));
+        // Failing instead of sliding: refused before anything is generated.
+        let opts = GenerateOptions {
+            max_new_tokens: 40,
+            overflow: Overflow::Fail,
+            ..Default::default()
+        };
+        let mut calls = 0;
+        let e = generate(&model, &long_prompt, &opts, &Device::Cpu, &mut rng, |_| {
+            calls += 1;
+            Ok(true)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("context length 32") && e.contains("50 prompt tokens"),
+            "{e}"
+        );
+        assert_eq!(calls, 0);
+        // No new tokens: the prompt comes back, the model is never run.
+        let opts = GenerateOptions {
+            max_new_tokens: 0,
+            ..Default::default()
+        };
+        let (out, stats) = generate(&model, &[1, 2], &opts, &Device::Cpu, &mut rng, |_| {
+            calls += 1;
+            Ok(true)
+        })?;
+        assert_eq!((out, stats.new_tokens, calls), (vec![1, 2], 0, 0));
         Ok(())
     }
 }

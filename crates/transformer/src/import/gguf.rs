@@ -196,6 +196,18 @@ impl GgufFile {
             .map(|info| info.shape.dims())
     }
 
+    /// Every tensor's name, block type and shape (candle's `(out, in)` order), sorted by name.
+    pub fn tensor_infos(&self) -> Vec<(&str, GgmlDType, &[usize])> {
+        let mut infos: Vec<_> = self
+            .content
+            .tensor_infos
+            .iter()
+            .map(|(n, i)| (n.as_str(), i.ggml_dtype, i.shape.dims()))
+            .collect();
+        infos.sort_by_key(|(n, _, _)| *n);
+        infos
+    }
+
     /// Every tensor name, sorted.
     pub fn tensor_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self

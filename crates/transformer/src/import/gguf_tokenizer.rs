@@ -122,6 +122,35 @@ impl GgufFile {
         self.token_id(BOS_KEY)
     }
 
+    /// The tokens that end a generation: `tokenizer.ggml.eos_token_id`,
+    /// `tokenizer.ggml.eot_token_id`, and the end-of-turn markers of the common chat formats
+    /// when the vocabulary has them as control tokens (`<|im_end|>` of ChatML, Gemma's
+    /// `<end_of_turn>`, Llama 3's `<|eot_id|>`), as llama.cpp's end-of-generation set has them.
+    pub fn stop_token_ids(&self) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = [
+            self.token_id("tokenizer.ggml.eos_token_id")?,
+            self.token_id("tokenizer.ggml.eot_token_id")?,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let types = match self.metadata("tokenizer.ggml.token_type") {
+            Some(Value::Array(t)) => t.as_slice(),
+            _ => &[],
+        };
+        if let Some(Value::Array(tokens)) = self.metadata(TOKENS_KEY) {
+            for (i, tok) in tokens.iter().enumerate() {
+                let is_marker = matches!(tok, Value::String(t)
+                    if ["<|im_end|>", "<end_of_turn>", "<|eot_id|>"].contains(&t.as_str()));
+                let control = matches!(types.get(i), Some(Value::I32(3)) | Some(Value::U32(3)));
+                if is_marker && control && !ids.contains(&(i as u32)) {
+                    ids.push(i as u32);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     fn tokenizer_model(&self) -> Result<&str> {
         match self.metadata(MODEL_KEY) {
             Some(Value::String(m)) => Ok(m),
