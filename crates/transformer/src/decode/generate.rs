@@ -129,7 +129,7 @@ pub fn generate(
     if opts.use_cache && opts.max_new_tokens > 0 {
         let from = tokens.len() - prompt_tokens;
         logits = last_logits(
-            &model.forward_cached(&ids_tensor(&tokens[from..], device)?, &mut caches)?,
+            &model.forward_cached_last(&ids_tensor(&tokens[from..], device)?, &mut caches)?,
         )?;
         prompt_seconds = start.elapsed().as_secs_f64();
     }
@@ -166,7 +166,7 @@ pub fn generate(
             } else {
                 ids_tensor(&[next], device)?
             };
-            logits = last_logits(&model.forward_cached(&x, &mut caches)?)?;
+            logits = last_logits(&model.forward_cached_last(&x, &mut caches)?)?;
             decode_steps += 1;
             decode_seconds += t0.elapsed().as_secs_f64();
         }

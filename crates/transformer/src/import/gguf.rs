@@ -45,14 +45,13 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use std::sync::Arc;
-
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::data::Tokenizer;
 use crate::models::{DecoderOnly, DecoderOnlyConfig, FamilyConfig, LayerAttention};
+use crate::nn::linear::Weight;
 use crate::nn::{Activation, InitScheme, MlpKind, NormKind, PositionalKind, RopeLayout, VarStore};
 use crate::{Error, Result};
 
@@ -447,7 +446,7 @@ impl GgufFile {
                 !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
             match format {
                 WeightFormat::AsStored if block_quantized => {
-                    out.quantized.insert(ours, Arc::new(q));
+                    out.quantized.insert(ours, Weight::from_qtensor(q)?);
                 }
                 WeightFormat::AsStored => {
                     out.dense.insert(ours, q.dequantize(device)?);
@@ -510,7 +509,7 @@ pub struct DecoderOnlyTensors {
     /// What the [`VarStore`] loads.
     pub dense: HashMap<String, Tensor>,
     /// What it serves quantized.
-    pub quantized: HashMap<String, Arc<QTensor>>,
+    pub quantized: HashMap<String, Weight>,
 }
 
 impl GgufFile {

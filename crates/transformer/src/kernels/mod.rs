@@ -14,6 +14,7 @@ pub mod gelu;
 pub mod layer_norm;
 pub mod norm_linear;
 pub mod projection;
+pub mod quantized;
 pub mod softmax;
 
 #[cfg(test)]

@@ -395,7 +395,7 @@ impl DecoderOnly {
     /// # Shapes
     /// `ids`: (B, T) with T ≤ block_size → logits (B, T, V)
     pub fn forward(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_inner(ids, train, None)
+        self.forward_inner(ids, train, None, false)
     }
 
     /// Logits for new positions, appending their keys/values to `caches` (one per layer).
@@ -404,7 +404,15 @@ impl DecoderOnly {
     /// # Shapes
     /// `ids`: (B, T_new) → logits (B, T_new, V)
     pub fn forward_cached(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
-        self.forward_inner(ids, false, Some(caches))
+        self.forward_inner(ids, false, Some(caches), false)
+    }
+
+    /// [`DecoderOnly::forward_cached`] with the output projection of the last position only.
+    ///
+    /// # Shapes
+    /// `ids`: (B, T_new) → logits (B, 1, V)
+    pub fn forward_cached_last(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+        self.forward_inner(ids, false, Some(caches), true)
     }
 
     fn forward_inner(
@@ -412,6 +420,7 @@ impl DecoderOnly {
         ids: &Tensor,
         train: bool,
         caches: Option<&mut [KvCache]>,
+        last_only: bool,
     ) -> Result<Tensor> {
         let (_, t) = ids
             .dims2()
@@ -465,6 +474,7 @@ impl DecoderOnly {
             },
             caches,
         )?;
+        let x = if last_only { x.narrow(1, t - 1, 1)? } else { x };
         self.lm_head.forward(&x)
     }
 }
@@ -510,5 +520,8 @@ impl CausalLm for DecoderOnly {
     }
     fn forward_cached(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
         DecoderOnly::forward_cached(self, ids, caches)
+    }
+    fn forward_cached_last(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
+        DecoderOnly::forward_cached_last(self, ids, caches)
     }
 }

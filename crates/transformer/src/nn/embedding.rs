@@ -97,6 +97,11 @@ impl TokenEmbedding {
         let x = match &self.weight {
             Weight::Dense(w) => w.index_select(&ids, 0)?,
             Weight::Quantized(q) => quantized_rows(q, &ids.to_vec1::<u32>()?, d)?,
+            Weight::Blocks(bm) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let n = ids.len();
+                Tensor::from_vec(bm.rows(&ids)?, (n, d), ids_device(&self.weight))?
+            }
         };
         let x = x.reshape((b, t, d))?;
         Ok(match self.scale {
@@ -104,6 +109,11 @@ impl TokenEmbedding {
             None => x,
         })
     }
+}
+
+/// Where a quantized table's rows go (the block kernels run on the CPU).
+fn ids_device(_: &Weight) -> &'static Device {
+    &Device::Cpu
 }
 
 /// Rows `ids` of a quantized (V, d) table, dequantized to f32 (ids.len(), d): each row is a

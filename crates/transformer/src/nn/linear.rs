@@ -8,6 +8,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Module, Tensor};
 
 use super::var_store::{Init, VarPath};
+use crate::kernels::quantized::BlockMatrix;
 use crate::{Error, Result};
 
 /// A weight matrix (out, in).
@@ -15,17 +16,31 @@ use crate::{Error, Result};
 pub enum Weight {
     /// A tensor: trainable, any dtype.
     Dense(Tensor),
-    /// GGUF blocks (Q4_K, Q8_0, ...), kept as the file stores them. Inference only: candle's
-    /// quantized matmul has no backward, for the weight or the input.
+    /// GGUF's k-quant blocks (Q4_K, Q6_K, ...), kept as the file stores them and multiplied
+    /// by candle's quantized matmul. Inference only: it has no backward, for the weight or the
+    /// input.
     Quantized(Arc<QTensor>),
+    /// GGUF's 32-element blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) through our kernel
+    /// (`kernels::quantized`), which candle multiplies with scalar code. Inference only.
+    Blocks(Arc<BlockMatrix>),
 }
 
 impl Weight {
+    /// A quantized weight as read from a file: through our kernel for the 32-element block
+    /// formats, candle's for the others.
+    pub fn from_qtensor(q: QTensor) -> Result<Weight> {
+        Ok(match BlockMatrix::from_qtensor(&q)? {
+            Some(b) => Weight::Blocks(Arc::new(b)),
+            None => Weight::Quantized(Arc::new(q)),
+        })
+    }
+
     /// (out, in)
     pub fn dims(&self) -> &[usize] {
         match self {
             Weight::Dense(t) => t.dims(),
             Weight::Quantized(q) => q.shape().dims(),
+            Weight::Blocks(b) => b.dims_ref(),
         }
     }
 
@@ -33,7 +48,7 @@ impl Weight {
     pub fn dense(&self) -> Option<&Tensor> {
         match self {
             Weight::Dense(t) => Some(t),
-            Weight::Quantized(_) => None,
+            _ => None,
         }
     }
 
@@ -42,6 +57,7 @@ impl Weight {
         match self {
             Weight::Dense(_) => None,
             Weight::Quantized(q) => Some(q.dtype()),
+            Weight::Blocks(b) => Some(b.dtype()),
         }
     }
 
@@ -63,6 +79,14 @@ impl Weight {
                 } else {
                     y.to_dtype(dtype)
                 }
+            }
+            Weight::Blocks(b) => {
+                let dtype = x.dtype();
+                let y = x
+                    .to_dtype(DType::F32)?
+                    .contiguous()?
+                    .apply_op1_no_bwd(b.as_ref())?;
+                y.to_dtype(dtype)
             }
         }
     }
@@ -183,6 +207,16 @@ impl Linear {
                 _ => None,
             })
             .collect();
+        let blocks: Option<Vec<&BlockMatrix>> = layers
+            .iter()
+            .map(|l| match (&l.weight, &l.bias) {
+                (Weight::Blocks(b), None) => Some(b.as_ref()),
+                _ => None,
+            })
+            .collect();
+        if let (Some(bs), DType::F32, true) = (blocks, x.dtype(), layers.len() > 1) {
+            return BlockMatrix::matmul_t_many(&bs, x);
+        }
         if let (Some(qs), DType::F32) = (quantized, x.dtype()) {
             if layers.len() > 1 {
                 let x = x.contiguous()?;

@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
@@ -74,7 +73,7 @@ pub struct VarStore {
     kernels: Kernels,
     /// Quantized weight matrices by full name (from a GGUF file): modules that find their
     /// matrix here take it as it is instead of creating a variable.
-    quantized: Arc<HashMap<String, Arc<QTensor>>>,
+    quantized: Arc<HashMap<String, Weight>>,
 }
 
 impl VarStore {
@@ -102,7 +101,7 @@ impl VarStore {
     /// Serve these weight matrices (full names, e.g. `layers.0.ff.up_proj.weight`) quantized:
     /// [`VarPath::matrix`] returns them instead of creating variables, so they are neither
     /// trained nor saved, and [`VarStore::load_map`] does not expect them.
-    pub fn with_quantized(mut self, weights: HashMap<String, Arc<QTensor>>) -> Self {
+    pub fn with_quantized(mut self, weights: HashMap<String, Weight>) -> Self {
         self.quantized = Arc::new(weights);
         self
     }
@@ -409,12 +408,12 @@ impl VarPath {
     pub fn matrix(&self, name: &str, shape: &[usize], init: Init) -> Result<Weight> {
         let full = self.join(name);
         match self.store.quantized.get(&full) {
-            Some(q) if q.shape().dims() != shape => Err(Error::shape(
+            Some(q) if q.dims() != shape => Err(Error::shape(
                 format!("quantized weight {full}"),
                 format!("{shape:?}"),
-                q.shape().dims(),
+                q.dims(),
             )),
-            Some(q) => Ok(Weight::Quantized(q.clone())),
+            Some(q) => Ok(q.clone()),
             None => Ok(Weight::Dense(self.var(name, shape, init)?)),
         }
     }
