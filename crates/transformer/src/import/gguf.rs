@@ -1,10 +1,21 @@
 //! GGUF (llama.cpp's format) → a [`DecoderOnly`] model, read with candle's
 //! `quantized::gguf_file`: the architecture and hyperparameters come from the metadata, the
-//! tensors from llama.cpp's names mapped onto ours. This first path dequantizes every tensor at
-//! load (`--dtype f32` in the terms); keeping them quantized through `QMatMul` comes
-//! next (docs/gguf-research.md says what it takes).
+//! tensors from llama.cpp's names mapped onto ours. [`WeightFormat::AsStored`] keeps the
+//! quantized matrices quantized (our kernel for the 32-element block formats, candle's
+//! quantized matmul for the k-quants; F32 tensors dense); [`WeightFormat::Dense`] dequantizes
+//! everything into a dtype (trainable).
 //!
-//! Architectures: `llama` (SmolLM2, Llama 2/3 without RoPE scaling). Others are refused by name.
+//! Architectures: `llama` (SmolLM2, Llama 2/3 without RoPE scaling) and `gemma3` (Gemma 3
+//! text models without RoPE scaling: the 270M and 1B). Others are refused by name.
+//!
+//! Gemma 3 is the same decoder with: GELU-tanh gated MLP, per-head query/key RMS norms, a
+//! second ("sandwich") norm on each sub-layer's output, embeddings scaled by √d_model, five
+//! sliding-window layers (window `gemma3.attention.sliding_window`, RoPE base 10000) for every
+//! global one (RoPE base `rope.freq_base`), half-split RoPE pairs, and a tied output. Its
+//! converter stores each RMS norm weight w as 1 + w, so the norms take the weights as they
+//! are. Extra tensors: `blk.N.attn_{q,k}_norm` → `layers.N.self_attn.{q,k}_norm`,
+//! `blk.N.post_attention_norm` → `layers.N.post_norm1`, `blk.N.post_ffw_norm` →
+//! `layers.N.post_norm2`.
 //!
 //! Metadata (`A` = `general.architecture`):
 //!
@@ -29,7 +40,8 @@
 //! | `output.weight` (absent: tied)| `lm_head.weight`                                        |
 //! | `output_norm.weight`          | `norm.weight`                                           |
 //! | `blk.N.attn_norm.weight`      | `layers.N.norm1.weight`                                 |
-//! | `blk.N.attn_{q,k,v}.weight`   | `layers.N.self_attn.in_proj.weight`, rows Q, K, V        |
+//! | `blk.N.attn_{q,k,v}.weight`   | `layers.N.self_attn.{q,k,v}_proj.weight` (quantized), or |
+//! |                               | packed into `layers.N.self_attn.in_proj.weight` (dense)  |
 //! | `blk.N.attn_output.weight`    | `layers.N.self_attn.out_proj.weight`                    |
 //! | `blk.N.ffn_norm.weight`       | `layers.N.norm2.weight`                                 |
 //! | `blk.N.ffn_{gate,up,down}.weight` | `layers.N.ff.{gate,up,down}_proj.weight`            |
@@ -42,14 +54,16 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::data::Tokenizer;
+use crate::kernels::quantized::{BlockKind, BlockMatrix};
 use crate::models::{DecoderOnly, DecoderOnlyConfig, FamilyConfig, LayerAttention};
 use crate::nn::linear::Weight;
 use crate::nn::{Activation, InitScheme, MlpKind, NormKind, PositionalKind, RopeLayout, VarStore};
@@ -406,6 +420,35 @@ impl GgufFile {
             .map_err(|e| weights_err(format!("tensor {name}: {e}")))
     }
 
+    /// A tensor in one of our block kernels' formats, read from the file straight into
+    /// them ([`BlockMatrix::from_reader`]); `None` for other types.
+    fn block_matrix(&mut self, name: &str, expected: &[usize]) -> Result<Option<BlockMatrix>> {
+        let source = self.path.display().to_string();
+        let err = |msg: String| Error::Weights {
+            source_name: source.clone(),
+            msg,
+        };
+        let Some(info) = self.content.tensor_infos.get(name) else {
+            return Err(err(format!("missing tensor {name}")));
+        };
+        if info.shape.dims() != expected {
+            return Err(err(format!(
+                "tensor {name}: expected shape {expected:?} from the metadata, got {:?}",
+                info.shape.dims()
+            )));
+        }
+        if BlockKind::of(info.ggml_dtype).is_none() || expected.len() != 2 {
+            return Ok(None);
+        }
+        let start = self.content.tensor_data_offset + info.offset;
+        let dtype = info.ggml_dtype;
+        self.reader
+            .seek(SeekFrom::Start(start))
+            .map_err(|e| err(format!("tensor {name}: {e}")))?;
+        BlockMatrix::from_reader(dtype, expected[0], expected[1], &mut self.reader)
+            .map_err(|e| err(format!("tensor {name}: {e}")))
+    }
+
     /// A tensor the model does not use is an error that names it.
     fn check_all_used(&self, used: &[String]) -> Result<()> {
         let unused: Vec<&str> = self
@@ -440,6 +483,13 @@ impl GgufFile {
         let mut out = DecoderOnlyTensors::default();
         let mut used = Vec::new();
         for (gguf, ours, shape) in Self::decoder_only_names(cfg) {
+            if format == WeightFormat::AsStored && device.is_cpu() {
+                if let Some(b) = self.block_matrix(&gguf, &shape)? {
+                    out.quantized.insert(ours, Weight::Blocks(Arc::new(b)));
+                    used.push(gguf);
+                    continue;
+                }
+            }
             let q = self.stored(&gguf, &shape, device)?;
             used.push(gguf);
             let block_quantized =

@@ -119,7 +119,6 @@ impl BlockMatrix {
                 blocks * fb
             )));
         }
-        let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
         let qsb = kind.qs_bytes();
         let mut out = BlockMatrix {
             kind,
@@ -132,21 +131,76 @@ impl BlockMatrix {
             qh: Vec::with_capacity(if kind.has_high_bits() { blocks } else { 0 }),
             qs: Vec::with_capacity(blocks * qsb),
         };
-        for b in data.chunks_exact(fb) {
-            out.d.push(half(&b[0..2]));
+        out.push_blocks(&data);
+        Ok(Some(out))
+    }
+
+    /// The matrix read straight from GGUF block bytes (candle's (out, in) = (n, k) order), a
+    /// slice of rows at a time: a large table (Gemma 3's 180 MB embedding) never sits in
+    /// memory twice.
+    pub fn from_reader(
+        dtype: GgmlDType,
+        n: usize,
+        k: usize,
+        reader: &mut impl std::io::Read,
+    ) -> Result<Option<Self>> {
+        let Some(kind) = BlockKind::of(dtype) else {
+            return Ok(None);
+        };
+        if k % QK != 0 {
+            return Err(Error::shape(
+                "block-quantized weight",
+                "(n, k) with k % 32 == 0",
+                &[n, k],
+            ));
+        }
+        let blocks = n * k / QK;
+        let qsb = kind.qs_bytes();
+        let mut out = BlockMatrix {
+            kind,
+            dtype,
+            n,
+            k,
+            dims: [n, k],
+            d: Vec::with_capacity(blocks),
+            m: Vec::with_capacity(if kind.has_min() { blocks } else { 0 }),
+            qh: Vec::with_capacity(if kind.has_high_bits() { blocks } else { 0 }),
+            qs: Vec::with_capacity(blocks * qsb),
+        };
+        let fb = kind.file_bytes();
+        let per_read = (1 << 20) / fb;
+        let mut buf = vec![0u8; per_read * fb];
+        let mut left = blocks;
+        while left > 0 {
+            let take = left.min(per_read);
+            reader
+                .read_exact(&mut buf[..take * fb])
+                .map_err(|e| Error::msg(format!("reading {kind:?} blocks: {e}")))?;
+            out.push_blocks(&buf[..take * fb]);
+            left -= take;
+        }
+        Ok(Some(out))
+    }
+
+    /// Append whole blocks in the file's layout.
+    fn push_blocks(&mut self, data: &[u8]) {
+        let kind = self.kind;
+        let half = |b: &[u8]| f16::from_le_bytes([b[0], b[1]]).to_f32();
+        let qsb = kind.qs_bytes();
+        for b in data.chunks_exact(kind.file_bytes()) {
+            self.d.push(half(&b[0..2]));
             let mut at = 2;
             if kind.has_min() {
-                out.m.push(half(&b[2..4]));
+                self.m.push(half(&b[2..4]));
                 at = 4;
             }
             if kind.has_high_bits() {
-                out.qh
+                self.qh
                     .push(u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]));
                 at += 4;
             }
-            out.qs.extend_from_slice(&b[at..at + qsb]);
+            self.qs.extend_from_slice(&b[at..at + qsb]);
         }
-        Ok(Some(out))
     }
 
     /// (n, k)

@@ -131,7 +131,7 @@ fn layer_norm_matches_composed() {
 }
 
 /// Central differences of sum(f(x) * g) against the kernel's backward, in f64.
-fn finite_difference_check(x: &Tensor, g: &Tensor, f: &dyn Fn(&Tensor) -> Tensor) {
+pub(crate) fn finite_difference_check(x: &Tensor, g: &Tensor, f: &dyn Fn(&Tensor) -> Tensor) {
     let var = Var::from_tensor(x).unwrap();
     let loss = (f(var.as_tensor()) * g).unwrap().sum_all().unwrap();
     let grad = loss

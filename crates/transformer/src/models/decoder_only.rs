@@ -525,3 +525,110 @@ impl CausalLm for DecoderOnly {
         DecoderOnly::forward_cached_last(self, ids, caches)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sliding_window_mask_keeps_the_last_window_positions() -> Result<()> {
+        // 2 new queries after 3 cached positions, window 3: query 0 sits at position 3 and
+        // sees 1, 2, 3; query 1 at position 4 sees 2, 3, 4.
+        let m = sliding_window_mask(2, 5, 3, &Device::Cpu)?;
+        let rows = m.tensor().to_vec2::<u8>()?;
+        assert_eq!(rows, vec![vec![0, 1, 1, 1, 0], vec![0, 0, 1, 1, 1]]);
+        Ok(())
+    }
+
+    fn gemma_like(window: Option<usize>) -> DecoderOnlyConfig {
+        DecoderOnlyConfig {
+            positional: PositionalKind::Rope,
+            norm: NormKind::RmsNorm,
+            mlp: MlpKind::Gated,
+            activation: Activation::GeluTanh,
+            n_kv_heads: Some(1),
+            qk_norm: true,
+            post_norm: true,
+            embed_scale: true,
+            layer_types: if window.is_some() {
+                vec![LayerAttention::Sliding, LayerAttention::Full]
+            } else {
+                Vec::new()
+            },
+            sliding_window: window,
+            rope_local_theta: window.map(|_| 100.0),
+            ..DecoderOnlyConfig::tiny(13)
+        }
+    }
+
+    /// Sliding-window layers: the same function through the cache as without it, past the
+    /// window; within the window the same as full attention (with the local RoPE base equal
+    /// to the global one); and a window that changes the output once the context outgrows it.
+    #[test]
+    fn sliding_window_layers_agree_with_and_without_the_cache() -> Result<()> {
+        let ids: Vec<u32> = (0..12).map(|i| (i * 5 % 13) as u32).collect();
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let cfg = gemma_like(Some(4));
+        let (model, vs) = DecoderOnly::init(&cfg, DType::F64, &Device::Cpu, 7)?;
+        let full = model.forward(&x, false)?;
+        let mut caches = model.new_cache();
+        let mut steps = Vec::new();
+        for chunk in [0..5, 5..6, 6..12] {
+            let part = x.narrow(1, chunk.start, chunk.len())?;
+            steps.push(model.forward_cached(&part, &mut caches)?);
+        }
+        let cached = Tensor::cat(&steps, 1)?;
+        let d = (&full - &cached)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f64>()?;
+        assert!(d < 1e-10, "cached differs by {d}");
+        let last = model.forward_cached_last(&x.narrow(1, 0, 12)?, &mut model.new_cache())?;
+        let d = (&last - &full.narrow(1, 11, 1)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(d < 1e-10, "last-position logits differ by {d}");
+
+        // The same weights with every layer global: equal while T <= window, not after.
+        let global = DecoderOnlyConfig {
+            rope_local_theta: None,
+            ..gemma_like(None)
+        };
+        let local_same_theta = DecoderOnlyConfig {
+            rope_local_theta: None,
+            ..cfg.clone()
+        };
+        let build = |c: &DecoderOnlyConfig| -> Result<DecoderOnly> {
+            let v = FamilyConfig::var_store(c, DType::F64, &Device::Cpu, 0);
+            let m = DecoderOnly::new(c, &v.root())?;
+            let map = vs.tensors().into_iter().collect();
+            v.load_map(&map, "test")?;
+            Ok(m)
+        };
+        let (g, l) = (build(&global)?, build(&local_same_theta)?);
+        let short = x.narrow(1, 0, 4)?;
+        let d = (g.forward(&short, false)? - l.forward(&short, false)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(d < 1e-12, "within the window: {d}");
+        let d = (g.forward(&x, false)? - l.forward(&x, false)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(d > 1e-6, "past the window the sliding layer must see less");
+
+        let bad = DecoderOnlyConfig {
+            sliding_window: None,
+            ..cfg
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("sliding_window"));
+        Ok(())
+    }
+}

@@ -906,6 +906,66 @@ mod tests {
         }
     }
 
+    /// Gemma 3's sandwich norms, x + post_norm(f(norm(x))) in each block: with both
+    /// post-norms' weights zero the branches vanish and the layer is the identity; the
+    /// gradient through the whole layer matches finite differences.
+    #[test]
+    fn sandwich_norms_normalize_each_branch_before_the_sum() {
+        let mut rng = crate::rng::Rng::new(23);
+        let e = 8;
+        let cfg = LayerConfig {
+            norm: NormKind::RmsNorm,
+            mlp: MlpKind::Gated,
+            n_kv_heads: Some(1),
+            head_dim: Some(6),
+            qk_norm: true,
+            post_norm: true,
+            ..LayerConfig::new(e, 2, 12, 0.0, Activation::GeluTanh, true, 1e-6, false)
+        };
+        let vs = VarStore::new(DType::F64, &Device::Cpu, InitScheme::XavierUniform, 5);
+        let layer = EncoderLayer::new(&cfg, &vs.root()).unwrap();
+        let names: Vec<String> = vs.vars().into_iter().map(|(n, _)| n).collect();
+        assert!(
+            names.contains(&"post_norm1.weight".to_string()),
+            "{names:?}"
+        );
+        assert!(names.contains(&"post_norm2.weight".to_string()));
+        let x = randn(&mut rng, &[1, 4, e]);
+        let g = randn(&mut rng, &[1, 4, e]);
+        let f = |t: &Tensor| layer.forward(t, &Masks::causal(), false).unwrap();
+        crate::kernels::tests::finite_difference_check(&x, &g, &f);
+        assert!(
+            max_abs(&(f(&x) - &x).unwrap()) > 1e-3,
+            "the branches contribute"
+        );
+        for n in ["post_norm1.weight", "post_norm2.weight"] {
+            let v = vs.get(n).unwrap();
+            v.set(&v.zeros_like().unwrap()).unwrap();
+        }
+        assert!(max_abs(&(f(&x) - &x).unwrap()) < 1e-12);
+        // Sandwich norms are a pre-norm layer's.
+        let post = LayerConfig {
+            norm_first: false,
+            ..cfg
+        };
+        assert!(post
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("post_norm"));
+    }
+
+    fn max_abs(t: &Tensor) -> f64 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
     /// SwiGLU by hand: down(silu(x W_gate) ⊙ x W_up).
     #[test]
     fn gated_mlp_is_down_of_act_gate_times_up() {
