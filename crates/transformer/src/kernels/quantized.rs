@@ -647,7 +647,7 @@ mod tests {
     #[test]
     fn block_products_match_dequantized_weights() -> Result<()> {
         let mut rng = crate::rng::Rng::new(11);
-        let (n, k, m) = (40, 96, 7);
+        let (n, k, m) = (40, 576, 30);
         let w: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
         let x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
         let wt = Tensor::from_vec(w, (n, k), &Device::Cpu)?;
@@ -689,6 +689,18 @@ mod tests {
                         "{dtype:?}: {s} vs {v}"
                     );
                 }
+            }
+            // Several weights sharing one quantization of x give each one's own product.
+            // (QTensor::quantize reads the whole storage behind a view: a fresh tensor.)
+            let w2: Vec<f32> = (0..32 * k).map(|_| rng.normal() as f32).collect();
+            let q2 = QTensor::quantize(&Tensor::from_vec(w2, (32, k), &Device::Cpu)?, dtype)?;
+            let bm2 = BlockMatrix::from_qtensor(&q2)?.unwrap();
+            let many = BlockMatrix::matmul_t_many(&[&bm, &bm2], &xt)?;
+            let one = [bm.matmul_t(&xt)?, bm2.matmul_t(&xt)?];
+            for (a, b) in many.iter().zip(&one) {
+                assert_eq!(a.dims(), b.dims());
+                let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-5, "{dtype:?}: shared products differ by {d}");
             }
             // Rank 3 folds its leading dimensions.
             let got3 = bm.matmul_t(&xt.reshape((1, m, k))?)?;
