@@ -383,6 +383,40 @@ impl Rope {
 mod rope_tests {
     use super::*;
 
+    /// Positions past the tabulated rows are computed when asked for, with the same angles:
+    /// a chunk that crosses the table's end equals the rotation written out by hand.
+    #[test]
+    fn positions_past_the_table_rotate_as_the_formula_says() {
+        let (d, theta) = (8, 500.0);
+        let rope = Rope::new(d, ROPE_TABLE_ROWS + 100, theta, DType::F64, &Device::Cpu).unwrap();
+        let mut rng = crate::rng::Rng::new(5);
+        let x = crate::kernels::tests::randn(&mut rng, &[1, 1, 4, d], DType::F64);
+        let offset = ROPE_TABLE_ROWS - 2;
+        let got = rope.apply(&x, offset).unwrap().flatten_all().unwrap();
+        let got = got.to_vec1::<f64>().unwrap();
+        let xs = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for t in 0..4 {
+            for i in 0..d / 2 {
+                let a = (offset + t) as f64 * theta.powf(-(2.0 * i as f64) / d as f64);
+                let (x1, x2) = (xs[t * d + i], xs[t * d + i + d / 2]);
+                let want = [x1 * a.cos() - x2 * a.sin(), x2 * a.cos() + x1 * a.sin()];
+                for (k, w) in want.iter().enumerate() {
+                    let g = got[t * d + i + k * d / 2];
+                    // The angles are rounded to f32 like the table's.
+                    assert!(
+                        (g - w).abs() < 1e-5,
+                        "position {}, pair {i}: {g} vs {w}",
+                        offset + t
+                    );
+                }
+            }
+        }
+        assert!(
+            rope.apply(&x, ROPE_TABLE_ROWS + 97).is_err(),
+            "past max_len"
+        );
+    }
+
     /// Interleaved RoPE on a head whose coordinates were permuted as llama.cpp's converter
     /// permutes W_q and W_k rows (`2j + s` ← `s·D/2 + j`) equals half-split RoPE on the
     /// original head, permuted the same way; so q·k, and attention, are unchanged.
