@@ -100,7 +100,8 @@ impl TokenEmbedding {
             Weight::Blocks(bm) => {
                 let ids = ids.to_vec1::<u32>()?;
                 let n = ids.len();
-                Tensor::from_vec(bm.rows(&ids)?, (n, d), ids_device(&self.weight))?
+                // The block kernels' tables live in host memory.
+                Tensor::from_vec(bm.rows(&ids)?, (n, d), &Device::Cpu)?
             }
         };
         let x = x.reshape((b, t, d))?;
@@ -109,11 +110,6 @@ impl TokenEmbedding {
             None => x,
         })
     }
-}
-
-/// Where a quantized table's rows go (the block kernels run on the CPU).
-fn ids_device(_: &Weight) -> &'static Device {
-    &Device::Cpu
 }
 
 /// Rows `ids` of a quantized (V, d) table, dequantized to f32 (ids.len(), d): each row is a
