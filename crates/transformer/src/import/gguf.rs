@@ -400,21 +400,31 @@ impl GgufFile {
             .collect()
     }
 
+    fn weights_err(&self, msg: String) -> Error {
+        Error::Weights {
+            source_name: self.path.display().to_string(),
+            msg,
+        }
+    }
+
+    /// That the file has tensor `name` with the shape the metadata implies.
+    fn check_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
+        match self.shape(name) {
+            None => Err(self.weights_err(format!("missing tensor {name}"))),
+            Some(dims) if dims != expected => Err(self.weights_err(format!(
+                "tensor {name}: expected shape {expected:?} from the metadata, got {dims:?}"
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
     /// A tensor as the file stores it, after checking its shape against the metadata's.
     fn stored(&mut self, name: &str, expected: &[usize], device: &Device) -> Result<QTensor> {
+        self.check_shape(name, expected)?;
         let weights_err = |msg: String| Error::Weights {
             source_name: self.path.display().to_string(),
             msg,
         };
-        match self.shape(name) {
-            None => return Err(weights_err(format!("missing tensor {name}"))),
-            Some(dims) if dims != expected => {
-                return Err(weights_err(format!(
-                    "tensor {name}: expected shape {expected:?} from the metadata, got {dims:?}"
-                )))
-            }
-            Some(_) => {}
-        }
         self.content
             .tensor(&mut self.reader, name, device)
             .map_err(|e| weights_err(format!("tensor {name}: {e}")))
@@ -423,20 +433,13 @@ impl GgufFile {
     /// A tensor in one of our block kernels' formats, read from the file straight into
     /// them ([`BlockMatrix::from_reader`]); `None` for other types.
     fn block_matrix(&mut self, name: &str, expected: &[usize]) -> Result<Option<BlockMatrix>> {
+        self.check_shape(name, expected)?;
         let source = self.path.display().to_string();
         let err = |msg: String| Error::Weights {
             source_name: source.clone(),
             msg,
         };
-        let Some(info) = self.content.tensor_infos.get(name) else {
-            return Err(err(format!("missing tensor {name}")));
-        };
-        if info.shape.dims() != expected {
-            return Err(err(format!(
-                "tensor {name}: expected shape {expected:?} from the metadata, got {:?}",
-                info.shape.dims()
-            )));
-        }
+        let info = &self.content.tensor_infos[name];
         if BlockKind::of(info.ggml_dtype).is_none() || expected.len() != 2 {
             return Ok(None);
         }

@@ -102,37 +102,15 @@ impl BlockMatrix {
             return Ok(None);
         };
         let (n, k) = q.shape().dims2()?;
-        if k % QK != 0 {
-            return Err(Error::shape(
-                "block-quantized weight",
-                "(n, k) with k % 32 == 0",
-                &[n, k],
-            ));
-        }
         let data = q.data()?;
-        let blocks = n * k / QK;
-        let fb = kind.file_bytes();
-        if data.len() != blocks * fb {
+        let expected = n * k / QK * kind.file_bytes();
+        if data.len() != expected {
             return Err(Error::msg(format!(
-                "{kind:?} weight ({n}, {k}): {} bytes, expected {}",
-                data.len(),
-                blocks * fb
+                "{kind:?} weight ({n}, {k}): {} bytes, expected {expected}",
+                data.len()
             )));
         }
-        let qsb = kind.qs_bytes();
-        let mut out = BlockMatrix {
-            kind,
-            dtype: q.dtype(),
-            n,
-            k,
-            dims: [n, k],
-            d: Vec::with_capacity(blocks),
-            m: Vec::with_capacity(if kind.has_min() { blocks } else { 0 }),
-            qh: Vec::with_capacity(if kind.has_high_bits() { blocks } else { 0 }),
-            qs: Vec::with_capacity(blocks * qsb),
-        };
-        out.push_blocks(&data);
-        Ok(Some(out))
+        Self::from_reader(q.dtype(), n, k, &mut &data[..])
     }
 
     /// The matrix read straight from GGUF block bytes (candle's (out, in) = (n, k) order), a
@@ -155,18 +133,7 @@ impl BlockMatrix {
             ));
         }
         let blocks = n * k / QK;
-        let qsb = kind.qs_bytes();
-        let mut out = BlockMatrix {
-            kind,
-            dtype,
-            n,
-            k,
-            dims: [n, k],
-            d: Vec::with_capacity(blocks),
-            m: Vec::with_capacity(if kind.has_min() { blocks } else { 0 }),
-            qh: Vec::with_capacity(if kind.has_high_bits() { blocks } else { 0 }),
-            qs: Vec::with_capacity(blocks * qsb),
-        };
+        let mut out = BlockMatrix::empty(kind, dtype, n, k);
         let fb = kind.file_bytes();
         let per_read = (1 << 20) / fb;
         let mut buf = vec![0u8; per_read * fb];
@@ -180,6 +147,22 @@ impl BlockMatrix {
             left -= take;
         }
         Ok(Some(out))
+    }
+
+    /// No blocks yet, room for all of an (n, k) matrix's.
+    fn empty(kind: BlockKind, dtype: GgmlDType, n: usize, k: usize) -> Self {
+        let blocks = n * k / QK;
+        BlockMatrix {
+            kind,
+            dtype,
+            n,
+            k,
+            dims: [n, k],
+            d: Vec::with_capacity(blocks),
+            m: Vec::with_capacity(if kind.has_min() { blocks } else { 0 }),
+            qh: Vec::with_capacity(if kind.has_high_bits() { blocks } else { 0 }),
+            qs: Vec::with_capacity(blocks * kind.qs_bytes()),
+        }
     }
 
     /// Append whole blocks in the file's layout.

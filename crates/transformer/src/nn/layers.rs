@@ -575,26 +575,9 @@ impl Encoder {
         x: &Tensor,
         masks: &Masks,
         opts: &LayerOptions,
-        mut caches: Option<&mut [KvCache]>,
+        caches: Option<&mut [KvCache]>,
     ) -> Result<Tensor> {
-        if let Some(c) = &caches {
-            if c.len() != self.layers.len() {
-                return Err(Error::msg(format!(
-                    "{} caches for {} layers",
-                    c.len(),
-                    self.layers.len()
-                )));
-            }
-        }
-        let mut x = x.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            x = layer.forward_with(&x, masks, opts, cache)?.0;
-        }
-        match &self.norm {
-            Some(n) => n.forward(&x),
-            None => Ok(x),
-        }
+        self.forward_each(x, |_| (*masks, *opts), caches)
     }
 
     /// [`Encoder::forward_with`] with each layer's masks and options from `per_layer(i)`

@@ -251,14 +251,6 @@ impl<'a> Branch<'a> {
             };
             return Ok(project(&self.h, w, self.linear.bias(), Some(x), cfg)?);
         }
-        let a = match self.act {
-            Some(act) => act.apply(&self.h, self.kernels)?,
-            None => self.h,
-        };
-        let a = match self.dropout_in {
-            Some(d) => d.forward(&a, train)?,
-            None => a,
-        };
-        dropout.add_to(x, &self.linear.forward(&a)?, train)
+        dropout.add_to(x, &self.output(train)?, train)
     }
 }
