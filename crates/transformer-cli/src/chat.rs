@@ -57,7 +57,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
         .map(|s| ChatMessage::new("system", s.clone()))
         .collect();
     let mut rng = Rng::new(args.sampling.seed);
-    let mut out = std::io::stdout().lock();
+    // Unlocked: the token callback runs on a pool thread (see `generate`).
+    let mut out = std::io::stdout();
     for line in std::io::stdin().lock().lines() {
         let line = line.context("reading standard input")?;
         if line.trim().is_empty() {

@@ -62,7 +62,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         overflow: args.context_overflow.overflow(),
     };
     let stop: &[u32] = if args.ignore_eos { &[] } else { &lm.stop };
-    let mut out = std::io::stdout().lock();
+    // Unlocked: the token callback runs on a pool thread (see `generate`).
+    let mut out = std::io::stdout();
     out.write_all(args.prompt.as_bytes())?;
     out.flush()?;
     let mut stream = lm.tokenizer.stream_decoder();

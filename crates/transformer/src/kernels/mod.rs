@@ -181,3 +181,13 @@ pub(crate) mod num_traits_like {
         }
     }
 }
+
+/// Run `f` on a thread of rayon's pool.
+///
+/// A parallel kernel called from outside the pool hands its work to the pool's threads and
+/// sleeps until they finish, two thread wake-ups per call; called from a pool thread, it starts
+/// at once on that thread while the others join in. Decoding calls a few hundred small
+/// kernels per token, so loops like generation run their whole body on the pool.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}

@@ -277,6 +277,11 @@ fn fused_attention_matches_composed_with_every_mask() {
         ("no mask", (2, 2, 130, 150, 16, 24), plain),
         ("fewer keys than queries", (2, 2, 70, 9, 8, 8), plain),
         ("key padding", (3, 2, 20, 150, 8, 8), padded),
+        // Up to four queries take the untiled path (decoding steps).
+        ("one query after a cache", (2, 3, 1, 150, 16, 8), causal),
+        ("four queries after a cache", (1, 2, 4, 77, 8, 12), causal),
+        ("one query, key padding", (3, 2, 1, 150, 8, 8), padded),
+        ("three queries, no mask", (2, 2, 3, 9, 5, 3), plain),
         (
             "bool (T, S) mask and causal",
             (2, 3, 70, 70, 8, 8),
@@ -350,10 +355,33 @@ fn fused_attention_reads_strided_inputs_and_zeroes_masked_rows() {
     assert!(kept.to_scalar::<f32>().unwrap() > 0.0);
 }
 
+/// The forward of a decoding step (two queries after five cached keys) writes the
+/// log-sum-exp that the backward reads.
+fn few_queries_backward_matches_finite_differences(rng: &mut Rng) {
+    let (b, h, t, s, d) = (1, 2, 2, 7, 3);
+    let q = randn(rng, &[b, h, t, d], DType::F64);
+    let k = randn(rng, &[b, h, s, d], DType::F64);
+    let v = randn(rng, &[b, h, s, d], DType::F64);
+    let g = randn(rng, &[b, h, t, d], DType::F64);
+    let opts = super::attention::FlashOptions {
+        scale: 0.6,
+        causal: true,
+        bias: None,
+        dropout: None,
+    };
+    let f =
+        |q: &Tensor, k: &Tensor, v: &Tensor| super::attention::attention(q, k, v, &opts).unwrap();
+    finite_difference_check(&q, &g, &|x| f(x, &k, &v));
+    finite_difference_check(&k, &g, &|x| f(&q, x, &v));
+    finite_difference_check(&v, &g, &|x| f(&q, &k, x));
+}
+
 #[test]
 fn fused_attention_backward_matches_finite_differences_f64() {
     let mut rng = Rng::new(7);
+    // Five queries take the tiled path; the untiled one (up to four) is checked below.
     let (b, h, t, s, d) = (1, 2, 5, 7, 3);
+    few_queries_backward_matches_finite_differences(&mut rng);
     let q = randn(&mut rng, &[b, h, t, d], DType::F64);
     let k = randn(&mut rng, &[b, h, s, d], DType::F64);
     let v = randn(&mut rng, &[b, h, s, d], DType::F64);
