@@ -1,9 +1,14 @@
-//! Exact GELU, x·Φ(x) = ½x(1 + erf(x/√2)), with backward dy·(Φ(x) + x·φ(x)).
+//! GELU, exact and tanh-approximated, with backward:
+//! - exact, x·Φ(x) = ½x(1 + erf(x/√2)), backward dy·(Φ(x) + x·φ(x));
+//! - tanh (GPT-2, Gemma), ½x(1 + tanh u) with u = √(2/π)(x + 0.044715x³), computed as
+//!   x·σ(2u) (the same function: ½(1 + tanh u) = σ(2u)), backward
+//!   dy·(σ + x·σ(1 - σ)·2u′).
 //!
-//! candle's `gelu_erf` calls a scalar erf per element and its backward composes several ops.
-//! Here f32 uses a branch-free erf (Abramowitz & Stegun 7.1.26: 1.5e-7, under 6e-7 with f32 rounding) over a
-//! branch-free exp, so that the loops auto-vectorize; f64 uses libm's erf (full precision, for
-//! the finite-difference checks).
+//! candle's `gelu_erf` and `gelu` call a scalar erf or tanh per element (a tenth of Gemma 3's
+//! prompt time went to `tanhf` and `expm1f`) and their backwards compose several ops. Here f32
+//! uses a branch-free erf (Abramowitz & Stegun 7.1.26: 1.5e-7, under 6e-7 with f32 rounding)
+//! and sigmoid over a branch-free exp, so that the loops auto-vectorize; f64 uses libm (full
+//! precision, for the finite-difference checks).
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -49,19 +54,49 @@ fn erf_f32(x: f32) -> f32 {
     y.copysign(x)
 }
 
+/// √(2/π)
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+/// The cubic coefficient of GELU's tanh approximation.
+const GELU_TANH_C: f64 = 0.044_715;
+
+/// Which GELU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Erf,
+    Tanh,
+}
+
+/// 2u for the tanh form and its derivative 2u′.
 #[inline(always)]
-fn fwd_body(y: &mut [f32], x: &[f32]) {
+fn two_u(v: f32) -> (f32, f32) {
+    let (a, c) = (2.0 * SQRT_2_OVER_PI as f32, GELU_TANH_C as f32);
+    (a * (v + c * v * v * v), a * (1.0 + 3.0 * c * v * v))
+}
+
+#[inline(always)]
+fn fwd_body<const TANH: bool>(y: &mut [f32], x: &[f32]) {
     for (o, &v) in y.iter_mut().zip(x) {
-        *o = 0.5 * v * (1.0 + erf_f32(v * FRAC_1_SQRT_2));
+        *o = if TANH {
+            // x·σ(2u); e^{-2u} overflowing to +inf (clamped in exp_f32) gives 0, as it should.
+            v / (1.0 + exp_f32(-two_u(v).0))
+        } else {
+            0.5 * v * (1.0 + erf_f32(v * FRAC_1_SQRT_2))
+        };
     }
 }
 
 #[inline(always)]
-fn bwd_body(dx: &mut [f32], x: &[f32], dy: &[f32]) {
+fn bwd_body<const TANH: bool>(dx: &mut [f32], x: &[f32], dy: &[f32]) {
     for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
-        let cdf = 0.5 * (1.0 + erf_f32(v * FRAC_1_SQRT_2));
-        let pdf = INV_SQRT_2PI as f32 * exp_f32(-0.5 * v * v);
-        *o = g * (cdf + v * pdf);
+        *o = if TANH {
+            let (u2, du2) = two_u(v);
+            let sig = 1.0 / (1.0 + exp_f32(-u2));
+            g * (sig + v * sig * (1.0 - sig) * du2)
+        } else {
+            let cdf = 0.5 * (1.0 + erf_f32(v * FRAC_1_SQRT_2));
+            let pdf = INV_SQRT_2PI as f32 * exp_f32(-0.5 * v * v);
+            g * (cdf + v * pdf)
+        };
     }
 }
 
@@ -69,14 +104,14 @@ fn bwd_body(dx: &mut [f32], x: &[f32], dy: &[f32]) {
 // instruction, so there `exp_f32` stays scalar (a call to `rintf` per element).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn fwd_avx2(y: &mut [f32], x: &[f32]) {
-    fwd_body(y, x)
+unsafe fn fwd_avx2<const TANH: bool>(y: &mut [f32], x: &[f32]) {
+    fwd_body::<TANH>(y, x)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn bwd_avx2(dx: &mut [f32], x: &[f32], dy: &[f32]) {
-    bwd_body(dx, x, dy)
+unsafe fn bwd_avx2<const TANH: bool>(dx: &mut [f32], x: &[f32], dy: &[f32]) {
+    bwd_body::<TANH>(dx, x, dy)
 }
 
 fn has_avx2() -> bool {
@@ -90,108 +125,140 @@ fn has_avx2() -> bool {
     }
 }
 
-fn fwd_chunk(y: &mut [f32], x: &[f32]) {
+fn fwd_chunk<const TANH: bool>(y: &mut [f32], x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { fwd_avx2(y, x) };
+        return unsafe { fwd_avx2::<TANH>(y, x) };
     }
-    fwd_body(y, x)
+    fwd_body::<TANH>(y, x)
 }
 
-fn bwd_chunk(dx: &mut [f32], x: &[f32], dy: &[f32]) {
+fn bwd_chunk<const TANH: bool>(dx: &mut [f32], x: &[f32], dy: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: as in `fwd_chunk`.
-        return unsafe { bwd_avx2(dx, x, dy) };
+        return unsafe { bwd_avx2::<TANH>(dx, x, dy) };
     }
-    bwd_body(dx, x, dy)
+    bwd_body::<TANH>(dx, x, dy)
 }
 
 /// Elements per parallel task.
 const CHUNK: usize = 4096;
 
-fn fwd_f32(x: &[f32]) -> Vec<f32> {
+fn fwd_f32<const TANH: bool>(x: &[f32]) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
     if x.len() >= PAR_MIN_ELEMS {
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| fwd_chunk(y, x));
+            .for_each(|(y, x)| fwd_chunk::<TANH>(y, x));
     } else {
-        fwd_chunk(&mut y, x);
+        fwd_chunk::<TANH>(&mut y, x);
     }
     y
 }
 
-fn bwd_f32(x: &[f32], dy: &[f32]) -> Vec<f32> {
+fn bwd_f32<const TANH: bool>(x: &[f32], dy: &[f32]) -> Vec<f32> {
     let mut dx = vec![0f32; x.len()];
     if x.len() >= PAR_MIN_ELEMS {
         dx.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .zip(dy.par_chunks(CHUNK))
-            .for_each(|((dx, x), dy)| bwd_chunk(dx, x, dy));
+            .for_each(|((dx, x), dy)| bwd_chunk::<TANH>(dx, x, dy));
     } else {
-        bwd_chunk(&mut dx, x, dy);
+        bwd_chunk::<TANH>(&mut dx, x, dy);
     }
     dx
 }
 
-fn fwd_f64(x: &[f64]) -> Vec<f64> {
+fn fwd_f64(kind: Kind, x: &[f64]) -> Vec<f64> {
     x.iter()
-        .map(|&v| 0.5 * v * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2)))
-        .collect()
-}
-
-fn bwd_f64(x: &[f64], dy: &[f64]) -> Vec<f64> {
-    x.iter()
-        .zip(dy)
-        .map(|(&v, &g)| {
-            let cdf = 0.5 * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2));
-            g * (cdf + v * INV_SQRT_2PI * (-0.5 * v * v).exp())
+        .map(|&v| match kind {
+            Kind::Erf => 0.5 * v * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2)),
+            Kind::Tanh => 0.5 * v * (1.0 + (SQRT_2_OVER_PI * (v + GELU_TANH_C * v.powi(3))).tanh()),
         })
         .collect()
 }
 
-struct Gelu;
+fn bwd_f64(kind: Kind, x: &[f64], dy: &[f64]) -> Vec<f64> {
+    x.iter()
+        .zip(dy)
+        .map(|(&v, &g)| match kind {
+            Kind::Erf => {
+                let cdf = 0.5 * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2));
+                g * (cdf + v * INV_SQRT_2PI * (-0.5 * v * v).exp())
+            }
+            Kind::Tanh => {
+                let th = (SQRT_2_OVER_PI * (v + GELU_TANH_C * v.powi(3))).tanh();
+                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_C * v * v);
+                g * (0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * du)
+            }
+        })
+        .collect()
+}
+
+struct Gelu(Kind);
 
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
-        "fused-gelu-erf"
+        match self.0 {
+            Kind::Erf => "fused-gelu-erf",
+            Kind::Tanh => "fused-gelu-tanh",
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(fwd_f32(slice::<f32>(s, l)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(fwd_f64(slice::<f64>(s, l)?)),
+        let out = match (s, self.0) {
+            (CpuStorage::F32(_), Kind::Erf) => CpuStorage::F32(fwd_f32::<false>(slice(s, l)?)),
+            (CpuStorage::F32(_), Kind::Tanh) => CpuStorage::F32(fwd_f32::<true>(slice(s, l)?)),
+            (CpuStorage::F64(_), kind) => CpuStorage::F64(fwd_f64(kind, slice::<f64>(s, l)?)),
             _ => candle_core::bail!("fused gelu: only f32/f64"),
         };
         Ok((out, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(gelu_erf_backward(x, grad)?))
+        Ok(Some(backward(self.0, x, grad)?))
     }
 }
 
 /// dy·GELU'(x) for f32/f64 CPU tensors of the same shape.
-pub(crate) fn gelu_erf_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+fn backward(kind: Kind, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
     match x.dtype() {
         DType::F32 => {
-            let v =
-                with_data::<f32, _>(x, |xs| with_data::<f32, _>(grad, |gs| Ok(bwd_f32(xs, gs))))?;
+            let v = with_data::<f32, _>(x, |xs| {
+                with_data::<f32, _>(grad, |gs| {
+                    Ok(match kind {
+                        Kind::Erf => bwd_f32::<false>(xs, gs),
+                        Kind::Tanh => bwd_f32::<true>(xs, gs),
+                    })
+                })
+            })?;
             Tensor::from_vec(v, x.shape(), x.device())
         }
         _ => {
-            let v =
-                with_data::<f64, _>(x, |xs| with_data::<f64, _>(grad, |gs| Ok(bwd_f64(xs, gs))))?;
+            let v = with_data::<f64, _>(x, |xs| {
+                with_data::<f64, _>(grad, |gs| Ok(bwd_f64(kind, xs, gs)))
+            })?;
             Tensor::from_vec(v, x.shape(), x.device())
         }
     }
 }
 
+/// dy·GELU'(x) (exact GELU) for f32/f64 CPU tensors of the same shape.
+pub(crate) fn gelu_erf_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    backward(Kind::Erf, x, grad)
+}
+
 /// Fused exact GELU of a contiguous f32/f64 CPU tensor.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Gelu)
+    x.contiguous()?.apply_op1(Gelu(Kind::Erf))
+}
+
+/// Fused tanh-approximated GELU (PyTorch's `gelu(x, approximate='tanh')`) of an f32/f64 CPU
+/// tensor.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu(Kind::Tanh))
 }
 
 #[cfg(test)]

@@ -189,29 +189,28 @@ fn kernels_backward_matches_finite_differences_f64() {
 
 #[test]
 fn gelu_matches_composed_and_finite_differences() {
+    use crate::nn::Activation;
     let mut rng = Rng::new(4);
-    let x = randn(&mut rng, &[4, 9, 33], DType::F32)
-        .affine(3.0, 0.0)
-        .unwrap();
-    let g = randn(&mut rng, &[4, 9, 33], DType::F32);
-    let r = both_paths(&[x], &g, &|t, k| {
-        crate::nn::Activation::Gelu.apply(&t[0], k).unwrap()
-    });
-    assert!(
-        max_diff(&r[0].0, &r[1].0) < 1e-6,
-        "forward {}",
-        max_diff(&r[0].0, &r[1].0)
-    );
-    assert!(
-        max_diff(&r[0].1[0], &r[1].1[0]) < 1e-5,
-        "backward {}",
-        max_diff(&r[0].1[0], &r[1].1[0])
-    );
-    let x = randn(&mut rng, &[2, 6], DType::F64)
-        .affine(2.0, 0.0)
-        .unwrap();
-    let g = randn(&mut rng, &[2, 6], DType::F64);
-    finite_difference_check(&x, &g, &|t| super::gelu::gelu_erf(t).unwrap());
+    for act in [Activation::Gelu, Activation::GeluTanh] {
+        // Wide enough (±12) that the tanh form's exp saturates at both ends.
+        let x = randn(&mut rng, &[4, 9, 33], DType::F32)
+            .affine(4.0, 0.0)
+            .unwrap();
+        let g = randn(&mut rng, &[4, 9, 33], DType::F32);
+        let r = both_paths(&[x], &g, &|t, k| act.apply(&t[0], k).unwrap());
+        let (fwd, bwd) = (max_diff(&r[0].0, &r[1].0), max_diff(&r[0].1[0], &r[1].1[0]));
+        assert!(fwd < 2e-6, "{act:?}: forward {fwd}");
+        assert!(bwd < 1e-5, "{act:?}: backward {bwd}");
+        let x = randn(&mut rng, &[2, 6], DType::F64)
+            .affine(2.0, 0.0)
+            .unwrap();
+        let g = randn(&mut rng, &[2, 6], DType::F64);
+        finite_difference_check(&x, &g, &|t| act.apply(t, Kernels::Fused).unwrap());
+        // f64 against candle's own (scalar) forms.
+        let ours = act.apply(&x, Kernels::Fused).unwrap();
+        let theirs = act.apply(&x, Kernels::Composed).unwrap();
+        assert!(max_diff(&ours, &theirs) < 1e-12, "{act:?}: f64 forward");
+    }
 }
 
 /// (B, H, T, S, D, Dv)

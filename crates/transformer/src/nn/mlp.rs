@@ -36,6 +36,7 @@ impl Activation {
             Activation::Relu => x.relu()?,
             Activation::Gelu if kernels.applies(x) => crate::kernels::gelu::gelu_erf(x)?,
             Activation::Gelu => x.gelu_erf()?,
+            Activation::GeluTanh if kernels.applies(x) => crate::kernels::gelu::gelu_tanh(x)?,
             Activation::GeluTanh => x.gelu()?,
             Activation::Silu => x.silu()?,
         })
