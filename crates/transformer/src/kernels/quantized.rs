@@ -284,27 +284,44 @@ fn quantize_rows(x: &[f32]) -> QuantizedRows {
         .zip(out.s.par_chunks_mut(64))
         .enumerate()
         .for_each(|(c, ((q, d), s))| {
-            for (b, (qb, (db, sb))) in q
-                .chunks_mut(QK)
-                .zip(d.iter_mut().zip(s.iter_mut()))
-                .enumerate()
-            {
-                let start = (c * 64 + b) * QK;
-                let xs = &x[start..start + QK];
-                let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let scale = amax / 127.0;
-                let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-                let mut sum = 0i32;
-                for (qv, &v) in qb.iter_mut().zip(xs) {
-                    let r = (v * inv).round() as i32;
-                    *qv = r as i8;
-                    sum += r;
-                }
-                *db = scale;
-                *sb = scale * sum as f32;
+            let x = &x[c * 64 * QK..(c * 64 * QK + q.len())];
+            #[cfg(target_arch = "x86_64")]
+            if have_avx2() {
+                // SAFETY: the CPU has the features the function is compiled for.
+                return unsafe { quantize_blocks_avx2(x, q, d, s) };
             }
+            quantize_blocks(x, q, d, s)
         });
     out
+}
+
+/// Blocks of 32 values of `x` to codes `q`, scales `d` and d·Σq `s`.
+#[inline(always)]
+fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    for ((xs, qb), (db, sb)) in x
+        .chunks(QK)
+        .zip(q.chunks_mut(QK))
+        .zip(d.iter_mut().zip(s.iter_mut()))
+    {
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let mut sum = 0i32;
+        for (qv, &v) in qb.iter_mut().zip(xs) {
+            let r = (v * inv).round() as i32;
+            *qv = r as i8;
+            sum += r;
+        }
+        *db = scale;
+        *sb = scale * sum as f32;
+    }
+}
+
+// The same loop for AVX2: the baseline target rounds with a call to `roundf` per value.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_blocks_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    quantize_blocks(x, q, d, s)
 }
 
 /// Σ over the blocks of one weight row and one activation row.
