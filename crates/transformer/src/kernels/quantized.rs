@@ -527,7 +527,7 @@ fn matmul(w: &BlockMatrix, x: &[f32], m: usize) -> Vec<f32> {
 /// instruction count, an f32 matrix product by arithmetic, and the dequantization is shared by
 /// all rows (Gemma 3's 512-token prompt: 190 → 400 tokens/s, about the speed of `--dtype
 /// f32`, with no f32 copy of the weights kept).
-const DENSE_MIN_ROWS: usize = 32;
+pub const DENSE_MIN_ROWS: usize = 32;
 
 /// Weight rows per dequantized panel (64 × 2048 f32 values: 512 KB, in L2).
 const PANEL: usize = 64;

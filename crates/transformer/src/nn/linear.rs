@@ -11,6 +11,9 @@ use super::var_store::{Init, VarPath};
 use crate::kernels::quantized::BlockMatrix;
 use crate::{Error, Result};
 
+/// The largest k-quant matrix dequantized for a many-row product (16 MB of f32).
+const DENSE_MAX_ELEMS: usize = 1 << 22;
+
 /// A weight matrix (out, in).
 #[derive(Debug, Clone)]
 pub enum Weight {
@@ -66,6 +69,19 @@ impl Weight {
         match self {
             Weight::Dense(w) => linear(x, w, None),
             Weight::Quantized(q) => {
+                // Many rows (a prompt): dequantized and multiplied in f32, as the block formats
+                // are (`kernels::quantized::DENSE_MIN_ROWS`); candle's k-quant products spend
+                // most of such a call quantizing the rows. Not for the largest matrices (an
+                // output layer over a whole vocabulary), whose f32 copy would not fit in cache
+                // nor, for 262k-token vocabularies, comfortably in memory.
+                let (n, k) = q.shape().dims2()?;
+                let rows = x.elem_count() / k.max(1);
+                if x.dtype() == DType::F32
+                    && rows >= crate::kernels::quantized::DENSE_MIN_ROWS
+                    && n * k <= DENSE_MAX_ELEMS
+                {
+                    return linear(x, &q.dequantize(x.device())?, None);
+                }
                 // The quantized kernels take contiguous f32 (or f16) rows; other dtypes go
                 // through f32 and come back.
                 let dtype = x.dtype();
@@ -257,5 +273,39 @@ impl Module for Linear {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A k-quant layer gives the product with its dequantized weight both ways: candle's
+    /// quantized kernel for a few rows (up to its 8-bit rounding of the rows), the f32
+    /// product from `DENSE_MIN_ROWS` rows on (up to summation order).
+    #[test]
+    fn k_quant_products_match_the_dequantized_weight() -> Result<()> {
+        let mut rng = crate::rng::Rng::new(3);
+        let (n, k) = (48, 512);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
+        let q = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu)?, GgmlDType::Q4K)?;
+        let deq = q.dequantize(&Device::Cpu)?;
+        let layer = Linear::from_weight(Weight::from_qtensor(q)?, None);
+        for (rows, tol) in [(3, 0.02), (crate::kernels::quantized::DENSE_MIN_ROWS, 1e-5)] {
+            let x: Vec<f32> = (0..rows * k).map(|_| rng.normal() as f32).collect();
+            let x = Tensor::from_vec(x, (1, rows, k), &Device::Cpu)?;
+            let want = x.reshape((rows, k))?.matmul(&deq.t()?)?;
+            let got = layer.forward(&x)?;
+            assert_eq!(got.dims(), &[1, rows, n]);
+            let err = (got.reshape((rows, n))? - &want)?.abs()?.max_all()?;
+            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+            let err = err.to_scalar::<f32>()?;
+            assert!(
+                err < tol * scale,
+                "{rows} rows: off by {err} (scale {scale})"
+            );
+        }
+        Ok(())
     }
 }
