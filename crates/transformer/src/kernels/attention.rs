@@ -320,6 +320,7 @@ const FEW_QUERIES: usize = 4;
 ///
 /// # Safety
 /// Both rows must hold `n` values at their strides.
+#[inline(always)]
 unsafe fn dot<T: Float>(a: *const T, sa: isize, b: *const T, sb: isize, n: usize) -> T {
     if sa == 1 && sb == 1 {
         let (a, b) = (
@@ -354,59 +355,86 @@ fn forward_few<T: Float>(c: &Ctx<T>) -> (Vec<T>, Vec<T>) {
     let mut lse = vec![T::NEG_INF; c.b * c.h * t];
     let out_ptr = OutPtr(out.as_mut_ptr());
     let lse_ptr = OutPtr(lse.as_mut_ptr());
+    let avx2 = super::has_avx2();
     for_heads(c.b * c.h, c.b * c.h * t * c.s * c.d, |bh| {
-        let (b, h) = (bh / c.h, bh % c.h);
-        let hk = h / c.group;
         let mut p = vec![T::ZERO; c.s];
-        for i in 0..t {
-            let j_end = c.key_end(i, 1);
-            let q = c.q.at(b, h, i);
-            let mut m = T::NEG_INF;
-            for (j, x) in p[..j_end].iter_mut().enumerate() {
-                // SAFETY: query i and key j < S lie inside q and k, each d wide.
-                let mut e = unsafe { dot(q, c.q.sd, c.k.at(b, hk, j), c.k.sd, c.d) } * c.scale;
-                if let Some(bias) = &c.bias {
-                    // SAFETY: the bias broadcasts to (B, H, T, S).
-                    e += unsafe { *bias.at(b, h, i).offset(j as isize * bias.sd) };
-                }
-                *x = e;
-                m = m.max_(e);
-            }
-            if m == T::NEG_INF {
-                // All keys masked: a zero context, as the tiled path gives.
-                continue;
-            }
-            let mut l = T::ZERO;
-            for x in p[..j_end].iter_mut() {
-                *x = (*x - m).exp_();
-                l += *x;
-            }
-            let inv = T::ONE / l;
-            // SAFETY: the (b, i, h) row of out and (b, h, i) of lse belong to this head only.
-            unsafe {
-                let o = std::slice::from_raw_parts_mut(
-                    out_ptr.get().add(((b * t + i) * c.h + h) * dv),
-                    dv,
-                );
-                for (j, &w) in p[..j_end].iter().enumerate() {
-                    let w = w * inv;
-                    let vr = c.v.at(b, hk, j);
-                    if c.v.sd == 1 {
-                        let vr = std::slice::from_raw_parts(vr, dv);
-                        for (o, &x) in o.iter_mut().zip(vr) {
-                            *o += w * x;
-                        }
-                    } else {
-                        for (dd, o) in o.iter_mut().enumerate() {
-                            *o += w * *vr.offset(dd as isize * c.v.sd);
-                        }
-                    }
-                }
-                *lse_ptr.get().add(bh * t + i) = m + l.ln_();
-            }
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the CPU has the features; the head's rows are its own (see few_head).
+            return unsafe { few_head_avx2(c, bh, &mut p, out_ptr, lse_ptr) };
         }
+        let _ = avx2;
+        // SAFETY: as above.
+        unsafe { few_head(c, bh, &mut p, out_ptr, lse_ptr) }
     });
     (out, lse)
+}
+
+// The same loop compiled for AVX2 + FMA (the baseline target has SSE2 only): the dot
+// products over cached keys and the sums over values are most of a long-context step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn few_head_avx2<T: Float>(
+    c: &Ctx<T>,
+    bh: usize,
+    p: &mut [T],
+    out: OutPtr<T>,
+    lse: OutPtr<T>,
+) {
+    few_head(c, bh, p, out, lse)
+}
+
+/// Head `bh` (batch · H + head) of [`forward_few`], with `p` (S values) for its scores.
+///
+/// # Safety
+/// `out` and `lse` must point at (B, T, H, Dv) and (B, H, T) buffers; only this head's rows
+/// are written.
+#[inline(always)]
+unsafe fn few_head<T: Float>(c: &Ctx<T>, bh: usize, p: &mut [T], out: OutPtr<T>, lse: OutPtr<T>) {
+    let (t, dv) = (c.t, c.dv);
+    let (b, h) = (bh / c.h, bh % c.h);
+    let hk = h / c.group;
+    for i in 0..t {
+        let j_end = c.key_end(i, 1);
+        let q = c.q.at(b, h, i);
+        let mut m = T::NEG_INF;
+        for (j, x) in p[..j_end].iter_mut().enumerate() {
+            // Query i and key j < S lie inside q and k, each d wide.
+            let mut e = dot(q, c.q.sd, c.k.at(b, hk, j), c.k.sd, c.d) * c.scale;
+            if let Some(bias) = &c.bias {
+                // The bias broadcasts to (B, H, T, S).
+                e += *bias.at(b, h, i).offset(j as isize * bias.sd);
+            }
+            *x = e;
+            m = m.max_(e);
+        }
+        if m == T::NEG_INF {
+            // All keys masked: a zero context, as the tiled path gives.
+            continue;
+        }
+        let mut l = T::ZERO;
+        for x in p[..j_end].iter_mut() {
+            *x = (*x - m).exp_();
+            l += *x;
+        }
+        let inv = T::ONE / l;
+        let o = std::slice::from_raw_parts_mut(out.get().add(((b * t + i) * c.h + h) * dv), dv);
+        for (j, &w) in p[..j_end].iter().enumerate() {
+            let w = w * inv;
+            let vr = c.v.at(b, hk, j);
+            if c.v.sd == 1 {
+                let vr = std::slice::from_raw_parts(vr, dv);
+                for (o, &x) in o.iter_mut().zip(vr) {
+                    *o += w * x;
+                }
+            } else {
+                for (dd, o) in o.iter_mut().enumerate() {
+                    *o += w * *vr.offset(dd as isize * c.v.sd);
+                }
+            }
+        }
+        *lse.get().add(bh * t + i) = m + l.ln_();
+    }
 }
 
 fn forward<T: Float>(c: &Ctx<T>) -> (Vec<T>, Vec<T>) {

@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{slice, with_data, PAR_MIN_ELEMS};
+use super::{has_avx2, slice, with_data, PAR_MIN_ELEMS};
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/√(2π)
@@ -112,17 +112,6 @@ unsafe fn fwd_avx2<const TANH: bool>(y: &mut [f32], x: &[f32]) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn bwd_avx2<const TANH: bool>(dx: &mut [f32], x: &[f32], dy: &[f32]) {
     bwd_body::<TANH>(dx, x, dy)
-}
-
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 fn fwd_chunk<const TANH: bool>(y: &mut [f32], x: &[f32]) {

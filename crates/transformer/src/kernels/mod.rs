@@ -107,6 +107,18 @@ impl Stash {
     }
 }
 
+/// Whether loops compiled for AVX2 + FMA (`#[target_feature]`) may run here.
+pub(crate) fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Rows processed in parallel only when there is enough work to pay for the threads.
 pub(crate) const PAR_MIN_ELEMS: usize = 1 << 15;
 
