@@ -144,3 +144,70 @@ fn smollm2_loads_tokenizes_and_completes_a_prompt() -> Result<()> {
     assert!(reply.contains("Paris"), "{reply:?}");
     Ok(())
 }
+
+/// The file's quantized weights (`WeightFormat::AsStored`): three prompts of different
+/// lengths decoded greedily in one batch, each with its own caches, give the tokens each
+/// gives decoded alone (a server's batch of requests).
+#[test]
+fn smollm2_batched_prompts_decode_as_each_alone() -> Result<()> {
+    use transformer::import::gguf::WeightFormat;
+    use transformer::nn::BatchKvCache;
+    let path = gguf_path();
+    let file = GgufFile::open(&path)?;
+    let tok = file.tokenizer()?;
+    let (model, _vs, cfg) = load_decoder_only(&path, &Device::Cpu, WeightFormat::AsStored)?;
+    let dev = Device::Cpu;
+    let argmax = |logits: &Tensor| -> Result<u32> {
+        Ok(logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?)
+    };
+    let prompts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time, in a small village by the sea, there lived",
+    ];
+    let steps = 8;
+    // Alone.
+    let mut alone = Vec::new();
+    for p in prompts {
+        let ids = tok.encode(p)?;
+        let mut caches = model.new_cache();
+        let mut next = argmax(&model.forward_cached_last(
+            &Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?,
+            &mut caches,
+        )?)?;
+        let mut out = vec![next];
+        for _ in 1..steps {
+            let x = Tensor::new(&[next], &dev)?.unsqueeze(0)?;
+            next = argmax(&model.forward_cached_last(&x, &mut caches)?)?;
+            out.push(next);
+        }
+        alone.push(out);
+    }
+    // Together: each prompt's own forward pass, then one batched step for all.
+    let mut batch = BatchKvCache::new(cfg.n_layers);
+    let mut together: Vec<Vec<u32>> = Vec::new();
+    for p in prompts {
+        let ids = tok.encode(p)?;
+        let mut caches = model.new_cache();
+        let first = argmax(&model.forward_cached_last(
+            &Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?,
+            &mut caches,
+        )?)?;
+        batch.push(caches)?;
+        together.push(vec![first]);
+    }
+    for _ in 1..steps {
+        let last: Vec<u32> = together.iter().map(|t| *t.last().unwrap()).collect();
+        let logits = model.forward_batch_last(
+            &Tensor::new(last.as_slice(), &dev)?.unsqueeze(1)?,
+            &mut batch,
+        )?;
+        for (r, t) in together.iter_mut().enumerate() {
+            t.push(argmax(&logits.get(r)?)?);
+        }
+    }
+    assert_eq!(together, alone);
+    let first = tok.decode(&together[0])?;
+    assert!(first.starts_with(" Paris"), "{first:?}");
+    Ok(())
+}

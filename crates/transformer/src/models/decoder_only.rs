@@ -10,28 +10,13 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::family::{CausalLm, FamilyConfig, Model};
+pub use crate::nn::sliding_window_mask;
 use crate::nn::{
-    AbsolutePositions, Activation, AttnMask, Dropout, Encoder, InitScheme, KvCache, LayerConfig,
-    LayerOptions, Linear, Masks, MlpKind, NormKind, PositionalKind, Rope, RopeLayout,
+    AbsolutePositions, Activation, BatchKvCache, Dropout, Encoder, InitScheme, KvCache,
+    LayerConfig, LayerOptions, Linear, Masks, MlpKind, NormKind, PositionalKind, Rope, RopeLayout,
     TokenEmbedding, VarPath, VarStore,
 };
 use crate::{Error, Result};
-
-/// Causal attention over the last `window` positions: query `i` (at position `S - T + i`)
-/// may attend to key `j` when `0 <= (S - T + i) - j < window`.
-///
-/// # Shapes
-/// → (T, S), nonzero = may attend
-pub fn sliding_window_mask(t: usize, s: usize, window: usize, device: &Device) -> Result<AttnMask> {
-    let offset = s - t;
-    let v: Vec<u8> = (0..t)
-        .flat_map(|i| {
-            let q = i + offset;
-            (0..s).map(move |j| u8::from(j <= q && q - j < window))
-        })
-        .collect();
-    Ok(AttnMask::Allow(Tensor::from_vec(v, (t, s), device)?))
-}
 
 /// Configuration of a decoder-only language model; saved as `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -415,6 +400,68 @@ impl DecoderOnly {
         self.forward_inner(ids, false, Some(caches), true)
     }
 
+    /// Separate sequences decoded together: row `b` of `ids` continues sequence `b` of
+    /// `batch`, at its own position, its keys and values appended to its own caches. Returns
+    /// each row's last-position logits.
+    ///
+    /// # Shapes
+    /// `ids`: (B, T_new) with B = `batch.rows()` → logits (B, 1, V)
+    pub fn forward_batch_last(&self, ids: &Tensor, batch: &mut BatchKvCache) -> Result<Tensor> {
+        let (b, t) = ids
+            .dims2()
+            .map_err(|_| Error::shape("token ids", "(B, T)", ids.dims()))?;
+        if b != batch.rows() {
+            return Err(Error::shape(
+                "token ids",
+                format!("one row per sequence of the batch ({})", batch.rows()),
+                ids.dims(),
+            ));
+        }
+        for row in 0..b {
+            let offset = batch.len_of(row);
+            if offset + t > self.cfg.block_size {
+                return Err(Error::input(
+                    format!("sequence length of batch row {row}"),
+                    format!(
+                        "at most the context length (block_size) {}",
+                        self.cfg.block_size
+                    ),
+                    format!("{} tokens", offset + t),
+                ));
+            }
+        }
+        let x = self.tok_embed.forward(ids)?;
+        let x = match &self.pos {
+            // Each row at its own offset.
+            Some(p) => Tensor::cat(
+                &(0..b)
+                    .map(|row| p.forward(&x.narrow(0, row, 1)?, batch.len_of(row)))
+                    .collect::<Result<Vec<_>>>()?,
+                0,
+            )?,
+            None => x,
+        };
+        let x = self.blocks.forward_rows(
+            &x,
+            |i| {
+                let (rope, window) = match self.cfg.layer_attention(i) {
+                    LayerAttention::Full => (self.rope.as_ref(), None),
+                    LayerAttention::Sliding => (
+                        self.rope_local.as_ref().or(self.rope.as_ref()),
+                        self.cfg.sliding_window,
+                    ),
+                };
+                let opts = LayerOptions {
+                    rope,
+                    ..Default::default()
+                };
+                (opts, window)
+            },
+            batch,
+        )?;
+        self.lm_head.forward(&x.narrow(1, t - 1, 1)?)
+    }
+
     fn forward_inner(
         &self,
         ids: &Tensor,
@@ -524,6 +571,9 @@ impl CausalLm for DecoderOnly {
     fn forward_cached_last(&self, ids: &Tensor, caches: &mut [KvCache]) -> Result<Tensor> {
         DecoderOnly::forward_cached_last(self, ids, caches)
     }
+    fn forward_batch_last(&self, ids: &Tensor, batch: &mut BatchKvCache) -> Result<Tensor> {
+        DecoderOnly::forward_batch_last(self, ids, batch)
+    }
 }
 
 #[cfg(test)]
@@ -559,6 +609,62 @@ mod tests {
             rope_local_theta: window.map(|_| 100.0),
             ..DecoderOnlyConfig::tiny(13)
         }
+    }
+
+    /// Separate sequences decoded in one batch, each with its own caches and length, give
+    /// each sequence's own logits, while they step, leave and join; with RoPE, grouped
+    /// keys/values and sliding windows (Gemma-like) and with learned positions (GPT).
+    #[test]
+    fn batched_sequences_decode_as_each_alone() -> Result<()> {
+        let dev = Device::Cpu;
+        let row = |v: &[u32]| -> Result<Tensor> { Ok(Tensor::new(v, &dev)?.unsqueeze(0)?) };
+        for cfg in [gemma_like(Some(4)), DecoderOnlyConfig::tiny(13)] {
+            let (model, _) = DecoderOnly::init(&cfg, DType::F64, &dev, 3)?;
+            let mut batch = BatchKvCache::new(cfg.n_layers);
+            let mut alone: Vec<Vec<KvCache>> = Vec::new();
+            let join = |p: &[u32], batch: &mut BatchKvCache, alone: &mut Vec<_>| -> Result<()> {
+                let mut c = model.new_cache();
+                model.forward_cached_last(&row(p)?, &mut c)?;
+                alone.push(c.clone());
+                batch.push(c)
+            };
+            // Lengths on both sides of the window (4).
+            for p in [
+                &[1u32, 2, 3][..],
+                &[4, 5, 6, 7, 8, 9, 10],
+                &[11, 12, 0, 5, 9],
+            ] {
+                join(p, &mut batch, &mut alone)?;
+            }
+            for step in 0..5 {
+                let toks: Vec<u32> = (0..batch.rows())
+                    .map(|r| ((step * 3 + r) % 13) as u32)
+                    .collect();
+                let ids = Tensor::new(toks.as_slice(), &dev)?.unsqueeze(1)?;
+                let got = model.forward_batch_last(&ids, &mut batch)?;
+                assert_eq!(got.dims(), &[toks.len(), 1, 13]);
+                for (r, c) in alone.iter_mut().enumerate() {
+                    let want = model.forward_cached_last(&row(&[toks[r]])?, c)?;
+                    let d = (got.narrow(0, r, 1)? - want)?
+                        .abs()?
+                        .max_all()?
+                        .to_scalar::<f64>()?;
+                    assert!(d < 1e-10, "step {step}, row {r}: differs by {d}");
+                    assert_eq!(batch.len_of(r), c[0].len());
+                }
+                if step == 1 {
+                    // The second sequence leaves; a new one joins as the last row.
+                    batch.remove(1)?;
+                    alone.remove(1);
+                    join(&[7, 7], &mut batch, &mut alone)?;
+                }
+            }
+            let wrong_rows = Tensor::new(&[[1u32], [2]], &dev)?;
+            assert!(model.forward_batch_last(&wrong_rows, &mut batch).is_err());
+            assert!(batch.remove(9).is_err());
+            assert!(batch.push(Vec::new()).is_err());
+        }
+        Ok(())
     }
 
     /// Sliding-window layers: the same function through the cache as without it, past the

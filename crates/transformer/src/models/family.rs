@@ -21,7 +21,9 @@ use candle_core::{DType, Device, Tensor};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::nn::{AttnMask, InitScheme, KvCache, Masks, NeedWeights, VarPath, VarStore};
+use crate::nn::{
+    AttnMask, BatchKvCache, InitScheme, KvCache, Masks, NeedWeights, VarPath, VarStore,
+};
 use crate::{Error, Result};
 
 use super::encoder_decoder::DecodeState;
@@ -60,6 +62,20 @@ pub trait CausalLm: Send + Sync {
         let logits = self.forward_cached(ids, caches)?;
         let t = logits.dim(1)?;
         Ok(logits.narrow(1, t - 1, 1)?)
+    }
+
+    /// Separate sequences decoded together (a server's requests), each with its own caches
+    /// and length: row `b` of `ids` continues sequence `b` of `batch`. A sequence joins with
+    /// the caches of its prompt ([`CausalLm::forward_cached_last`] on a batch of one) and
+    /// may leave between steps ([`BatchKvCache::push`], [`BatchKvCache::remove`]).
+    ///
+    /// # Shapes
+    /// `ids`: (B, T_new) with B = `batch.rows()` → logits (B, 1, V)
+    fn forward_batch_last(&self, ids: &Tensor, batch: &mut BatchKvCache) -> Result<Tensor> {
+        let _ = (ids, batch);
+        Err(Error::msg(
+            "this model does not decode separate sequences in one batch",
+        ))
     }
 }
 

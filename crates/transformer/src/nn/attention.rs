@@ -88,6 +88,22 @@ pub fn causal_mask(t: usize, s: usize, device: &Device) -> Result<AttnMask> {
     Ok(AttnMask::Allow(Tensor::from_vec(v, (t, s), device)?))
 }
 
+/// Causal attention over the last `window` positions: query `i` (at position `S - T + i`)
+/// may attend to key `j` when `0 <= (S - T + i) - j < window`.
+///
+/// # Shapes
+/// → (T, S), nonzero = may attend
+pub fn sliding_window_mask(t: usize, s: usize, window: usize, device: &Device) -> Result<AttnMask> {
+    let offset = s - t;
+    let v: Vec<u8> = (0..t)
+        .flat_map(|i| {
+            let q = i + offset;
+            (0..s).map(move |j| u8::from(j <= q && q - j < window))
+        })
+        .collect();
+    Ok(AttnMask::Allow(Tensor::from_vec(v, (t, s), device)?))
+}
+
 /// Options of [`scaled_dot_product_attention`].
 #[derive(Default, Clone, Copy)]
 pub struct SdpaOptions<'a> {

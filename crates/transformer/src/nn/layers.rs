@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 use super::attention::AttnMask;
 use super::dropout::Dropout;
 use super::embedding::Rope;
-use super::mha::{KvCache, MhaConfig, MhaInput, MultiHeadAttention, NeedWeights, ProjectedKv};
+use super::mha::{
+    BatchKvCache, KvCache, MhaConfig, MhaInput, MultiHeadAttention, NeedWeights, ProjectedKv,
+    RowCaches,
+};
 use super::mlp::{Activation, Branch, Mlp, MlpConfig, MlpKind};
 use super::norm::{Norm, NormConfig, NormKind, NormedInput};
 use super::var_store::VarPath;
@@ -267,6 +270,21 @@ impl Residual {
     }
 }
 
+/// A self-attention layer's cache for one call.
+pub enum SelfCache<'a> {
+    None,
+    /// One cache for the whole batch (its rows decode in step).
+    Shared(&'a mut KvCache),
+    /// One per row: separate sequences decoded together ([`super::BatchKvCache`]).
+    Rows(RowCaches<'a>),
+}
+
+impl<'a> From<Option<&'a mut KvCache>> for SelfCache<'a> {
+    fn from(c: Option<&'a mut KvCache>) -> Self {
+        c.map_or(SelfCache::None, SelfCache::Shared)
+    }
+}
+
 /// Self-attention in its residual block: the first block of encoder and decoder layers.
 #[derive(Debug, Clone)]
 pub struct SelfAttentionBlock {
@@ -279,13 +297,18 @@ impl SelfAttentionBlock {
     ///
     /// # Shapes
     /// `x`: (B, T, E) → ((B, T, E), weights (B, T, S) or (B, H, T, S))
-    pub fn forward(
+    pub fn forward<'c>(
         &self,
         x: &Tensor,
         masks: &Masks,
         opts: &LayerOptions,
-        cache: Option<&mut KvCache>,
+        cache: impl Into<SelfCache<'c>>,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        let (cache, rows) = match cache.into() {
+            SelfCache::None => (None, None),
+            SelfCache::Shared(c) => (Some(c), None),
+            SelfCache::Rows(r) => (None, Some(r)),
+        };
         let mut weights = None;
         let x = self.residual.apply(x, opts.train, |h| {
             let out = self.attn.forward_heads(
@@ -296,6 +319,7 @@ impl SelfAttentionBlock {
                     .causal(masks.causal)
                     .need_weights(opts.need_weights)
                     .cache(cache)
+                    .row_caches(rows)
                     .rope(opts.rope)
                     .train(opts.train),
             )?;
@@ -417,12 +441,12 @@ impl EncoderLayer {
     ///
     /// # Shapes
     /// `x`: (B, T, E) → ((B, T, E), weights (B, T, S) or (B, H, T, S))
-    pub fn forward_with(
+    pub fn forward_with<'c>(
         &self,
         x: &Tensor,
         masks: &Masks,
         opts: &LayerOptions,
-        cache: Option<&mut KvCache>,
+        cache: impl Into<SelfCache<'c>>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (x, weights) = self.self_attn.forward(x, masks, opts, cache)?;
         Ok((self.ff.forward(&x, opts.train)?, weights))
@@ -600,11 +624,53 @@ impl Encoder {
                 )));
             }
         }
-        let mut x = x.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
+        self.stack(x, |i, layer, x| {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
             let (masks, opts) = per_layer(i);
-            x = layer.forward_with(&x, &masks, &opts, cache)?.0;
+            Ok(layer.forward_with(x, &masks, &opts, cache)?.0)
+        })
+    }
+
+    /// Separate sequences decoded together: row `b` of `x` continues sequence `b` of
+    /// `caches`, at its own position; `per_layer(i)` gives layer `i`'s options and
+    /// sliding window.
+    ///
+    /// # Shapes
+    /// `x`: (B, T, E) with B = `caches.rows()` → (B, T, E)
+    pub fn forward_rows<'m>(
+        &self,
+        x: &Tensor,
+        per_layer: impl Fn(usize) -> (LayerOptions<'m>, Option<usize>),
+        caches: &mut BatchKvCache,
+    ) -> Result<Tensor> {
+        if caches.n_layers() != self.layers.len() {
+            return Err(Error::msg(format!(
+                "a batch cache of {} layers for {} layers",
+                caches.n_layers(),
+                self.layers.len()
+            )));
+        }
+        self.stack(x, |i, layer, x| {
+            let (opts, window) = per_layer(i);
+            let rows = RowCaches {
+                caches: caches.layer_mut(i),
+                window,
+            };
+            Ok(layer
+                .forward_with(x, &Masks::none(), &opts, SelfCache::Rows(rows))?
+                .0)
+        })
+    }
+
+    /// `f` through the layers in turn, then the final norm.
+    fn stack(
+        &self,
+        x: &Tensor,
+        mut f: impl FnMut(usize, &EncoderLayer, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = f(i, layer, &x)?;
         }
         match &self.norm {
             Some(n) => n.forward(&x),

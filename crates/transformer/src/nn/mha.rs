@@ -11,7 +11,7 @@
 
 use candle_core::{Tensor, D};
 
-use super::attention::{scaled_dot_product_attention, AttnMask, SdpaOptions};
+use super::attention::{scaled_dot_product_attention, sliding_window_mask, AttnMask, SdpaOptions};
 use super::dropout::Dropout;
 use super::embedding::Rope;
 use super::linear::{linear, Linear};
@@ -224,6 +224,93 @@ impl KvCache {
     }
 }
 
+/// The caches of a batch of independent sequences (a server's requests): per layer, one
+/// [`KvCache`] per sequence, so that sequences of different lengths decode together, each
+/// weight read once per step for all of them, and may join or leave between steps.
+///
+/// A sequence joins with the per-layer caches of its own prompt (e.g. from
+/// `CausalLm::forward_cached_last` on a batch of one): its row is the next index.
+#[derive(Debug, Clone, Default)]
+pub struct BatchKvCache {
+    /// [layer][row]
+    layers: Vec<Vec<KvCache>>,
+}
+
+impl BatchKvCache {
+    /// No sequences yet, for a model of `n_layers` layers.
+    pub fn new(n_layers: usize) -> Self {
+        BatchKvCache {
+            layers: (0..n_layers).map(|_| Vec::new()).collect(),
+        }
+    }
+
+    /// Sequences in the batch.
+    pub fn rows(&self) -> usize {
+        self.layers.first().map_or(0, Vec::len)
+    }
+
+    /// Cached positions of sequence `row`.
+    pub fn len_of(&self, row: usize) -> usize {
+        self.layers.first().map_or(0, |l| l[row].len())
+    }
+
+    /// Add a sequence (its per-layer caches, batch 1); it becomes the last row.
+    pub fn push(&mut self, caches: Vec<KvCache>) -> Result<()> {
+        if caches.len() != self.layers.len() {
+            return Err(Error::msg(format!(
+                "a sequence with {} layer caches joining a batch of {} layers",
+                caches.len(),
+                self.layers.len()
+            )));
+        }
+        if let Some(k) = caches.iter().find_map(|c| c.k.as_ref()) {
+            if k.dims()[0] != 1 {
+                return Err(Error::shape(
+                    "a joining sequence's cache",
+                    "batch 1",
+                    k.dims(),
+                ));
+            }
+        }
+        for (layer, c) in self.layers.iter_mut().zip(caches) {
+            layer.push(c);
+        }
+        Ok(())
+    }
+
+    /// Take sequence `row` out of the batch (the rows after it move up by one), returning its
+    /// per-layer caches.
+    pub fn remove(&mut self, row: usize) -> Result<Vec<KvCache>> {
+        if row >= self.rows() {
+            return Err(Error::input(
+                "batch row",
+                format!("below {}", self.rows()),
+                row.to_string(),
+            ));
+        }
+        Ok(self.layers.iter_mut().map(|l| l.remove(row)).collect())
+    }
+
+    /// Layer `i`'s caches, one per row.
+    pub(crate) fn layer_mut(&mut self, i: usize) -> &mut [KvCache] {
+        &mut self.layers[i]
+    }
+
+    /// Layers.
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+}
+
+/// Self-attention over per-sequence caches ([`BatchKvCache`]): row `b` of the input continues
+/// sequence `b`, at its own position, and attends causally to its own cache only.
+pub struct RowCaches<'a> {
+    /// One per row of the batch.
+    pub caches: &'a mut [KvCache],
+    /// Attend to the last `window` positions only (sliding-window layers).
+    pub window: Option<usize>,
+}
+
 /// Keys and values of an encoder memory, projected once and reused at every decoding step.
 #[derive(Debug, Clone)]
 pub struct ProjectedKv {
@@ -260,6 +347,10 @@ pub struct MhaInput<'a> {
     pub need_weights: NeedWeights,
     /// Self-attention cache for incremental decoding: new keys/values are appended to it.
     pub cache: Option<&'a mut KvCache>,
+    /// Per-sequence caches instead of `cache` (batched decoding of separate sequences):
+    /// masks come from the causal offset of each row and the window; `attn_mask` and
+    /// `key_padding_mask` must be unset.
+    pub rows: Option<RowCaches<'a>>,
     /// Precomputed keys/values (cross-attention over a fixed memory); `key`/`value` are ignored.
     pub static_kv: Option<&'a ProjectedKv>,
     /// Rotary position embedding applied to queries and keys.
@@ -281,6 +372,7 @@ impl<'a> MhaInput<'a> {
             causal: false,
             need_weights: NeedWeights::No,
             cache: None,
+            rows: None,
             static_kv: None,
             rope: None,
             train: false,
@@ -326,6 +418,11 @@ impl<'a> MhaInput<'a> {
 
     pub fn cache(mut self, c: Option<&'a mut KvCache>) -> Self {
         self.cache = c;
+        self
+    }
+
+    pub fn row_caches(mut self, rows: Option<RowCaches<'a>>) -> Self {
+        self.rows = rows;
         self
     }
 
@@ -586,6 +683,7 @@ impl MultiHeadAttention {
             causal,
             need_weights,
             cache,
+            rows,
             static_kv,
             rope,
             train,
@@ -667,6 +765,18 @@ impl MultiHeadAttention {
             _ => q,
         };
 
+        if let Some(rows) = rows {
+            if attn_mask.is_some() || key_padding_mask.is_some() || cache.is_some() || !is_self {
+                return Err(Error::msg(
+                    "per-sequence caches take self-attention without masks or a shared cache",
+                ));
+            }
+            let out = self.attend_rows(&q, &k, &v, rows, rope, need_weights)?;
+            return Ok(MhaOutput {
+                context: out.transpose(1, 2)?.reshape((b, t, h * self.head_dim))?,
+                weights: None,
+            });
+        }
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let (q, k) = match rope {
             Some(r) => (r.apply(&q, offset)?, r.apply(&k, offset)?),
@@ -703,5 +813,60 @@ impl MultiHeadAttention {
             _ => None,
         };
         Ok(MhaOutput { context, weights })
+    }
+
+    /// Row `b` of q, k, v (B, heads, T, D) as the next T positions of sequence `b`: RoPE at
+    /// its own offset, its keys and values appended to its own cache, causal attention over
+    /// that cache (within the window, if any). → (B, H, T, Dv)
+    fn attend_rows(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rows: RowCaches,
+        rope: Option<&Rope>,
+        need_weights: NeedWeights,
+    ) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
+        if rows.caches.len() != b {
+            return Err(Error::msg(format!(
+                "{} sequence caches for a batch of {b}",
+                rows.caches.len()
+            )));
+        }
+        if need_weights != NeedWeights::No {
+            return Err(Error::msg(
+                "attention weights are not returned with per-sequence caches",
+            ));
+        }
+        let mut out = Vec::with_capacity(b);
+        for (i, cache) in rows.caches.iter_mut().enumerate() {
+            let row = |x: &Tensor| x.narrow(0, i, 1);
+            let offset = cache.len();
+            let (qi, ki) = match rope {
+                Some(r) => (r.apply(&row(q)?, offset)?, r.apply(&row(k)?, offset)?),
+                None => (row(q)?, row(k)?),
+            };
+            let (ki, vi) = cache.append(ki, row(v)?)?;
+            let s = offset + t;
+            let window = match rows.window {
+                Some(w) if s > w => Some(sliding_window_mask(t, s, w, q.device())?),
+                _ => None,
+            };
+            let ctx = scaled_dot_product_attention(
+                &qi,
+                &ki,
+                &vi,
+                &SdpaOptions {
+                    attn_mask: window.as_ref(),
+                    causal: window.is_none(),
+                    dropout: Some(&self.dropout),
+                    kernels: self.kernels,
+                    ..Default::default()
+                },
+            )?;
+            out.push(ctx.context);
+        }
+        Ok(Tensor::cat(&out, 0)?)
     }
 }

@@ -13,16 +13,20 @@ pub mod norm;
 pub mod var_store;
 
 pub use crate::kernels::Kernels;
-pub use attention::{causal_mask, scaled_dot_product_attention, AttnMask, AttnOutput, SdpaOptions};
+pub use attention::{
+    causal_mask, scaled_dot_product_attention, sliding_window_mask, AttnMask, AttnOutput,
+    SdpaOptions,
+};
 pub use dropout::Dropout;
 pub use embedding::{AbsolutePositions, PositionalKind, Rope, RopeLayout, TokenEmbedding};
 pub use layers::{
     Decoder, DecoderLayer, DecoderOutput, DecoderState, Encoder, EncoderLayer, LayerConfig,
-    LayerOptions, Masks, Memory, SelfAttentionBlock,
+    LayerOptions, Masks, Memory, SelfAttentionBlock, SelfCache,
 };
 pub use linear::Linear;
 pub use mha::{
-    KvCache, MhaConfig, MhaInput, MhaOutput, MultiHeadAttention, NeedWeights, ProjectedKv,
+    BatchKvCache, KvCache, MhaConfig, MhaInput, MhaOutput, MultiHeadAttention, NeedWeights,
+    ProjectedKv, RowCaches,
 };
 pub use mlp::{Activation, Mlp, MlpConfig, MlpKind};
 pub use norm::{Norm, NormConfig, NormKind};
