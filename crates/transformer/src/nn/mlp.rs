@@ -37,7 +37,13 @@ impl Activation {
             Activation::Gelu if kernels.applies(x) => crate::kernels::gelu::gelu_erf(x)?,
             Activation::Gelu => x.gelu_erf()?,
             Activation::GeluTanh if kernels.applies(x) => crate::kernels::gelu::gelu_tanh(x)?,
-            Activation::GeluTanh => x.gelu()?,
+            // Composed from exact ops: candle's own `gelu` differentiates with its constants
+            // rounded to six digits (gradients off by ~1e-6).
+            Activation::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let inner = ((x + ((x.sqr()? * x)? * 0.044_715)?)? * c)?;
+                ((x * 0.5)? * (inner.tanh()? + 1.0)?)?
+            }
             Activation::Silu => x.silu()?,
         })
     }
