@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use transformer::train::run::prepare_run;
-use transformer::train::RunConfig;
+use transformer::train::{DataConfig, RunConfig};
 
 use crate::progress::CliObserver;
 
@@ -29,19 +29,49 @@ pub struct TrainArgs {
     force: bool,
 }
 
-/// Files and folders that make a directory "a run". The `.old` names hold the previous
-/// checkpoint when a crash came between the two renames of a save (see `checkpoint::recover`).
-const RUN_ENTRIES: [&str; 6] = [
+/// Files and folders that make a directory "a run" (with the `step-XXXXXX/` checkpoints of
+/// `train.keep_last`, see [`holds_a_run`]). The `.old` names hold the previous checkpoint when
+/// a crash came between the two renames of a save (see `checkpoint::recover`).
+const RUN_ENTRIES: [&str; 7] = [
     "checkpoint",
     "best",
     ".checkpoint.old",
     ".best.old",
     "metrics.jsonl",
     "loss.svg",
+    crate::output::MARKER_FILE,
 ];
 
-fn holds_a_run(dir: &Path) -> bool {
+/// Whether `dir` holds a training run (or what is left of one): any of [`RUN_ENTRIES`], or a
+/// step checkpoint on its own, which is a run's weights as much as `checkpoint/` is.
+pub fn holds_a_run(dir: &Path) -> bool {
     RUN_ENTRIES.iter().any(|e| dir.join(e).exists())
+        || transformer::train::trainer::step_dirs(dir).is_ok_and(|d| !d.is_empty())
+}
+
+/// The files a run's config reads (the config itself, its data, a tokenizer file).
+fn config_inputs<'a>(args: &'a TrainArgs, cfg: &'a RunConfig) -> Vec<(&'static str, &'a Path)> {
+    let mut inputs: Vec<(&'static str, &Path)> = vec![("--config", args.config.as_path())];
+    match &cfg.data {
+        DataConfig::Text { path, .. } => inputs.push(("data.path", path)),
+        DataConfig::Parallel {
+            train_src,
+            train_tgt,
+            val_src,
+            val_tgt,
+            ..
+        } => {
+            inputs.push(("data.train_src", train_src));
+            inputs.push(("data.train_tgt", train_tgt));
+            inputs.push(("data.val_src", val_src));
+            inputs.push(("data.val_tgt", val_tgt));
+        }
+        DataConfig::Reverse { .. } => {}
+    }
+    if let Some(p) = &cfg.tokenizer.path {
+        inputs.push(("tokenizer.path", p));
+    }
+    inputs
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -53,6 +83,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .map(|s| s.to_string_lossy().into_owned());
         PathBuf::from("runs").join(stem.unwrap_or_else(|| "run".into()))
     });
+    if out.exists() && !out.is_dir() {
+        bail!(
+            "--out {}: a file is there; --out names the run directory (choose another path)",
+            out.display()
+        );
+    }
+    // What this run writes or (with --force) deletes may not be anything it reads.
+    let inputs = config_inputs(&args, &cfg);
+    let mut written: Vec<PathBuf> = RUN_ENTRIES.iter().map(|e| out.join(e)).collect();
+    written.extend(
+        transformer::train::trainer::step_dirs(&out)?
+            .into_iter()
+            .map(|(_, p)| p),
+    );
+    for w in &written {
+        crate::output::check_not_input("--out", w, &inputs)?;
+    }
     if args.resume {
         if !out.join("checkpoint").exists() && !out.join(".checkpoint.old").exists() {
             bail!(
@@ -66,6 +113,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
              (deleting its checkpoints), or choose another --out",
             out.display()
         );
+    }
+    if args.resume {
+        // Checked before anything is loaded or rewritten: resuming a finished run would train
+        // no step and report a final loss of NaN.
+        let ckpt = out.join("checkpoint");
+        if let Ok(state) = transformer::train::checkpoint::read_trainer_state(&ckpt) {
+            if state.step >= cfg.train.max_steps {
+                bail!(
+                    "{}: the run already finished at step {} (train.max_steps = {}); to train \
+                     further, raise it, e.g. --resume --set train.max_steps={}",
+                    out.display(),
+                    state.step,
+                    cfg.train.max_steps,
+                    state.step * 2
+                );
+            }
+        }
     }
     let device = crate::device()?;
     let mut prepared = prepare_run(&cfg, &out, args.resume, &device)?;

@@ -38,13 +38,7 @@ impl Sampling {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.temperature.is_nan() || self.temperature < 0.0 || !self.temperature.is_finite() {
-            return Err(Error::invalid(
-                "temperature",
-                "a finite number >= 0",
-                self.temperature.to_string(),
-            ));
-        }
+        crate::validate::temperature("temperature", self.temperature)?;
         if self.top_k == Some(0) {
             return Err(Error::invalid("top_k", ">= 1", "0"));
         }
@@ -121,9 +115,13 @@ pub fn sample_token(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     if s.temperature == 0.0 {
         return argmax(logits);
     }
+    // (x - max) / T rather than x / T: the largest logit becomes exactly 0 and the others
+    // negative, so a small temperature can only push them to -inf (probability 0), never to
+    // +inf, whose softmax is inf - inf = NaN.
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut l: Vec<f32> = logits
         .iter()
-        .map(|&x| (x as f64 / s.temperature) as f32)
+        .map(|&x| ((x as f64 - max) / s.temperature) as f32)
         .collect();
     if let Some(k) = s.top_k {
         filter_top_k(&mut l, k);

@@ -507,6 +507,9 @@ impl<'a> Batch<'a> {
         let logp =
             candle_nn::ops::log_softmax(&logits.squeeze(1)?.to_dtype(DType::F32)?, D::Minus1)?;
         let mut logp = logp.to_vec2::<f32>()?;
+        for row in &logp {
+            crate::validate::check_finite_logits("seq2seq decoding", row)?;
+        }
         for row in logp.iter_mut() {
             for &t in &self.blocked {
                 row[t] = f32::NEG_INFINITY;

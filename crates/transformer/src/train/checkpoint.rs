@@ -166,6 +166,23 @@ pub fn resolve_model_dir(path: &Path) -> Result<PathBuf> {
     )))
 }
 
+/// Refuse a checkpoint whose weights hold NaN or an infinity (written by a diverged run, or
+/// damaged on disk), naming the first such parameter: decoding or evaluating it gives garbage.
+pub fn check_finite_weights(dir: &Path, vs: &VarStore) -> Result<()> {
+    let tensors = vs.tensors();
+    let named = tensors.iter().map(|(n, t)| (n.as_str(), t));
+    match crate::validate::first_non_finite(named)? {
+        None => Ok(()),
+        Some(name) => Err(Error::NonFinite {
+            what: dir.display().to_string(),
+            tensor: format!("parameter `{name}`"),
+            advice: "the checkpoint holds a diverged state (NaN weights) and cannot be used; \
+                     train again (with a lower schedule.lr) or use an earlier checkpoint"
+                .into(),
+        }),
+    }
+}
+
 /// Check that a checkpoint directory holds the files a use needs, naming the missing ones.
 pub fn require_files(dir: &Path, files: &[&str]) -> Result<()> {
     let missing: Vec<&str> = files

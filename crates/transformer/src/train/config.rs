@@ -130,35 +130,28 @@ fn default_log_every() -> u64 {
     10
 }
 
+/// Upper bounds on counts that size allocations: far above any real run, low enough that a
+/// typo is an error naming the field rather than an allocation that exhausts memory.
+const MAX_BATCH: u64 = 1 << 20;
+const MAX_ACCUM: u64 = 1 << 16;
+
 impl TrainConfig {
+    /// Every field in range (see [`crate::validate`]); errors name the field, the value and
+    /// the allowed range.
     pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("train.batch_size", self.batch_size as u64),
-            ("train.max_steps", self.max_steps),
-            ("train.grad_accum", self.grad_accum as u64),
-            ("train.eval_every", self.eval_every),
-            ("train.eval_iters", self.eval_iters as u64),
-            ("train.log_every", self.log_every),
-        ];
-        for (name, v) in positive {
-            if v == 0 {
-                return Err(Error::invalid(name, "> 0", "0"));
-            }
-        }
+        use crate::validate::{at_least_one, count_in, in_half_open, positive};
+        count_in("train.batch_size", self.batch_size as u64, 1, MAX_BATCH)?;
+        at_least_one("train.max_steps", self.max_steps)?;
+        count_in("train.grad_accum", self.grad_accum as u64, 1, MAX_ACCUM)?;
+        at_least_one("train.eval_every", self.eval_every)?;
+        count_in("train.eval_iters", self.eval_iters as u64, 1, MAX_BATCH)?;
+        at_least_one("train.log_every", self.log_every)?;
         if let Some(c) = self.grad_clip {
-            if c.is_nan() || c <= 0.0 {
-                return Err(Error::invalid("train.grad_clip", "> 0", c.to_string()));
-            }
+            positive("train.grad_clip", c)?;
         }
-        if self.label_smoothing.is_nan() || !(0.0..1.0).contains(&self.label_smoothing) {
-            return Err(Error::invalid(
-                "train.label_smoothing",
-                "in [0, 1)",
-                self.label_smoothing.to_string(),
-            ));
-        }
-        if self.checkpoint_every == Some(0) {
-            return Err(Error::invalid("train.checkpoint_every", "> 0", "0"));
+        in_half_open("train.label_smoothing", self.label_smoothing, 0.0, 1.0)?;
+        if let Some(c) = self.checkpoint_every {
+            at_least_one("train.checkpoint_every", c)?;
         }
         if self.keep_last == Some(0) {
             return Err(Error::invalid(
@@ -166,6 +159,48 @@ impl TrainConfig {
                 "> 0 (leave it out to keep no step checkpoints)",
                 "0",
             ));
+        }
+        Ok(())
+    }
+}
+
+impl DataConfig {
+    /// The numeric fields of the data section in range.
+    pub fn validate(&self) -> Result<()> {
+        use crate::validate::count_in;
+        match self {
+            DataConfig::Text { train_fraction, .. } => {
+                // Not 1: the rest of the text is the validation split, which val loss and
+                // best/ need.
+                let f = *train_fraction;
+                if !(f.is_finite() && f > 0.0 && f < 1.0) {
+                    return Err(Error::invalid(
+                        "data.train_fraction",
+                        "in (0, 1) (the rest of the text is the validation split)",
+                        f.to_string(),
+                    ));
+                }
+            }
+            DataConfig::Reverse {
+                min_len,
+                max_len,
+                n_val,
+                ..
+            } => {
+                // An empty validation set would report a val loss of 0 and freeze best/ at
+                // the first evaluation.
+                count_in("data.n_val", *n_val as u64, 1, MAX_BATCH)?;
+                count_in("data.max_len", *max_len as u64, 1, 1 << 16)?;
+                count_in("data.min_len", *min_len as u64, 1, *max_len as u64)?;
+            }
+            DataConfig::Parallel {
+                max_tokens,
+                max_len,
+                ..
+            } => {
+                count_in("data.max_len", *max_len as u64, 1, 1 << 16)?;
+                count_in("data.max_tokens", *max_tokens as u64, 1, 1 << 24)?;
+            }
         }
         Ok(())
     }
@@ -214,6 +249,8 @@ impl RunConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        crate::validate::toml_finite("model", &self.model)?;
+        self.data.validate()?;
         self.train.validate()?;
         self.optimizer.validate()?;
         self.schedule.validate()?;
