@@ -35,7 +35,7 @@ pub struct DemoArgs {
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     overrides: Vec<String>,
     /// Test sequences to score (at least 1).
-    #[arg(long, default_value_t = 200, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 200, allow_hyphen_values = true)]
     n_test: usize,
 }
 

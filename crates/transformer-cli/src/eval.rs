@@ -30,12 +30,12 @@ pub struct EvalArgs {
     /// Reference translations, aligned with --src.
     #[arg(long = "ref", requires = "src")]
     reference: Option<PathBuf>,
-    // `allow_negative_numbers` on the numeric flags: the error then names the flag.
+    // `allow_hyphen_values` on the numeric flags: the error then names the flag.
     /// Beam size for --src; 1 decodes greedily.
-    #[arg(long, default_value_t = 4, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 4, allow_hyphen_values = true)]
     beam: usize,
     /// Length penalty exponent α for --src.
-    #[arg(long, default_value_t = 0.6, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.6, allow_hyphen_values = true)]
     alpha: f64,
     /// Write the translations of --src here, one per line (an existing file only with
     /// --force; never one of the inputs).
@@ -45,7 +45,7 @@ pub struct EvalArgs {
     #[arg(long, requires = "hyp_out")]
     force: bool,
     /// Windows (language model) or sentences (translation) per forward pass.
-    #[arg(long, default_value_t = 16, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 16, allow_hyphen_values = true)]
     batch_size: usize,
 }
 

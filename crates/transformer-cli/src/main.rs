@@ -39,7 +39,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     /// Threads for matrix products and fused kernels (default: TRANSFORMER_THREADS, else all
     /// cores).
-    #[arg(long, global = true, value_name = "N", allow_negative_numbers = true)]
+    #[arg(long, global = true, value_name = "N", allow_hyphen_values = true)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -55,14 +55,19 @@ struct Cli {
 /// our kernels use rayon's pool of `--threads` (or TRANSFORMER_THREADS) threads.
 fn configure_threads(threads: Option<usize>) -> anyhow::Result<()> {
     // Each source is named in its own errors: a bad TRANSFORMER_THREADS is not a bad --threads.
+    // The upper bound keeps a typo from asking rayon for millions of threads (an abort).
+    const MAX_THREADS: usize = 1024;
     let threads = match (threads, std::env::var("TRANSFORMER_THREADS")) {
-        (Some(0), _) => anyhow::bail!("--threads must be at least 1, got 0"),
+        (Some(n), _) if !(1..=MAX_THREADS).contains(&n) => {
+            anyhow::bail!("--threads must be in [1, {MAX_THREADS}], got {n}")
+        }
         (Some(n), _) => Some(n),
         (None, Ok(v)) => match v.trim().parse::<usize>() {
-            Ok(0) => anyhow::bail!("TRANSFORMER_THREADS must be at least 1, got 0"),
-            Ok(n) => Some(n),
+            Ok(n) if (1..=MAX_THREADS).contains(&n) => Some(n),
+            Ok(n) => anyhow::bail!("TRANSFORMER_THREADS must be in [1, {MAX_THREADS}], got {n}"),
             Err(_) => anyhow::bail!(
-                "TRANSFORMER_THREADS={v:?}: expected a whole number of threads (at least 1)"
+                "TRANSFORMER_THREADS={v:?}: expected a whole number of threads in [1, \
+                 {MAX_THREADS}]"
             ),
         },
         (None, Err(_)) => None,

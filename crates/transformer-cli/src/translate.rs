@@ -43,16 +43,16 @@ pub struct TranslateArgs {
 /// Decoding flags shared by `translate` and `eval`.
 #[derive(Args, Clone)]
 pub struct DecodeArgs {
-    // `allow_negative_numbers`: without it clap reads `--beam -1` as a stray flag and its
+    // `allow_hyphen_values`: without it clap reads `--beam -1` as a stray flag and its
     // error does not name --beam; with it the value reaches parsing, whose error does.
     /// Beam size; 1 decodes greedily.
-    #[arg(long, default_value_t = 4, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 4, allow_hyphen_values = true)]
     pub beam: usize,
     /// Length penalty exponent α of ((5 + |Y|) / 6)^α (0: none).
-    #[arg(long, default_value_t = 0.6, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.6, allow_hyphen_values = true)]
     pub alpha: f64,
     /// Sentences decoded together (sorted by length, so that little is padding).
-    #[arg(long, default_value_t = 32, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 32, allow_hyphen_values = true)]
     pub batch_size: usize,
 }
 

@@ -20,12 +20,23 @@ use crate::{Error, Result};
 /// already do), which turns the softmax into NaN. 0 asks for greedy decoding explicitly.
 pub const MIN_TEMPERATURE: f64 = 1e-4;
 
+/// A number as an error message shows it: `1e-38` rather than 38 zeros, `1e300` rather than
+/// 300 digits; ordinary values as Rust prints them (`0.001`, `NaN`, `inf`).
+pub fn show(value: f64) -> String {
+    let a = value.abs();
+    if value.is_finite() && a != 0.0 && !(1e-4..1e16).contains(&a) {
+        format!("{value:e}")
+    } else {
+        value.to_string()
+    }
+}
+
 /// `value` must be finite (not NaN, not ±inf).
 pub fn finite(field: &str, value: f64) -> Result<f64> {
     if value.is_finite() {
         Ok(value)
     } else {
-        Err(Error::invalid(field, "a finite number", value.to_string()))
+        Err(Error::invalid(field, "a finite number", show(value)))
     }
 }
 
@@ -34,11 +45,7 @@ pub fn positive(field: &str, value: f64) -> Result<f64> {
     if value.is_finite() && value > 0.0 {
         Ok(value)
     } else {
-        Err(Error::invalid(
-            field,
-            "a finite number > 0",
-            value.to_string(),
-        ))
+        Err(Error::invalid(field, "a finite number > 0", show(value)))
     }
 }
 
@@ -47,11 +54,7 @@ pub fn non_negative(field: &str, value: f64) -> Result<f64> {
     if value.is_finite() && value >= 0.0 {
         Ok(value)
     } else {
-        Err(Error::invalid(
-            field,
-            "a finite number >= 0",
-            value.to_string(),
-        ))
+        Err(Error::invalid(field, "a finite number >= 0", show(value)))
     }
 }
 
@@ -63,7 +66,7 @@ pub fn in_half_open(field: &str, value: f64, lo: f64, hi: f64) -> Result<f64> {
         Err(Error::invalid(
             field,
             format!("in [{lo}, {hi})"),
-            value.to_string(),
+            show(value),
         ))
     }
 }
@@ -76,7 +79,7 @@ pub fn in_open_closed(field: &str, value: f64, lo: f64, hi: f64) -> Result<f64> 
         Err(Error::invalid(
             field,
             format!("in ({lo}, {hi}]"),
-            value.to_string(),
+            show(value),
         ))
     }
 }
@@ -111,8 +114,8 @@ pub fn at_most(field: &str, value: f64, bound_field: &str, bound: f64) -> Result
     } else {
         Err(Error::invalid(
             field,
-            format!("at most {bound_field} = {bound}"),
-            value.to_string(),
+            format!("at most {bound_field} = {}", show(bound)),
+            show(value),
         ))
     }
 }
@@ -128,7 +131,7 @@ pub fn temperature(field: &str, value: f64) -> Result<f64> {
                 "0 (greedy) or a finite number >= {MIN_TEMPERATURE} (smaller temperatures \
                  overflow logits / temperature; use 0 for greedy decoding)"
             ),
-            value.to_string(),
+            show(value),
         ))
     }
 }

@@ -231,9 +231,15 @@ impl RunConfig {
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
-        let cfg: RunConfig = doc
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Config(format!("{what}: {e}")))?;
+        // Before serde sees them: its errors for NaN in an integer field do not say which.
+        crate::validate::toml_finite("", &doc).map_err(|e| e.in_source(what))?;
+        let cfg: RunConfig = doc.clone().try_into().map_err(|e: toml::de::Error| {
+            let field = bad_tagged_field(&doc, &e.to_string());
+            Error::Config(match field {
+                Some(f) => format!("{what}: {f}: {e}"),
+                None => format!("{what}: {e}"),
+            })
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -346,8 +352,69 @@ impl RunConfig {
             .config_from_json(base, "[model] section")
             .map_err(|e| bad_model_field(family, &fields).unwrap_or(e))?;
         cfg.validate()?;
+        check_model_size(&cfg.to_json()?)?;
         Ok(cfg)
     }
+}
+
+/// The most parameters a run config may ask for: 4e9 f32 parameters are 16 GB before the
+/// optimizer's two moments. Above it a typo (`d_model = 4294967296`) would be an allocation
+/// that aborts the process or takes the machine down, not an error naming the field.
+pub const MAX_PARAMS: f64 = 4e9;
+
+/// A rough parameter count from the paper-named fields every family uses (`d_model`, `d_ff`,
+/// the layer counts, the vocabularies and positions), checked against [`MAX_PARAMS`] before
+/// anything is allocated.
+fn check_model_size(json: &serde_json::Value) -> Result<()> {
+    let get = |k: &str| json.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as f64;
+    let d = get("d_model");
+    let ff = get("d_ff");
+    let attn = (get("n_heads") * get("head_dim")).max(d);
+    let layers = get("n_layers") + get("n_encoder_layers") + get("n_decoder_layers");
+    let tables = get("vocab_size")
+        + get("src_vocab_size")
+        + get("tgt_vocab_size")
+        + get("block_size")
+        + get("max_len");
+    // Per layer: attention projections (q, k, v, out; twice with cross-attention, counted
+    // once), the feed-forward (up to three matrices when gated).
+    let params = layers * (4.0 * d * attn + 3.0 * d * ff) + tables * d;
+    if params > MAX_PARAMS {
+        return Err(Error::invalid(
+            "[model]",
+            format!(
+                "a model of at most {MAX_PARAMS:e} parameters (d_model = {d}, d_ff = {ff}, {layers} \
+                 layers, {tables} rows of embedding and position tables from vocab_size, \
+                 block_size / max_len)"
+            ),
+            format!("about {params:.2e} parameters"),
+        ));
+    }
+    Ok(())
+}
+
+/// serde's errors inside an internally tagged section (`[data]`, `[schedule]`, whose `kind`
+/// picks the variant) name only the section (`invalid type: integer, expected usize in
+/// \`data\``). Find the field: the first one whose removal changes the error.
+fn bad_tagged_field(doc: &toml::Table, error: &str) -> Option<String> {
+    for section in ["data", "schedule"] {
+        if !error.contains(&format!("in `{section}`")) {
+            continue;
+        }
+        let table = doc.get(section)?.as_table()?;
+        for key in table.keys().filter(|k| *k != "kind") {
+            let mut probe = doc.clone();
+            probe.get_mut(section)?.as_table_mut()?.remove(key);
+            let changed = match probe.try_into::<RunConfig>() {
+                Ok(_) => true,
+                Err(e) => e.to_string() != error,
+            };
+            if changed {
+                return Some(format!("{section}.{key}"));
+            }
+        }
+    }
+    None
 }
 
 /// serde_json's errors say what was wrong (`invalid type: string "x", expected usize`) but not

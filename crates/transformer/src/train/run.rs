@@ -184,6 +184,19 @@ pub fn prepare_run(
     let model_config = model_cfg.model_config_with_vocabs(src_vocab, tokenizer.vocab_size())?;
     let vs = model_config.var_store(DType::F32, device, seed);
     let task = task_builder(model_config.as_ref(), &vs, &tokenizer)?;
+    // An initialization scale too large for f32 (e.g. model.embed_init_std = 1e300) gives
+    // infinite weights before the first step; say so rather than blame the learning rate.
+    let tensors = vs.tensors();
+    let named = tensors.iter().map(|(n, t)| (n.as_str(), t));
+    if let Some(name) = crate::validate::first_non_finite(named)? {
+        return Err(Error::NonFinite {
+            what: "model initialization".into(),
+            tensor: format!("parameter `{name}`"),
+            advice: "an initialization field of [model] (such as embed_init_std) is out of \
+                     range for f32"
+                .into(),
+        });
+    }
     let optimizer = AdamW::new(vs.vars(), cfg.optimizer)?.with_kernels(vs.kernels());
     let setup = TrainerSetup {
         out_dir: out_dir.to_path_buf(),

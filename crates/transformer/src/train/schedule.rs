@@ -90,6 +90,15 @@ impl LrSchedule {
         }
     }
 
+    /// The field that scales this schedule's learning rates (`schedule.lr`, or
+    /// `schedule.factor` for noam): what to lower when training diverges.
+    pub fn scale_field(&self) -> &'static str {
+        match self {
+            LrSchedule::Noam { .. } => "schedule.factor",
+            _ => "schedule.lr",
+        }
+    }
+
     /// The learning rate for the 0-based optimizer step `step`. Call [`LrSchedule::validate`]
     /// once first: an invalid schedule gives NaN or infinity here rather than an error.
     pub fn lr(&self, step: u64) -> f64 {

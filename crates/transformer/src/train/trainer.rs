@@ -301,7 +301,11 @@ impl Trainer {
                 let mut eval_rng = Rng::new(self.cfg.seed ^ step.wrapping_mul(0x9E37_79B9));
                 let val = task.eval_loss(&mut eval_rng, self.cfg.eval_iters)?;
                 if !val.is_finite() {
-                    return Err(self.diverged("the validation loss".into(), step, lr));
+                    let tensor = match self.first_non_finite()? {
+                        Some(t) => t,
+                        None => format!("the validation loss ({val})"),
+                    };
+                    return Err(self.diverged(tensor, step, lr));
                 }
                 let rec = self.record("eval", eval_sum / eval_n.max(1) as f64, Some(val), lr, 0.0);
                 self.push_record(rec, observer)?;
@@ -520,8 +524,9 @@ impl Trainer {
             what: format!("training stopped at step {step}"),
             tensor,
             advice: format!(
-                "{kept}; likely cause: the updates diverged at learning rate {lr:e} (lower \
-                 schedule.lr{clip}), or the data holds values the model overflows on"
+                "{kept}; likely cause: the updates diverged at learning rate {lr:.3e} (lower \
+                 {}{clip}), or the data holds values the model overflows on",
+                self.schedule.scale_field()
             ),
         }
     }
