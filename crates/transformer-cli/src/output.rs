@@ -257,6 +257,68 @@ impl Drop for StagedDir {
     }
 }
 
+/// Where `train --force` keeps the run it replaces, inside the run directory, until the new
+/// run has written its first checkpoint: a bad start (an error, a crash) puts it back.
+pub const SET_ASIDE_DIR: &str = ".replaced-run";
+
+/// Entries of a directory output moved aside (into [`SET_ASIDE_DIR`]) while their
+/// replacement is built in their place; see [`settle_set_aside`].
+pub struct SetAside {
+    dir: PathBuf,
+}
+
+/// Move those of `entries` (paths inside `dir`) that exist into `dir/.replaced-run/`. Renames
+/// within one directory: nothing is copied and nothing is deleted yet.
+pub fn set_aside(dir: &Path, entries: &[PathBuf]) -> Result<SetAside> {
+    let aside = dir.join(SET_ASIDE_DIR);
+    if aside.exists() {
+        // Left by a replacement that was itself replaced: the user asked for --force twice.
+        std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))?;
+    }
+    std::fs::create_dir_all(&aside).with_context(|| format!("creating {}", aside.display()))?;
+    for e in entries.iter().filter(|e| e.exists()) {
+        let name = e.file_name().context("an entry without a name")?;
+        std::fs::rename(e, aside.join(name))
+            .with_context(|| format!("moving {} aside", e.display()))?;
+    }
+    Ok(SetAside {
+        dir: dir.to_path_buf(),
+    })
+}
+
+impl SetAside {
+    /// The replacement is kept when `keep_new` (it has a checkpoint of its own): the old
+    /// entries are deleted. Otherwise what the replacement wrote is removed and the old
+    /// entries go back.
+    pub fn settle(self, keep_new: bool) -> Result<()> {
+        settle_set_aside(&self.dir, keep_new)
+    }
+}
+
+/// Finish (or, after a crash, recover) a [`set_aside`] of `dir`: delete the old entries when
+/// `keep_new`, else put them back over whatever the new run wrote under the same names.
+pub fn settle_set_aside(dir: &Path, keep_new: bool) -> Result<()> {
+    let aside = dir.join(SET_ASIDE_DIR);
+    if !aside.is_dir() {
+        return Ok(());
+    }
+    if !keep_new {
+        for entry in std::fs::read_dir(&aside).with_context(|| aside.display().to_string())? {
+            let old = entry?.path();
+            let dst = dir.join(old.file_name().context("an entry without a name")?);
+            if dst.is_dir() {
+                std::fs::remove_dir_all(&dst)
+                    .with_context(|| format!("removing {}", dst.display()))?;
+            } else if dst.exists() {
+                std::fs::remove_file(&dst)
+                    .with_context(|| format!("removing {}", dst.display()))?;
+            }
+            std::fs::rename(&old, &dst).with_context(|| format!("restoring {}", dst.display()))?;
+        }
+    }
+    std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))
+}
+
 /// Check the destination of a file output: a directory there is refused, an existing file
 /// unless `force` (a plain file carries no marker, so nothing says which command wrote it).
 /// Reads only.

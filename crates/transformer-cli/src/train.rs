@@ -89,6 +89,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             out.display()
         );
     }
+    // A `--force` that was interrupted before its new run wrote a checkpoint: the old run goes
+    // back (had it written one, the old run is deleted, as asked).
+    crate::output::settle_set_aside(&out, out.join("checkpoint").exists())?;
     // What this run writes or (with --force) deletes may not be anything it reads.
     let inputs = config_inputs(&args, &cfg);
     let mut written: Vec<PathBuf> = RUN_ENTRIES.iter().map(|e| out.join(e)).collect();
@@ -133,23 +136,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     let device = crate::device()?;
     let mut prepared = prepare_run(&cfg, &out, args.resume, &device)?;
-    // Only now that the data, tokenizer and model are known to be good does --force delete the
+    // Only now that the data, tokenizer and model are known to be good does --force touch the
     // old run: a bad corpus or config must leave it as it was. (A fresh `prepare_run` writes
-    // nothing into `out` but the directory itself.)
-    if args.force {
-        for e in RUN_ENTRIES {
-            let p = out.join(e);
-            if p.is_dir() {
-                std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
-            } else if p.exists() {
-                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-            }
-        }
+    // nothing into `out` but the directory itself.) Even then it is only moved aside, and
+    // deleted once the new run has its first checkpoint.
+    let set_aside = if args.force {
         // The step checkpoints of `train.keep_last` belong to the old run too.
-        for (_, p) in transformer::train::trainer::step_dirs(&out)? {
-            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
-        }
-    }
+        Some(crate::output::set_aside(&out, &written)?)
+    } else {
+        None
+    };
     let start = prepared.trainer.state().step;
     println!(
         "training {} model: {} parameters, vocabulary {}, run directory {}{}",
@@ -176,9 +172,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let mut observer = CliObserver::new(cfg.train.max_steps, start, out.join("loss.svg"));
-    let summary = prepared
-        .trainer
-        .run(prepared.task.as_mut(), &mut observer)?;
+    let result = prepared.trainer.run(prepared.task.as_mut(), &mut observer);
+    if let Some(aside) = set_aside {
+        let replaced = out.join("checkpoint").exists();
+        aside.settle(replaced)?;
+        if !replaced {
+            let why = match &result {
+                Err(e) => format!("{e}; "),
+                Ok(_) => String::new(),
+            };
+            bail!(
+                "{why}the new run wrote no checkpoint, so the previous run in {} was put back",
+                out.display()
+            );
+        }
+    }
+    let summary = result?;
     observer.finish();
     crate::plot::loss_curves(prepared.trainer.records(), &out.join("loss.svg"))?;
     if summary.interrupted {

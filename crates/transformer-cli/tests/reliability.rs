@@ -557,7 +557,8 @@ fn outputs_never_replace_inputs_or_unrelated_files() {
             .spawn()
             .and_then(|mut c| {
                 use std::io::Write;
-                c.stdin.take().unwrap().write_all(b"ein hund\nab\xffcd\n")?;
+                // A refused command exits before reading stdin: a broken pipe is expected.
+                let _ = c.stdin.take().unwrap().write_all(b"ein hund\nab\xffcd\n");
                 c.wait_with_output()
             })
             .unwrap()
@@ -585,4 +586,106 @@ fn outputs_never_replace_inputs_or_unrelated_files() {
         "{err}"
     );
     assert!(ws.join("att/line-000001.json").is_file());
+}
+
+// `train --force` builds the new run in place of the old one, which is only moved aside until
+// the new run has a checkpoint: a new run that fails (or is killed) before that gives the old
+// run back.
+#[test]
+fn train_force_keeps_the_old_run_until_the_new_one_has_a_checkpoint() {
+    let ws = Workspace::new();
+    let small = ["--set", "train.max_steps=4", "--set", "train.eval_every=2"];
+    ws.train("run", &small);
+    let before = snapshot(&ws.join("run"));
+    // lr 1e10 diverges within a few steps, long before the first checkpoint at step 50.
+    let e = ws.fails(
+        &[
+            "train",
+            "--config",
+            "lm.toml",
+            "--out",
+            "run",
+            "--force",
+            "--set",
+            "schedule.lr=1e10",
+            "--set",
+            "train.max_steps=50",
+            "--set",
+            "train.eval_every=50",
+        ],
+        &["not finite"],
+    );
+    assert!(e.contains("the previous run in run was put back"), "{e}");
+    assert_eq!(
+        snapshot(&ws.join("run")),
+        before,
+        "the old run was not restored"
+    );
+
+    // Killed before its first checkpoint: the next train of the directory puts the old run
+    // back, and --resume continues it.
+    let mut child = ws
+        .command(&[
+            "train",
+            "--config",
+            "lm.toml",
+            "--out",
+            "run",
+            "--force",
+            "--set",
+            "train.max_steps=100000",
+            "--set",
+            "train.eval_every=100000",
+            "--set",
+            "schedule.decay_steps=100000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.contains("training"), "{first}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        ws.join("run/.replaced-run/checkpoint").is_dir(),
+        "the old run is not aside"
+    );
+    assert!(!ws.join("run/checkpoint").exists());
+    let out = ws.train(
+        "run",
+        &[
+            "--resume",
+            "--set",
+            "train.max_steps=6",
+            "--set",
+            "train.eval_every=2",
+        ],
+    );
+    assert!(
+        text(&out.stdout).contains("resuming at step 4"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(checkpoint_step(&ws.join("run/checkpoint")), 6);
+    assert!(!ws.join("run/.replaced-run").exists());
+
+    // A --force run that gets its checkpoint replaces the old one for good.
+    ws.train(
+        "run",
+        &[
+            "--force",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.eval_every=2",
+        ],
+    );
+    assert_eq!(checkpoint_step(&ws.join("run/checkpoint")), 2);
+    assert!(!ws.join("run/.replaced-run").exists());
 }
