@@ -689,3 +689,33 @@ fn train_force_keeps_the_old_run_until_the_new_one_has_a_checkpoint() {
     assert_eq!(checkpoint_step(&ws.join("run/checkpoint")), 2);
     assert!(!ws.join("run/.replaced-run").exists());
 }
+
+// The finiteness guard covers every writer of checkpoints: averaging in a diverged
+// checkpoint is refused before anything is written.
+#[test]
+fn average_refuses_a_nan_checkpoint() {
+    let ws = Workspace::new();
+    ws.train(
+        "run",
+        &[
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.eval_every=1",
+            "--set",
+            "train.keep_last=2",
+        ],
+    );
+    poison(&ws.join("run/step-000002"), "norm.weight");
+    ws.fails(
+        &[
+            "average",
+            "--out",
+            "avg",
+            "run/step-000001",
+            "run/step-000002",
+        ],
+        &["norm.weight", "not finite"],
+    );
+    assert!(!ws.join("avg").exists() && !ws.join(".avg.staging").exists());
+}

@@ -481,15 +481,7 @@ impl Trainer {
 
     /// The first parameter or optimizer moment holding a NaN or an infinity.
     fn first_non_finite(&self) -> Result<Option<String>> {
-        let tensors = self.vs.tensors();
-        let named = tensors.iter().map(|(n, t)| (n.as_str(), t));
-        if let Some(name) = crate::validate::first_non_finite(named)? {
-            return Ok(Some(format!("parameter `{name}`")));
-        }
-        Ok(self
-            .optimizer
-            .first_non_finite_moment()?
-            .map(|name| format!("optimizer moment `{name}`")))
+        checkpoint::first_non_finite(&self.vs, Some(&self.optimizer))
     }
 
     /// The finiteness guard: every save goes through it, so a diverged state never replaces
