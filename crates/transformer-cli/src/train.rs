@@ -51,7 +51,12 @@ pub fn holds_a_run(dir: &Path) -> bool {
 
 /// The files a run's config reads (the config itself, its data, a tokenizer file).
 fn config_inputs<'a>(args: &'a TrainArgs, cfg: &'a RunConfig) -> Vec<(&'static str, &'a Path)> {
-    let mut inputs: Vec<(&'static str, &Path)> = vec![("--config", args.config.as_path())];
+    let mut inputs: Vec<(&'static str, &Path)> = Vec::new();
+    // `--resume --config RUN/checkpoint/run.toml` resumes with the run's own config, read
+    // once before anything is written and saved again with every checkpoint.
+    if !args.resume {
+        inputs.push(("--config", args.config.as_path()));
+    }
     match &cfg.data {
         DataConfig::Text { path, .. } => inputs.push(("data.path", path)),
         DataConfig::Parallel {

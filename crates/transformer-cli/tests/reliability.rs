@@ -719,3 +719,46 @@ fn average_refuses_a_nan_checkpoint() {
     );
     assert!(!ws.join("avg").exists() && !ws.join(".avg.staging").exists());
 }
+
+// train's inputs may not live in what it writes or deletes, except its own saved config on
+// --resume.
+#[test]
+fn train_never_replaces_its_own_inputs() {
+    let ws = Workspace::new();
+    ws.train("run", &["--set", "train.max_steps=2"]);
+    std::fs::copy(ws.join("corpus.txt"), ws.join("run/checkpoint/corpus.txt")).unwrap();
+    let before = snapshot(&ws.join("run"));
+    ws.fails(
+        &[
+            "train",
+            "--config",
+            "lm.toml",
+            "--out",
+            "run",
+            "--force",
+            "--set",
+            "data.path=\"run/checkpoint/corpus.txt\"",
+        ],
+        &["holds the input data.path"],
+    );
+    assert_eq!(snapshot(&ws.join("run")), before);
+    std::fs::remove_file(ws.join("run/checkpoint/corpus.txt")).unwrap();
+    // Resuming with the run's own saved config is fine.
+    let out = ws.train("run", &["--resume", "--set", "train.max_steps=4"]);
+    assert!(text(&out.stdout).contains("resuming at step 2"));
+    let out = ws.ok(&[
+        "train",
+        "--config",
+        "run/checkpoint/run.toml",
+        "--out",
+        "run",
+        "--resume",
+        "--set",
+        "train.max_steps=6",
+    ]);
+    assert!(
+        text(&out.stdout).contains("resuming at step 4"),
+        "{}",
+        text(&out.stdout)
+    );
+}
