@@ -201,8 +201,11 @@ pub struct StagedDir {
 impl StagedDir {
     /// Check `dest` ([`check_dir`]) and create the empty staging directory beside it.
     pub fn begin(flag: &str, dest: &Path, command: &'static str, force: bool) -> Result<Self> {
-        recover(dest)?;
+        // Absolute, so that `--out .` has a name to put the staging directory beside.
+        let resolved = resolve(dest);
+        recover(&resolved)?;
         check_dir(flag, dest, command, force)?;
+        let dest = &resolved;
         let tmp = sibling(dest, "staging");
         if let Some(parent) = tmp.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
@@ -340,7 +343,7 @@ pub fn check_file(flag: &str, dest: &Path, force: bool) -> Result<()> {
 
 /// Write a file output whole: into a sibling first, renamed over `dest` when complete.
 pub fn write_file(dest: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = sibling(dest, "partial");
+    let tmp = sibling(&resolve(dest), "partial");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, dest).with_context(|| format!("writing {}", dest.display()))
 }

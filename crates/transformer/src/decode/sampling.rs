@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::rng::Rng;
-use crate::{Error, Result};
+use crate::Result;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,15 +37,15 @@ impl Sampling {
         }
     }
 
+    /// Every field in range ([`crate::validate`]): temperature 0 or at least
+    /// [`crate::validate::MIN_TEMPERATURE`], top_k >= 1, top_p in (0, 1].
     pub fn validate(&self) -> Result<()> {
         crate::validate::temperature("temperature", self.temperature)?;
-        if self.top_k == Some(0) {
-            return Err(Error::invalid("top_k", ">= 1", "0"));
+        if let Some(k) = self.top_k {
+            crate::validate::at_least_one("top_k", k as u64)?;
         }
         if let Some(p) = self.top_p {
-            if p.is_nan() || p <= 0.0 || p > 1.0 {
-                return Err(Error::invalid("top_p", "in (0, 1]", p.to_string()));
-            }
+            crate::validate::in_open_closed("top_p", p, 0.0, 1.0)?;
         }
         Ok(())
     }

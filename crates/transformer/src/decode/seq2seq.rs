@@ -92,24 +92,11 @@ impl Seq2SeqDecodeOptions {
         }
     }
 
+    /// Every field in range ([`crate::validate`]).
     pub fn validate(&self) -> Result<()> {
-        if self.beam_size == 0 {
-            return Err(Error::invalid("beam_size", ">= 1", "0"));
-        }
-        if !self.alpha.is_finite() || self.alpha < 0.0 {
-            return Err(Error::invalid(
-                "alpha (length penalty)",
-                "a finite number >= 0",
-                self.alpha.to_string(),
-            ));
-        }
-        if !self.max_len_a.is_finite() || self.max_len_a < 0.0 {
-            return Err(Error::invalid(
-                "max_len_a",
-                "a finite number >= 0",
-                self.max_len_a.to_string(),
-            ));
-        }
+        crate::validate::at_least_one("beam_size", self.beam_size as u64)?;
+        crate::validate::non_negative("alpha (length penalty)", self.alpha)?;
+        crate::validate::non_negative("max_len_a", self.max_len_a)?;
         Ok(())
     }
 
