@@ -33,7 +33,8 @@ fn run_bounded(ws: &Workspace, logs: &Path, args: &[&str]) -> (Output, bool) {
     let (out_path, err_path) = (logs.join("stdout"), logs.join("stderr"));
     let mut child = ws
         .command(args)
-        .stdin(std::process::Stdio::null())
+        // What `translate` reads; the other commands ignore stdin.
+        .stdin(std::fs::File::open(logs.join("stdin")).unwrap())
         .stdout(std::fs::File::create(&out_path).unwrap())
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
@@ -312,11 +313,29 @@ fn config_case(rng: &mut Lcg, n: usize, configs: &[(String, String)]) -> Case {
     }
 }
 
-/// One numeric flag of `generate` or `eval` against the pre-built tiny model.
+/// One numeric flag of `generate`, `eval` or `translate` against the pre-built tiny models
+/// (`existing`: a language model; `mt`: a translation model).
 fn flag_case(rng: &mut Lcg, n: usize) -> Case {
     let value = *rng.pick(&VALUES);
     let value = value.trim_matches('"');
-    let (mut args, flag) = if rng.below(2) == 0 {
+    let which = rng.below(4);
+    let (mut args, flag) = if which == 2 {
+        let flag = *rng.pick(&["--beam", "--alpha", "--batch-size"]);
+        let (cmd, extra): (&str, &[&str]) = *rng.pick(&[
+            ("translate", &[][..]),
+            ("eval", &["--src", "train.de", "--ref", "train.en"][..]),
+        ]);
+        let mut args = strings(&[cmd, "--checkpoint", "mt", flag, value]);
+        args.extend(strings(extra));
+        (args, flag)
+    } else if which == 3 {
+        let flag = "--attention-out";
+        let dir = *rng.pick(&["mt", "mt/best", "corpus.txt", "configs", "att"]);
+        (
+            strings(&["translate", "--checkpoint", "mt", "--beam", "1", flag, dir]),
+            flag,
+        )
+    } else if which == 0 {
         let flag = *rng.pick(&[
             "--temperature",
             "--top-k",
@@ -356,6 +375,10 @@ fn flag_case(rng: &mut Lcg, n: usize) -> Case {
             flag,
         )
     };
+    let out = match args.iter().position(|a| a == "--attention-out") {
+        Some(i) if args[i + 1] == "att" => PathBuf::from("att"),
+        _ => PathBuf::from(format!("none-{n}")),
+    };
     if !args.iter().any(|a| a == "--max-new-tokens") && args[0] == "generate" {
         args.extend(strings(&["--max-new-tokens", "4"]));
     }
@@ -366,11 +389,7 @@ fn flag_case(rng: &mut Lcg, n: usize) -> Case {
     if value.len() >= 3 {
         named.push(value.to_string());
     }
-    Case {
-        args,
-        named,
-        out: PathBuf::from(format!("none-{n}")),
-    }
+    Case { args, named, out }
 }
 
 fn check(ws: &Workspace, case: &Case, out: &Output) -> Result<(), String> {
@@ -441,17 +460,32 @@ fn mutated_configs_and_flags_fail_cleanly_or_succeed_finitely() {
     std::fs::write(ws.join("train.en"), en).unwrap();
     // A finished run: the target of `--out existing` and the model of the flag cases.
     ws.train("existing", &["--set", "train.max_steps=2"]);
+    // A translation model for the flag cases of `translate` and `eval --src`.
+    let mut mt = strings(&[
+        "train",
+        "--config",
+        "configs/multi30k-de-en.toml",
+        "--out",
+        "mt",
+    ]);
+    for s in shrink("multi30k-de-en.toml") {
+        mt.extend(strings(&["--set", s]));
+    }
+    ws.ok(&mt.iter().map(String::as_str).collect::<Vec<_>>());
 
     let logs = tempfile::tempdir().unwrap();
+    std::fs::write(logs.path().join("stdin"), "ein hund\nder hund läuft\n").unwrap();
     let mut rng = Lcg(SEED);
     let mut failures = Vec::new();
     let (mut ok, mut refused) = (0, 0);
+    let mut per_command: BTreeMap<String, usize> = BTreeMap::new();
     for n in 0..CASES {
         let case = if n % 5 == 4 {
             flag_case(&mut rng, n)
         } else {
             config_case(&mut rng, n, &configs)
         };
+        *per_command.entry(case.args[0].clone()).or_default() += 1;
         let before = hashes(ws.path(), &ws.path().join(&case.out));
         let args: Vec<&str> = case.args.iter().map(String::as_str).collect();
         let (out, timed_out) = run_bounded(&ws, logs.path(), &args);
@@ -485,7 +519,9 @@ fn mutated_configs_and_flags_fail_cleanly_or_succeed_finitely() {
         }
         let _ = std::fs::remove_dir_all(ws.path().join(&case.out));
     }
-    eprintln!("{CASES} cases: {ok} succeeded, {refused} refused with a named error");
+    eprintln!(
+        "{CASES} cases ({per_command:?}): {ok} succeeded, {refused} refused with a named error"
+    );
     assert!(
         failures.is_empty(),
         "{} of {CASES} cases failed:\n{}",

@@ -386,6 +386,11 @@ fn weak_messages_name_what_is_wrong() {
         ],
         &["--batch-size", "0"],
     );
+    // A huge beam is refused, not allocated.
+    ws.fails(
+        &["translate", "--checkpoint", "done", "--beam", "4294967296"],
+        &["beam_size", "in [1, 1024]", "4294967296"],
+    );
     // Negative numbers reach the flag's own parsing, whose error names it.
     for (flag, cmd) in [
         ("--beam", "translate"),

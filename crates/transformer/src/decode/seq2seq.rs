@@ -83,6 +83,10 @@ impl Default for Seq2SeqDecodeOptions {
     }
 }
 
+/// The largest beam [`Seq2SeqDecodeOptions::validate`] accepts (far above the 4-10 of
+/// practice).
+pub const MAX_BEAM: usize = 1024;
+
 impl Seq2SeqDecodeOptions {
     /// Greedy decoding with the paper's length limit.
     pub fn greedy() -> Self {
@@ -94,7 +98,9 @@ impl Seq2SeqDecodeOptions {
 
     /// Every field in range ([`crate::validate`]).
     pub fn validate(&self) -> Result<()> {
-        crate::validate::at_least_one("beam_size", self.beam_size as u64)?;
+        // The upper bound: candidate lists are sized beam × beam per sentence, so a typo
+        // (`--beam 4294967296`) would be an allocation that aborts rather than an error.
+        crate::validate::count_in("beam_size", self.beam_size as u64, 1, MAX_BEAM as u64)?;
         crate::validate::non_negative("alpha (length penalty)", self.alpha)?;
         crate::validate::non_negative("max_len_a", self.max_len_a)?;
         Ok(())

@@ -243,6 +243,7 @@ fn text_data(ctx: &SetupContext, path: &Path, train_fraction: &f64) -> Result<Da
         .encode(&text)
         .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
     let data = LmDataset::from_tokens(tokens, *train_fraction)?;
+    let train_fraction = *train_fraction;
     let batch_size = cfg.train.batch_size;
     let device = device.clone();
     let path = path.to_path_buf();
@@ -261,8 +262,10 @@ fn text_data(ctx: &SetupContext, path: &Path, train_fraction: &f64) -> Result<Da
         ] {
             if n < need {
                 return Err(Error::msg(format!(
-                    "{}: the {split} split has {n} tokens, fewer than block_size + 1 = {need}",
-                    path.display()
+                    "{}: the {split} split has {n} tokens, fewer than block_size + 1 = {need} \
+                     (data.train_fraction = {} of the text trains, the rest validates)",
+                    path.display(),
+                    crate::validate::show(train_fraction)
                 )));
             }
         }
