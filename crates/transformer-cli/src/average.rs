@@ -10,9 +10,13 @@ use transformer::train::checkpoint::{average_checkpoints, resolve_model_dir};
 
 #[derive(Args)]
 pub struct AverageArgs {
-    /// Directory for the averaged checkpoint (created; its files are replaced).
+    /// Directory for the averaged checkpoint. A previous average there is replaced; anything
+    /// else only with --force.
     #[arg(long)]
     out: PathBuf,
+    /// Replace --out even when it holds something other than a previous average.
+    #[arg(long)]
+    force: bool,
     /// Checkpoint directories to average, e.g. `runs/multi30k/step-*` (two or more).
     #[arg(required = true, num_args = 2.., value_name = "CKPT")]
     checkpoints: Vec<PathBuf>,
@@ -24,7 +28,12 @@ pub fn run(args: AverageArgs) -> Result<()> {
         .iter()
         .map(|p| resolve_model_dir(p))
         .collect::<transformer::Result<_>>()?;
-    average_checkpoints(&dirs, &args.out)?;
+    let inputs: Vec<(&str, &std::path::Path)> =
+        dirs.iter().map(|d| ("checkpoint", d.as_path())).collect();
+    crate::output::check_not_input("--out", &args.out, &inputs)?;
+    let staged = crate::output::StagedDir::begin("--out", &args.out, "average", args.force)?;
+    average_checkpoints(&dirs, staged.path())?;
+    staged.commit()?;
     println!(
         "averaged {} checkpoints into {}",
         dirs.len(),

@@ -21,7 +21,7 @@ pub struct ChatArgs {
     #[arg(long)]
     system: Option<String>,
     /// The longest reply, in tokens.
-    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 256, allow_hyphen_values = true)]
     max_new_tokens: usize,
     #[command(flatten)]
     sampling: crate::sampling::SamplingArgs,

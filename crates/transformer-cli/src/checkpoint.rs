@@ -74,9 +74,12 @@ impl LoadedLm {
 fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
     let meta = read_meta(dir)?;
     let family = family(&meta.family).with_context(|| format!("{}: meta.json", dir.display()))?;
-    family
+    let loaded = family
         .load(dir, device, dtype)
-        .with_context(|| format!("loading {}", dir.display()))
+        .with_context(|| format!("loading {}", dir.display()))?;
+    // A diverged run's weights decode to garbage (NaN logits); refuse them by name.
+    transformer::train::checkpoint::check_finite_weights(dir, &loaded.vs)?;
+    Ok(loaded)
 }
 
 /// Load a language model: a checkpoint directory, a run directory, or a GGUF file (its

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, IndexOp};
 use clap::Args;
 use transformer::data::Seq2SeqIds;
@@ -15,6 +15,7 @@ use transformer::train::run::{prepare_run, REVERSE_ALPHABET};
 use transformer::train::tasks::reverse_pair;
 use transformer::train::RunConfig;
 
+use crate::output::StagedDir;
 use crate::progress::CliObserver;
 
 /// The demo's configuration, built into the binary so that it runs with no files at all.
@@ -22,43 +23,51 @@ const DEMO_CONFIG: &str = include_str!("../../../configs/demo-reverse.toml");
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Where the demo's run goes (replaced on every demo run).
+    /// Where the demo's run goes. A previous demo there is replaced; anything else (a training
+    /// run, other files) only with --force.
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
+    /// Replace --out even when it holds something other than a previous demo.
+    #[arg(long)]
+    force: bool,
     /// Override a field of the built-in config (configs/demo-reverse.toml), e.g.
     /// `--set train.max_steps=300`.
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     overrides: Vec<String>,
-    /// Test sequences to score.
-    #[arg(long, default_value_t = 200)]
+    /// Test sequences to score (at least 1).
+    #[arg(long, default_value_t = 200, allow_hyphen_values = true)]
     n_test: usize,
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
     let cfg = RunConfig::from_toml(DEMO_CONFIG, &args.overrides, "built-in demo config")?;
-    for sub in ["checkpoint", "best"] {
-        let p = args.out.join(sub);
-        if p.exists() {
-            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
-        }
+    if args.n_test == 0 {
+        bail!("--n-test must be at least 1 (the accuracy and the heatmap need a test sequence)");
     }
-    let _ = std::fs::remove_file(args.out.join("metrics.jsonl"));
     let device = crate::device()?;
-    let mut prepared = prepare_run(&cfg, &args.out, false, &device)?;
+    // The new demo is built beside --out and swapped in when complete: a bad --set or a
+    // failure half-way leaves whatever was there as it was.
+    let staged = StagedDir::begin("--out", &args.out, "demo", args.force)?;
+    let work = staged.path().to_path_buf();
+    let mut prepared = prepare_run(&cfg, &work, false, &device)?;
     println!(
         "demo: an encoder-decoder Transformer ({} parameters) learns to reverse sequences of symbols",
         prepared.n_params
     );
     let t0 = std::time::Instant::now();
-    let mut observer = CliObserver::new(cfg.train.max_steps, 0, args.out.join("loss.svg"));
+    let mut observer = CliObserver::new(cfg.train.max_steps, 0, work.join("loss.svg"));
     prepared
         .trainer
         .run(prepared.task.as_mut(), &mut observer)?;
     observer.finish();
-    crate::plot::loss_curves(prepared.trainer.records(), &args.out.join("loss.svg"))?;
+    crate::plot::loss_curves(prepared.trainer.records(), &work.join("loss.svg"))?;
     println!("trained in {:.1} s", t0.elapsed().as_secs_f64());
 
-    let best = args.out.join("best");
+    // best/ unless train.keep_best = false turned it off.
+    let best = match work.join("best") {
+        b if b.is_dir() => b,
+        _ => work.join("checkpoint"),
+    };
     let (model, _) = EncoderDecoder::load(&best, &device)?;
     let tok = &prepared.tokenizer;
     let ids = Seq2SeqIds::from_tokenizer(tok)?;
@@ -127,14 +136,15 @@ pub fn run(args: DemoArgs) -> Result<()> {
         .map(|i| avg.i(i).and_then(|r| r.to_vec1::<f32>()))
         .collect::<candle_core::Result<_>>()?;
     let label = |ids: &[u32]| -> Vec<String> { ids.iter().map(|&i| show(&[i])).collect() };
-    let path = args.out.join("attention.svg");
     crate::plot::attention_heatmap(
         &weights,
         &label(&h.tokens[..rows_n]),
         &label(src),
         "cross-attention, last decoder layer (rows: output, columns: input)",
-        &path,
+        &work.join("attention.svg"),
     )?;
+    staged.commit()?;
+    let path = args.out.join("attention.svg");
     println!(
         "cross-attention heatmap: {} (reversal shows as the anti-diagonal); loss curve: {}",
         path.display(),

@@ -27,11 +27,11 @@ pub struct EmbedArgs {
     #[arg(long)]
     no_normalize: bool,
     /// Texts per forward pass.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, allow_hyphen_values = true)]
     batch_size: usize,
     /// Truncate texts to this many tokens, [CLS] and [SEP] included [default: the model's
     /// max_seq_length from sentence_bert_config.json, else max_position_embeddings].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     max_length: Option<usize>,
 }
 

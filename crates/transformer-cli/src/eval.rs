@@ -30,21 +30,30 @@ pub struct EvalArgs {
     /// Reference translations, aligned with --src.
     #[arg(long = "ref", requires = "src")]
     reference: Option<PathBuf>,
+    // `allow_hyphen_values` on the numeric flags: the error then names the flag.
     /// Beam size for --src; 1 decodes greedily.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, allow_hyphen_values = true)]
     beam: usize,
     /// Length penalty exponent α for --src.
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(long, default_value_t = 0.6, allow_hyphen_values = true)]
     alpha: f64,
-    /// Write the translations of --src here, one per line.
+    /// Write the translations of --src here, one per line (an existing file only with
+    /// --force; never one of the inputs).
     #[arg(long, requires = "src")]
     hyp_out: Option<PathBuf>,
+    /// Replace an existing --hyp-out file.
+    #[arg(long, requires = "hyp_out")]
+    force: bool,
     /// Windows (language model) or sentences (translation) per forward pass.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, allow_hyphen_values = true)]
     batch_size: usize,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
+    // Both modes take --batch-size; 0 is refused as by every other command, not read as 1.
+    if args.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1, got 0");
+    }
     match (&args.src, &args.reference, &args.text) {
         (Some(src), Some(reference), _) => eval_translation(&args, src, reference),
         (_, _, Some(text)) => eval_lm(&args, text),
@@ -91,6 +100,22 @@ fn eval_translation(args: &EvalArgs, src: &Path, reference: &Path) -> Result<()>
         batch_size: args.batch_size,
     };
     let opts = decode.options(false)?;
+    // Checked before any work: the hypotheses may not replace an input or an unrelated file.
+    if let Some(path) = &args.hyp_out {
+        // The checkpoint directory the model is read from (a run directory's best/): a file
+        // in it may be one the model needs; the rest of a run directory is fair game.
+        let model_dir = transformer::train::checkpoint::resolve_model_dir(&args.checkpoint)?;
+        crate::output::check_not_input(
+            "--hyp-out",
+            path,
+            &[
+                ("--src", src),
+                ("--ref", reference),
+                ("--checkpoint", model_dir.as_path()),
+            ],
+        )?;
+        crate::output::check_file("--hyp-out", path, args.force)?;
+    }
     let device = crate::device()?;
     let t = crate::checkpoint::load_translator(&args.checkpoint, &device)?;
     let pairs = read_parallel(src, reference)?;
@@ -113,7 +138,7 @@ fn eval_translation(args: &EvalArgs, src: &Path, reference: &Path) -> Result<()>
     if let Some(path) = &args.hyp_out {
         let mut body = texts.join("\n");
         body.push('\n');
-        std::fs::write(path, body).with_context(|| format!("writing {}", path.display()))?;
+        crate::output::write_file(path, body.as_bytes())?;
     }
     let refs: Vec<&str> = pairs.iter().map(|(_, r)| r.as_str()).collect();
     let bleu = corpus_bleu(&texts, &refs, false)?;

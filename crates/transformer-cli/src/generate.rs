@@ -16,7 +16,7 @@ pub struct GenerateArgs {
     prompt: String,
     /// The most tokens to generate (0: print the prompt and stop). Generation also stops at
     /// the model's end-of-sequence / end-of-turn tokens.
-    #[arg(long, default_value_t = 500, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 500, allow_hyphen_values = true)]
     max_new_tokens: usize,
     /// When prompt + new tokens exceed the context window: `slide` keeps the most recent
     /// tokens, `fail` refuses before generating.

@@ -13,6 +13,7 @@ mod eval;
 mod generate;
 mod inspect;
 mod models;
+mod output;
 mod plot;
 mod progress;
 mod sampling;
@@ -38,7 +39,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     /// Threads for matrix products and fused kernels (default: TRANSFORMER_THREADS, else all
     /// cores).
-    #[arg(long, global = true, value_name = "N")]
+    #[arg(long, global = true, value_name = "N", allow_hyphen_values = true)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -53,16 +54,24 @@ struct Cli {
 /// stay on the calling thread unless CANDLE_NUM_THREADS says otherwise; matrix products and
 /// our kernels use rayon's pool of `--threads` (or TRANSFORMER_THREADS) threads.
 fn configure_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    // Each source is named in its own errors: a bad TRANSFORMER_THREADS is not a bad --threads.
+    // The upper bound keeps a typo from asking rayon for millions of threads (an abort).
+    const MAX_THREADS: usize = 1024;
     let threads = match (threads, std::env::var("TRANSFORMER_THREADS")) {
+        (Some(n), _) if !(1..=MAX_THREADS).contains(&n) => {
+            anyhow::bail!("--threads must be in [1, {MAX_THREADS}], got {n}")
+        }
         (Some(n), _) => Some(n),
-        (None, Ok(v)) => Some(v.trim().parse::<usize>().map_err(|_| {
-            anyhow::anyhow!("TRANSFORMER_THREADS={v:?}: expected a whole number of threads")
-        })?),
+        (None, Ok(v)) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_THREADS).contains(&n) => Some(n),
+            Ok(n) => anyhow::bail!("TRANSFORMER_THREADS must be in [1, {MAX_THREADS}], got {n}"),
+            Err(_) => anyhow::bail!(
+                "TRANSFORMER_THREADS={v:?}: expected a whole number of threads in [1, \
+                 {MAX_THREADS}]"
+            ),
+        },
         (None, Err(_)) => None,
     };
-    if threads == Some(0) {
-        anyhow::bail!("--threads must be at least 1");
-    }
     // Always set: without RAYON_NUM_THREADS, candle 0.11 works out its matrix-product
     // threads on every product by parsing /proc/cpuinfo (`num_cpus::get_physical`), which
     // made generation 4x slower here (5,600 vs 1,300 tokens/s in `bench D`).

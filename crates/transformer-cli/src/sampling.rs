@@ -4,21 +4,22 @@ use anyhow::{Context, Result};
 use clap::Args;
 use transformer::decode::Sampling;
 
-// `allow_negative_numbers` on the numeric flags: without it clap reads `--temperature -1` as a
-// stray flag and its error does not name --temperature; with it the value reaches parsing and
-// validation, whose errors do.
+// `allow_hyphen_values` on the numeric flags: without it clap reads `--temperature -1` (or
+// `-inf`, which `allow_negative_numbers` does not take for a number) as a stray flag and its
+// error does not name --temperature; with it the value reaches parsing and validation, whose
+// errors do.
 #[derive(Args)]
 pub struct SamplingArgs {
     /// Sampling temperature; 0 means greedy (argmax).
-    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.8, allow_hyphen_values = true)]
     temperature: f64,
     /// Sample only among the k most likely tokens.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     top_k: Option<usize>,
     /// Sample only within the smallest set of tokens whose probability reaches p.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     top_p: Option<f64>,
-    #[arg(long, default_value_t = 1337)]
+    #[arg(long, default_value_t = 1337, allow_hyphen_values = true)]
     pub seed: u64,
 }
 

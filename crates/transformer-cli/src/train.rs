@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use transformer::train::run::prepare_run;
-use transformer::train::RunConfig;
+use transformer::train::{DataConfig, RunConfig};
 
 use crate::progress::CliObserver;
 
@@ -29,19 +29,54 @@ pub struct TrainArgs {
     force: bool,
 }
 
-/// Files and folders that make a directory "a run". The `.old` names hold the previous
-/// checkpoint when a crash came between the two renames of a save (see `checkpoint::recover`).
-const RUN_ENTRIES: [&str; 6] = [
+/// Files and folders that make a directory "a run" (with the `step-XXXXXX/` checkpoints of
+/// `train.keep_last`, see [`holds_a_run`]). The `.old` names hold the previous checkpoint when
+/// a crash came between the two renames of a save (see `checkpoint::recover`).
+const RUN_ENTRIES: [&str; 7] = [
     "checkpoint",
     "best",
     ".checkpoint.old",
     ".best.old",
     "metrics.jsonl",
     "loss.svg",
+    crate::output::MARKER_FILE,
 ];
 
-fn holds_a_run(dir: &Path) -> bool {
+/// Whether `dir` holds a training run (or what is left of one): any of [`RUN_ENTRIES`], or a
+/// step checkpoint on its own, which is a run's weights as much as `checkpoint/` is.
+pub fn holds_a_run(dir: &Path) -> bool {
     RUN_ENTRIES.iter().any(|e| dir.join(e).exists())
+        || transformer::train::trainer::step_dirs(dir).is_ok_and(|d| !d.is_empty())
+}
+
+/// The files a run's config reads (the config itself, its data, a tokenizer file).
+fn config_inputs<'a>(args: &'a TrainArgs, cfg: &'a RunConfig) -> Vec<(&'static str, &'a Path)> {
+    let mut inputs: Vec<(&'static str, &Path)> = Vec::new();
+    // `--resume --config RUN/checkpoint/run.toml` resumes with the run's own config, read
+    // once before anything is written and saved again with every checkpoint.
+    if !args.resume {
+        inputs.push(("--config", args.config.as_path()));
+    }
+    match &cfg.data {
+        DataConfig::Text { path, .. } => inputs.push(("data.path", path)),
+        DataConfig::Parallel {
+            train_src,
+            train_tgt,
+            val_src,
+            val_tgt,
+            ..
+        } => {
+            inputs.push(("data.train_src", train_src));
+            inputs.push(("data.train_tgt", train_tgt));
+            inputs.push(("data.val_src", val_src));
+            inputs.push(("data.val_tgt", val_tgt));
+        }
+        DataConfig::Reverse { .. } => {}
+    }
+    if let Some(p) = &cfg.tokenizer.path {
+        inputs.push(("tokenizer.path", p));
+    }
+    inputs
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -53,6 +88,26 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .map(|s| s.to_string_lossy().into_owned());
         PathBuf::from("runs").join(stem.unwrap_or_else(|| "run".into()))
     });
+    if out.exists() && !out.is_dir() {
+        bail!(
+            "--out {}: a file is there; --out names the run directory (choose another path)",
+            out.display()
+        );
+    }
+    // A `--force` that was interrupted before its new run wrote a checkpoint: the old run goes
+    // back (had it written one, the old run is deleted, as asked).
+    crate::output::settle_set_aside(&out, out.join("checkpoint").exists())?;
+    // What this run writes or (with --force) deletes may not be anything it reads.
+    let inputs = config_inputs(&args, &cfg);
+    let mut written: Vec<PathBuf> = RUN_ENTRIES.iter().map(|e| out.join(e)).collect();
+    written.extend(
+        transformer::train::trainer::step_dirs(&out)?
+            .into_iter()
+            .map(|(_, p)| p),
+    );
+    for w in &written {
+        crate::output::check_not_input("--out", w, &inputs)?;
+    }
     if args.resume {
         if !out.join("checkpoint").exists() && !out.join(".checkpoint.old").exists() {
             bail!(
@@ -67,25 +122,35 @@ pub fn run(args: TrainArgs) -> Result<()> {
             out.display()
         );
     }
-    let device = crate::device()?;
-    let mut prepared = prepare_run(&cfg, &out, args.resume, &device)?;
-    // Only now that the data, tokenizer and model are known to be good does --force delete the
-    // old run: a bad corpus or config must leave it as it was. (A fresh `prepare_run` writes
-    // nothing into `out` but the directory itself.)
-    if args.force {
-        for e in RUN_ENTRIES {
-            let p = out.join(e);
-            if p.is_dir() {
-                std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
-            } else if p.exists() {
-                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+    if args.resume {
+        // Checked before anything is loaded or rewritten: resuming a finished run would train
+        // no step and report a final loss of NaN.
+        let ckpt = out.join("checkpoint");
+        if let Ok(state) = transformer::train::checkpoint::read_trainer_state(&ckpt) {
+            if state.step >= cfg.train.max_steps {
+                bail!(
+                    "{}: the run already finished at step {} (train.max_steps = {}); to train \
+                     further, raise it, e.g. --resume --set train.max_steps={}",
+                    out.display(),
+                    state.step,
+                    cfg.train.max_steps,
+                    state.step * 2
+                );
             }
         }
-        // The step checkpoints of `train.keep_last` belong to the old run too.
-        for (_, p) in transformer::train::trainer::step_dirs(&out)? {
-            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
-        }
     }
+    let device = crate::device()?;
+    let mut prepared = prepare_run(&cfg, &out, args.resume, &device)?;
+    // Only now that the data, tokenizer and model are known to be good does --force touch the
+    // old run: a bad corpus or config must leave it as it was. (A fresh `prepare_run` writes
+    // nothing into `out` but the directory itself.) Even then it is only moved aside, and
+    // deleted once the new run has its first checkpoint.
+    let set_aside = if args.force {
+        // The step checkpoints of `train.keep_last` belong to the old run too.
+        Some(crate::output::set_aside(&out, &written)?)
+    } else {
+        None
+    };
     let start = prepared.trainer.state().step;
     println!(
         "training {} model: {} parameters, vocabulary {}, run directory {}{}",
@@ -112,9 +177,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let mut observer = CliObserver::new(cfg.train.max_steps, start, out.join("loss.svg"));
-    let summary = prepared
-        .trainer
-        .run(prepared.task.as_mut(), &mut observer)?;
+    let result = prepared.trainer.run(prepared.task.as_mut(), &mut observer);
+    if let Some(aside) = set_aside {
+        let replaced = out.join("checkpoint").exists();
+        aside.settle(replaced)?;
+        if !replaced {
+            let why = match &result {
+                Err(e) => format!("{e}; "),
+                Ok(_) => String::new(),
+            };
+            bail!(
+                "{why}the new run wrote no checkpoint, so the previous run in {} was put back",
+                out.display()
+            );
+        }
+    }
+    let summary = result?;
     observer.finish();
     crate::plot::loss_curves(prepared.trainer.records(), &out.join("loss.svg"))?;
     if summary.interrupted {

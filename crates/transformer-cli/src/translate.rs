@@ -34,19 +34,25 @@ pub struct TranslateArgs {
     /// head, and their mean) and `line-NNNNNN.svg` (the mean as a labelled heatmap).
     #[arg(long, value_name = "DIR")]
     attention_out: Option<PathBuf>,
+    /// Replace --attention-out even when it holds something other than a previous
+    /// `translate --attention-out`.
+    #[arg(long, requires = "attention_out")]
+    force: bool,
 }
 
 /// Decoding flags shared by `translate` and `eval`.
 #[derive(Args, Clone)]
 pub struct DecodeArgs {
+    // `allow_hyphen_values`: without it clap reads `--beam -1` as a stray flag and its
+    // error does not name --beam; with it the value reaches parsing, whose error does.
     /// Beam size; 1 decodes greedily.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, allow_hyphen_values = true)]
     pub beam: usize,
     /// Length penalty exponent α of ((5 + |Y|) / 6)^α (0: none).
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(long, default_value_t = 0.6, allow_hyphen_values = true)]
     pub alpha: f64,
     /// Sentences decoded together (sorted by length, so that little is padding).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, allow_hyphen_values = true)]
     pub batch_size: usize,
 }
 
@@ -62,6 +68,7 @@ impl DecodeArgs {
             need_attention,
             ..Default::default()
         };
+        transformer::validate::non_negative("--alpha", self.alpha)?;
         opts.validate().context("--beam / --alpha")?;
         Ok(opts)
     }
@@ -138,9 +145,23 @@ pub fn run(args: TranslateArgs) -> Result<()> {
     let opts = args.decode.options(args.attention_out.is_some())?;
     let device = crate::device()?;
     let t = load_translator(&args.checkpoint, &device)?;
-    if let Some(dir) = &args.attention_out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    // The attention files are built beside --attention-out and swapped in at the end.
+    let staged = match &args.attention_out {
+        Some(dir) => {
+            crate::output::check_not_input(
+                "--attention-out",
+                dir,
+                &[("--checkpoint", t.dir.as_path())],
+            )?;
+            Some(crate::output::StagedDir::begin(
+                "--attention-out",
+                dir,
+                "translate --attention-out",
+                args.force,
+            )?)
+        }
+        None => None,
+    };
     let mut input = Vec::new();
     std::io::stdin()
         .lock()
@@ -157,6 +178,7 @@ pub fn run(args: TranslateArgs) -> Result<()> {
         let what = format!("line {}", line.number);
         match &line.text {
             Err(e) => {
+                // `e` counts bytes from 1, as `embed` does.
                 eprintln!("error: {what}: {e}; its output line is left empty");
                 failed += 1;
             }
@@ -178,9 +200,12 @@ pub fn run(args: TranslateArgs) -> Result<()> {
     let hyps = translate_ids(&t, &sources, &opts, args.decode.batch_size, &device)?;
     for ((i, src), h) in todo.iter().zip(&hyps) {
         outputs[*i] = hypothesis_text(&t, h)?;
-        if let Some(dir) = &args.attention_out {
-            write_attention(dir, lines[*i].number, &t, src, h)?;
+        if let Some(staged) = &staged {
+            write_attention(staged.path(), lines[*i].number, &t, src, h)?;
         }
+    }
+    if let Some(staged) = staged {
+        staged.commit()?;
     }
 
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());

@@ -22,8 +22,8 @@ pub enum Error {
     #[error("invalid config: {0}")]
     Config(String),
 
-    /// A configuration field holds a value it does not accept.
-    #[error("invalid config: {field} must be {expected}, got {actual}")]
+    /// A configuration field or a flag holds a value it does not accept.
+    #[error("invalid {field}: must be {expected}, got {actual}")]
     Invalid {
         field: String,
         expected: String,
@@ -59,6 +59,18 @@ pub enum Error {
     Json {
         what: String,
         source: serde_json::Error,
+    },
+
+    /// A tensor that must be finite (a parameter, an optimizer moment, a loss, logits) holds
+    /// NaN or an infinity: the job stops instead of saving or decoding it.
+    #[error("{what}: {tensor} is not finite (NaN or inf); {advice}")]
+    NonFinite {
+        /// Where it was found (`training stopped at step 12`, a checkpoint directory).
+        what: String,
+        /// The tensor (parameter or moment name, `the loss`).
+        tensor: String,
+        /// What was (not) done about it and the likely cause.
+        advice: String,
     },
 
     /// Anything else, with a message that says what went wrong.

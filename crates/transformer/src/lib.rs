@@ -21,6 +21,8 @@ pub mod nn;
 pub mod pipelines;
 pub mod rng;
 pub mod train;
+/// Numeric validation of config fields and flags, and finiteness checks of tensors.
+pub mod validate;
 
 pub use error::{Error, Result};
 

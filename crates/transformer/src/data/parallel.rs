@@ -31,7 +31,13 @@ pub struct InvalidUtf8 {
 
 impl std::fmt::Display for InvalidUtf8 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid UTF-8 at byte {} of the line", self.column_byte)
+        // Counted from 1 like line numbers (and as `embed` reports it); `column_byte` is the
+        // 0-based offset.
+        write!(
+            f,
+            "invalid UTF-8 at byte {} of the line",
+            self.column_byte + 1
+        )
     }
 }
 

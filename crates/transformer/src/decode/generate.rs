@@ -164,6 +164,7 @@ fn generate_here(
                 decode_seconds += t0.elapsed().as_secs_f64();
             }
         }
+        crate::validate::check_finite_logits(&format!("generating token {}", step + 1), &logits)?;
         let next = sample_token(&logits, &opts.sampling, rng);
         tokens.push(next);
         produced += 1;

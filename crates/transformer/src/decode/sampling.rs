@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::rng::Rng;
-use crate::{Error, Result};
+use crate::Result;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,21 +37,15 @@ impl Sampling {
         }
     }
 
+    /// Every field in range ([`crate::validate`]): temperature 0 or at least
+    /// [`crate::validate::MIN_TEMPERATURE`], top_k >= 1, top_p in (0, 1].
     pub fn validate(&self) -> Result<()> {
-        if self.temperature.is_nan() || self.temperature < 0.0 || !self.temperature.is_finite() {
-            return Err(Error::invalid(
-                "temperature",
-                "a finite number >= 0",
-                self.temperature.to_string(),
-            ));
-        }
-        if self.top_k == Some(0) {
-            return Err(Error::invalid("top_k", ">= 1", "0"));
+        crate::validate::temperature("temperature", self.temperature)?;
+        if let Some(k) = self.top_k {
+            crate::validate::at_least_one("top_k", k as u64)?;
         }
         if let Some(p) = self.top_p {
-            if p.is_nan() || p <= 0.0 || p > 1.0 {
-                return Err(Error::invalid("top_p", "in (0, 1]", p.to_string()));
-            }
+            crate::validate::in_open_closed("top_p", p, 0.0, 1.0)?;
         }
         Ok(())
     }
@@ -121,9 +115,13 @@ pub fn sample_token(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
     if s.temperature == 0.0 {
         return argmax(logits);
     }
+    // (x - max) / T rather than x / T: the largest logit becomes exactly 0 and the others
+    // negative, so a small temperature can only push them to -inf (probability 0), never to
+    // +inf, whose softmax is inf - inf = NaN.
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut l: Vec<f32> = logits
         .iter()
-        .map(|&x| (x as f64 / s.temperature) as f32)
+        .map(|&x| ((x as f64 - max) / s.temperature) as f32)
         .collect();
     if let Some(k) = s.top_k {
         filter_top_k(&mut l, k);

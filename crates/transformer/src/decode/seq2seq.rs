@@ -83,6 +83,10 @@ impl Default for Seq2SeqDecodeOptions {
     }
 }
 
+/// The largest beam [`Seq2SeqDecodeOptions::validate`] accepts (far above the 4-10 of
+/// practice).
+pub const MAX_BEAM: usize = 1024;
+
 impl Seq2SeqDecodeOptions {
     /// Greedy decoding with the paper's length limit.
     pub fn greedy() -> Self {
@@ -92,24 +96,13 @@ impl Seq2SeqDecodeOptions {
         }
     }
 
+    /// Every field in range ([`crate::validate`]).
     pub fn validate(&self) -> Result<()> {
-        if self.beam_size == 0 {
-            return Err(Error::invalid("beam_size", ">= 1", "0"));
-        }
-        if !self.alpha.is_finite() || self.alpha < 0.0 {
-            return Err(Error::invalid(
-                "alpha (length penalty)",
-                "a finite number >= 0",
-                self.alpha.to_string(),
-            ));
-        }
-        if !self.max_len_a.is_finite() || self.max_len_a < 0.0 {
-            return Err(Error::invalid(
-                "max_len_a",
-                "a finite number >= 0",
-                self.max_len_a.to_string(),
-            ));
-        }
+        // The upper bound: candidate lists are sized beam × beam per sentence, so a typo
+        // (`--beam 4294967296`) would be an allocation that aborts rather than an error.
+        crate::validate::count_in("beam_size", self.beam_size as u64, 1, MAX_BEAM as u64)?;
+        crate::validate::non_negative("alpha (length penalty)", self.alpha)?;
+        crate::validate::non_negative("max_len_a", self.max_len_a)?;
         Ok(())
     }
 
@@ -507,6 +500,9 @@ impl<'a> Batch<'a> {
         let logp =
             candle_nn::ops::log_softmax(&logits.squeeze(1)?.to_dtype(DType::F32)?, D::Minus1)?;
         let mut logp = logp.to_vec2::<f32>()?;
+        for row in &logp {
+            crate::validate::check_finite_logits("seq2seq decoding", row)?;
+        }
         for row in logp.iter_mut() {
             for &t in &self.blocked {
                 row[t] = f32::NEG_INFINITY;

@@ -219,11 +219,13 @@ impl EncoderDecoderConfig {
             ));
         }
         if let Some(std) = self.embed_init_std {
-            if !std.is_finite() || std <= 0.0 {
+            // Above 10 (the usual values are d_model^-0.5 and 1) the embeddings are so large
+            // that the first update diverges, and the error would blame the learning rate.
+            if !std.is_finite() || std <= 0.0 || std > 10.0 {
                 return Err(Error::invalid(
                     "embed_init_std",
-                    "a finite number > 0",
-                    std.to_string(),
+                    "in (0, 10]",
+                    crate::validate::show(std),
                 ));
             }
         }

@@ -455,6 +455,14 @@ impl HfBert {
         } else {
             pooled
         };
+        // NaN would reach the JSON output as `null` with exit 0.
+        if !crate::validate::all_finite(&pooled)? {
+            return Err(Error::NonFinite {
+                what: "sentence embedding".into(),
+                tensor: "the pooled embeddings".into(),
+                advice: "the model's weights or this input overflow; check the model files".into(),
+            });
+        }
         // A no-op with the inference store of `load`; with variables (a model built some
         // other way) it keeps one batch's graph of activations from outliving the batch.
         Ok(pooled.detach())

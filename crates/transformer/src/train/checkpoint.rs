@@ -91,8 +91,17 @@ pub fn recover(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Write a checkpoint directory atomically.
+/// Write a checkpoint directory atomically. A state holding NaN or an infinity is refused
+/// before anything is written, so that it never replaces a good checkpoint (callers with more
+/// context, such as the trainer, check first and explain the likely cause).
 pub fn save_checkpoint(dir: &Path, parts: &CheckpointParts) -> Result<()> {
+    if let Some(tensor) = first_non_finite(parts.vs, parts.optimizer)? {
+        return Err(Error::NonFinite {
+            what: format!("saving {}", dir.display()),
+            tensor,
+            advice: "nothing was written; the previous checkpoint there is unchanged".into(),
+        });
+    }
     recover(dir)?;
     let tmp = sibling(dir, "tmp");
     if tmp.exists() {
@@ -164,6 +173,38 @@ pub fn resolve_model_dir(path: &Path) -> Result<PathBuf> {
         "{}: not a checkpoint (no {META_FILE} or {CONFIG_FILE}, and no best/ or checkpoint/ inside)",
         path.display()
     )))
+}
+
+/// The first parameter of `vs`, or moment of `optimizer`, holding a NaN or an infinity
+/// (`parameter `name`` / `optimizer moment `name.exp_avg``). The one finiteness check of the
+/// training state: every save, resume and load of a checkpoint goes through it.
+pub fn first_non_finite(vs: &VarStore, optimizer: Option<&AdamW>) -> Result<Option<String>> {
+    let tensors = vs.tensors();
+    let named = tensors.iter().map(|(n, t)| (n.as_str(), t));
+    if let Some(name) = crate::validate::first_non_finite(named)? {
+        return Ok(Some(format!("parameter `{name}`")));
+    }
+    match optimizer {
+        Some(opt) => Ok(opt
+            .first_non_finite_moment()?
+            .map(|name| format!("optimizer moment `{name}`"))),
+        None => Ok(None),
+    }
+}
+
+/// Refuse a checkpoint whose weights hold NaN or an infinity (written by a diverged run, or
+/// damaged on disk), naming the first such parameter: decoding or evaluating it gives garbage.
+pub fn check_finite_weights(dir: &Path, vs: &VarStore) -> Result<()> {
+    match first_non_finite(vs, None)? {
+        None => Ok(()),
+        Some(tensor) => Err(Error::NonFinite {
+            what: dir.display().to_string(),
+            tensor,
+            advice: "the checkpoint holds a diverged state (NaN weights) and cannot be used; \
+                     train again (with a lower schedule.lr) or use an earlier checkpoint"
+                .into(),
+        }),
+    }
 }
 
 /// Check that a checkpoint directory holds the files a use needs, naming the missing ones.
@@ -291,6 +332,14 @@ pub fn average_checkpoints(dirs: &[PathBuf], out: &Path) -> Result<()> {
     let mut averaged = HashMap::with_capacity(sums.len());
     for (name, dims, sum) in sums {
         let mean: Vec<f32> = sum.iter().map(|s| (s / n) as f32).collect();
+        // An input from a diverged run would make the average NaN: refuse before writing.
+        if mean.iter().any(|x| !x.is_finite()) {
+            return Err(Error::NonFinite {
+                what: "checkpoint averaging".into(),
+                tensor: format!("the mean of parameter `{name}`"),
+                advice: "one of the checkpoints holds NaN or inf weights; leave it out".into(),
+            });
+        }
         let t = Tensor::from_vec(mean, dims, &candle_core::Device::Cpu)?;
         averaged.insert(name, t);
     }
@@ -352,6 +401,41 @@ mod tests {
         )
         .unwrap();
         vs
+    }
+
+    #[test]
+    fn a_non_finite_state_is_never_saved_over_a_checkpoint() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("ckpt");
+        let cfg = EncoderDecoderConfig::tiny(20);
+        let vs = save(&dir, 1, &cfg);
+        let before = std::fs::read(dir.join(WEIGHTS_FILE)).unwrap();
+        let var = vs.get("encoder.norm.weight").unwrap();
+        var.set(&(var.as_tensor().ones_like().unwrap() * f64::INFINITY).unwrap())
+            .unwrap();
+        let json = serde_json::to_value(&cfg).unwrap();
+        let e = save_checkpoint(
+            &dir,
+            &CheckpointParts {
+                family: "encoder_decoder",
+                model_config: &json,
+                vs: &vs,
+                optimizer: None,
+                trainer: None,
+                tokenizer: None,
+                src_tokenizer: None,
+                run_config: None,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("encoder.norm.weight") && e.contains("not finite"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(dir.join(WEIGHTS_FILE)).unwrap(), before);
+        let e = check_finite_weights(&dir, &vs).unwrap_err().to_string();
+        assert!(e.contains("encoder.norm.weight"), "{e}");
     }
 
     #[test]

@@ -130,35 +130,28 @@ fn default_log_every() -> u64 {
     10
 }
 
+/// Upper bounds on counts that size allocations: far above any real run, low enough that a
+/// typo is an error naming the field rather than an allocation that exhausts memory.
+const MAX_BATCH: u64 = 1 << 20;
+const MAX_ACCUM: u64 = 1 << 16;
+
 impl TrainConfig {
+    /// Every field in range (see [`crate::validate`]); errors name the field, the value and
+    /// the allowed range.
     pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("train.batch_size", self.batch_size as u64),
-            ("train.max_steps", self.max_steps),
-            ("train.grad_accum", self.grad_accum as u64),
-            ("train.eval_every", self.eval_every),
-            ("train.eval_iters", self.eval_iters as u64),
-            ("train.log_every", self.log_every),
-        ];
-        for (name, v) in positive {
-            if v == 0 {
-                return Err(Error::invalid(name, "> 0", "0"));
-            }
-        }
+        use crate::validate::{at_least_one, count_in, in_half_open, positive};
+        count_in("train.batch_size", self.batch_size as u64, 1, MAX_BATCH)?;
+        at_least_one("train.max_steps", self.max_steps)?;
+        count_in("train.grad_accum", self.grad_accum as u64, 1, MAX_ACCUM)?;
+        at_least_one("train.eval_every", self.eval_every)?;
+        count_in("train.eval_iters", self.eval_iters as u64, 1, MAX_BATCH)?;
+        at_least_one("train.log_every", self.log_every)?;
         if let Some(c) = self.grad_clip {
-            if c.is_nan() || c <= 0.0 {
-                return Err(Error::invalid("train.grad_clip", "> 0", c.to_string()));
-            }
+            positive("train.grad_clip", c)?;
         }
-        if self.label_smoothing.is_nan() || !(0.0..1.0).contains(&self.label_smoothing) {
-            return Err(Error::invalid(
-                "train.label_smoothing",
-                "in [0, 1)",
-                self.label_smoothing.to_string(),
-            ));
-        }
-        if self.checkpoint_every == Some(0) {
-            return Err(Error::invalid("train.checkpoint_every", "> 0", "0"));
+        in_half_open("train.label_smoothing", self.label_smoothing, 0.0, 1.0)?;
+        if let Some(c) = self.checkpoint_every {
+            at_least_one("train.checkpoint_every", c)?;
         }
         if self.keep_last == Some(0) {
             return Err(Error::invalid(
@@ -166,6 +159,48 @@ impl TrainConfig {
                 "> 0 (leave it out to keep no step checkpoints)",
                 "0",
             ));
+        }
+        Ok(())
+    }
+}
+
+impl DataConfig {
+    /// The numeric fields of the data section in range.
+    pub fn validate(&self) -> Result<()> {
+        use crate::validate::count_in;
+        match self {
+            DataConfig::Text { train_fraction, .. } => {
+                // Not 1: the rest of the text is the validation split, which val loss and
+                // best/ need.
+                let f = *train_fraction;
+                if !(f.is_finite() && f > 0.0 && f < 1.0) {
+                    return Err(Error::invalid(
+                        "data.train_fraction",
+                        "in (0, 1) (the rest of the text is the validation split)",
+                        f.to_string(),
+                    ));
+                }
+            }
+            DataConfig::Reverse {
+                min_len,
+                max_len,
+                n_val,
+                ..
+            } => {
+                // An empty validation set would report a val loss of 0 and freeze best/ at
+                // the first evaluation.
+                count_in("data.n_val", *n_val as u64, 1, MAX_BATCH)?;
+                count_in("data.max_len", *max_len as u64, 1, 1 << 16)?;
+                count_in("data.min_len", *min_len as u64, 1, *max_len as u64)?;
+            }
+            DataConfig::Parallel {
+                max_tokens,
+                max_len,
+                ..
+            } => {
+                count_in("data.max_len", *max_len as u64, 1, 1 << 16)?;
+                count_in("data.max_tokens", *max_tokens as u64, 1, 1 << 24)?;
+            }
         }
         Ok(())
     }
@@ -196,9 +231,15 @@ impl RunConfig {
         for o in overrides {
             apply_override(&mut doc, o)?;
         }
-        let cfg: RunConfig = doc
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Config(format!("{what}: {e}")))?;
+        // Before serde sees them: its errors for NaN in an integer field do not say which.
+        crate::validate::toml_finite("", &doc).map_err(|e| e.in_source(what))?;
+        let cfg: RunConfig = doc.clone().try_into().map_err(|e: toml::de::Error| {
+            let field = bad_tagged_field(&doc, &e.to_string());
+            Error::Config(match field {
+                Some(f) => format!("{what}: {f}: {e}"),
+                None => format!("{what}: {e}"),
+            })
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -214,6 +255,8 @@ impl RunConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        crate::validate::toml_finite("model", &self.model)?;
+        self.data.validate()?;
         self.train.validate()?;
         self.optimizer.validate()?;
         self.schedule.validate()?;
@@ -309,8 +352,69 @@ impl RunConfig {
             .config_from_json(base, "[model] section")
             .map_err(|e| bad_model_field(family, &fields).unwrap_or(e))?;
         cfg.validate()?;
+        check_model_size(&cfg.to_json()?)?;
         Ok(cfg)
     }
+}
+
+/// The most parameters a run config may ask for: 4e9 f32 parameters are 16 GB before the
+/// optimizer's two moments. Above it a typo (`d_model = 4294967296`) would be an allocation
+/// that aborts the process or takes the machine down, not an error naming the field.
+pub const MAX_PARAMS: f64 = 4e9;
+
+/// A rough parameter count from the paper-named fields every family uses (`d_model`, `d_ff`,
+/// the layer counts, the vocabularies and positions), checked against [`MAX_PARAMS`] before
+/// anything is allocated.
+fn check_model_size(json: &serde_json::Value) -> Result<()> {
+    let get = |k: &str| json.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as f64;
+    let d = get("d_model");
+    let ff = get("d_ff");
+    let attn = (get("n_heads") * get("head_dim")).max(d);
+    let layers = get("n_layers") + get("n_encoder_layers") + get("n_decoder_layers");
+    let tables = get("vocab_size")
+        + get("src_vocab_size")
+        + get("tgt_vocab_size")
+        + get("block_size")
+        + get("max_len");
+    // Per layer: attention projections (q, k, v, out; twice with cross-attention, counted
+    // once), the feed-forward (up to three matrices when gated).
+    let params = layers * (4.0 * d * attn + 3.0 * d * ff) + tables * d;
+    if params > MAX_PARAMS {
+        return Err(Error::invalid(
+            "[model]",
+            format!(
+                "a model of at most {MAX_PARAMS:e} parameters (d_model = {d}, d_ff = {ff}, {layers} \
+                 layers, {tables} rows of embedding and position tables from vocab_size, \
+                 block_size / max_len)"
+            ),
+            format!("about {params:.2e} parameters"),
+        ));
+    }
+    Ok(())
+}
+
+/// serde's errors inside an internally tagged section (`[data]`, `[schedule]`, whose `kind`
+/// picks the variant) name only the section (`invalid type: integer, expected usize in
+/// \`data\``). Find the field: the first one whose removal changes the error.
+fn bad_tagged_field(doc: &toml::Table, error: &str) -> Option<String> {
+    for section in ["data", "schedule"] {
+        if !error.contains(&format!("in `{section}`")) {
+            continue;
+        }
+        let table = doc.get(section)?.as_table()?;
+        for key in table.keys().filter(|k| *k != "kind") {
+            let mut probe = doc.clone();
+            probe.get_mut(section)?.as_table_mut()?.remove(key);
+            let changed = match probe.try_into::<RunConfig>() {
+                Ok(_) => true,
+                Err(e) => e.to_string() != error,
+            };
+            if changed {
+                return Some(format!("{section}.{key}"));
+            }
+        }
+    }
+    None
 }
 
 /// serde_json's errors say what was wrong (`invalid type: string "x", expected usize`) but not

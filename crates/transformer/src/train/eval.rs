@@ -68,6 +68,16 @@ pub fn evaluate_lm(
         run(w.inputs.to_vec(), w.targets.to_vec(), 1, w.len())?;
     }
     let loss = sum / count as f64;
+    // A NaN here would print as `"loss": null` with exit 0.
+    if !loss.is_finite() {
+        return Err(Error::NonFinite {
+            what: "evaluation".into(),
+            tensor: format!("the loss ({loss})"),
+            advice: "the model's logits are not finite on this text; its weights are probably \
+                     from a diverged training run"
+                .into(),
+        });
+    }
     Ok(LmEval {
         loss,
         perplexity: loss.exp(),

@@ -91,15 +91,22 @@ impl AdamWConfig {
                 ));
             }
         }
-        for (field, x) in [("eps", self.eps), ("weight_decay", self.weight_decay)] {
-            if !(x.is_finite() && x >= 0.0) {
-                return Err(Error::invalid(
-                    format!("optimizer.{field} (adamw)"),
-                    "finite and >= 0",
-                    x.to_string(),
-                ));
-            }
+        // eps > 0: AdamW divides by sqrt(v) + eps, and v is 0 for every parameter whose
+        // gradient has been 0 so far (an unused embedding row), so eps = 0 turns those
+        // updates into 0 / 0 = NaN. The same happens to an eps that rounds to 0 in f32.
+        crate::validate::positive("optimizer.eps (adamw)", self.eps)?;
+        if self.eps < f32::MIN_POSITIVE as f64 {
+            return Err(Error::invalid(
+                "optimizer.eps (adamw)",
+                format!(
+                    "at least {:e} (smaller rounds to 0 in f32, and m / (sqrt(v) + eps) becomes \
+                     0 / 0 for parameters without gradient)",
+                    f32::MIN_POSITIVE
+                ),
+                self.eps.to_string(),
+            ));
         }
+        crate::validate::non_negative("optimizer.weight_decay (adamw)", self.weight_decay)?;
         Ok(())
     }
 }
@@ -210,6 +217,21 @@ impl AdamW {
     pub fn with_kernels(mut self, kernels: Kernels) -> Self {
         self.kernels = kernels;
         self
+    }
+
+    /// The key ([`exp_avg_key`] / [`exp_avg_sq_key`]) of the first moment holding a NaN or an
+    /// infinity: checked before a checkpoint is saved, so that a diverged state never
+    /// replaces a good one.
+    pub fn first_non_finite_moment(&self) -> Result<Option<String>> {
+        for p in &self.params {
+            if !crate::validate::all_finite(&p.m)? {
+                return Ok(Some(exp_avg_key(&p.name)));
+            }
+            if !crate::validate::all_finite(&p.v)? {
+                return Ok(Some(exp_avg_sq_key(&p.name)));
+            }
+        }
+        Ok(None)
     }
 
     /// The hyperparameters.

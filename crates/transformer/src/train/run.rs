@@ -184,6 +184,19 @@ pub fn prepare_run(
     let model_config = model_cfg.model_config_with_vocabs(src_vocab, tokenizer.vocab_size())?;
     let vs = model_config.var_store(DType::F32, device, seed);
     let task = task_builder(model_config.as_ref(), &vs, &tokenizer)?;
+    // An initialization scale too large for f32 (e.g. model.embed_init_std = 1e300) gives
+    // infinite weights before the first step; say so rather than blame the learning rate.
+    let tensors = vs.tensors();
+    let named = tensors.iter().map(|(n, t)| (n.as_str(), t));
+    if let Some(name) = crate::validate::first_non_finite(named)? {
+        return Err(Error::NonFinite {
+            what: "model initialization".into(),
+            tensor: format!("parameter `{name}`"),
+            advice: "an initialization field of [model] (such as embed_init_std) is out of \
+                     range for f32"
+                .into(),
+        });
+    }
     let optimizer = AdamW::new(vs.vars(), cfg.optimizer)?.with_kernels(vs.kernels());
     let setup = TrainerSetup {
         out_dir: out_dir.to_path_buf(),
@@ -230,6 +243,7 @@ fn text_data(ctx: &SetupContext, path: &Path, train_fraction: &f64) -> Result<Da
         .encode(&text)
         .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
     let data = LmDataset::from_tokens(tokens, *train_fraction)?;
+    let train_fraction = *train_fraction;
     let batch_size = cfg.train.batch_size;
     let device = device.clone();
     let path = path.to_path_buf();
@@ -248,8 +262,10 @@ fn text_data(ctx: &SetupContext, path: &Path, train_fraction: &f64) -> Result<Da
         ] {
             if n < need {
                 return Err(Error::msg(format!(
-                    "{}: the {split} split has {n} tokens, fewer than block_size + 1 = {need}",
-                    path.display()
+                    "{}: the {split} split has {n} tokens, fewer than block_size + 1 = {need} \
+                     (data.train_fraction = {} of the text trains, the rest validates)",
+                    path.display(),
+                    crate::validate::show(train_fraction)
                 )));
             }
         }

@@ -50,15 +50,7 @@ impl LrSchedule {
     /// or non-finite rate), naming the field at fault.
     pub fn validate(&self) -> Result<()> {
         let check_lr = |field: &str, v: f64| {
-            if v.is_finite() && v >= 0.0 {
-                Ok(())
-            } else {
-                Err(Error::invalid(
-                    format!("schedule.{field}"),
-                    "finite and >= 0",
-                    v.to_string(),
-                ))
-            }
+            crate::validate::non_negative(&format!("schedule.{field}"), v).map(|_| ())
         };
         match *self {
             LrSchedule::Constant { lr } => check_lr("lr", lr),
@@ -70,6 +62,8 @@ impl LrSchedule {
             } => {
                 check_lr("lr", lr)?;
                 check_lr("min_lr", min_lr)?;
+                // A min_lr above lr would make the "decay" climb.
+                crate::validate::at_most("schedule.min_lr", min_lr, "schedule.lr", lr)?;
                 if decay_steps <= warmup_steps {
                     return Err(Error::invalid(
                         format!("schedule.decay_steps ({decay_steps}) of warmup_cosine"),
@@ -93,6 +87,15 @@ impl LrSchedule {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// The field that scales this schedule's learning rates (`schedule.lr`, or
+    /// `schedule.factor` for noam): what to lower when training diverges.
+    pub fn scale_field(&self) -> &'static str {
+        match self {
+            LrSchedule::Noam { .. } => "schedule.factor",
+            _ => "schedule.lr",
         }
     }
 

@@ -59,6 +59,19 @@ impl Task for LmTask {
     }
 }
 
+/// The mean validation loss, or an error when there was nothing to validate on: a mean over
+/// no tokens reported as 0 would look like a perfect model and freeze `best/` at the first
+/// evaluation.
+fn mean_val_loss(sum: f64, count: usize) -> Result<f64> {
+    if count == 0 {
+        return Err(crate::Error::msg(
+            "the validation set is empty: there is no validation loss to report or to pick \
+             best/ by (give the run validation data, e.g. data.n_val >= 1)",
+        ));
+    }
+    Ok(sum / count as f64)
+}
+
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
@@ -176,7 +189,7 @@ impl Task for Seq2SeqTask {
             sum += scalar(&self.pairs_loss(chunk, false, &plain)?.detach())? * n as f64;
             count += n;
         }
-        Ok(sum / count.max(1) as f64)
+        mean_val_loss(sum, count)
     }
 }
 
@@ -396,7 +409,7 @@ impl Task for BucketedSeq2SeqTask {
             sum += scalar(&loss.detach())? * n as f64;
             count += n;
         }
-        Ok(sum / count.max(1) as f64)
+        mean_val_loss(sum, count)
     }
 }
 

@@ -89,6 +89,8 @@ pub struct Trainer {
     state: TrainerState,
     records: Vec<MetricRecord>,
     stop: Arc<AtomicBool>,
+    /// The step of the newest `checkpoint/` on disk, for the finiteness guard's message.
+    saved_step: Option<u64>,
 }
 
 /// Pieces a [`Trainer`] is built from.
@@ -171,6 +173,7 @@ impl Trainer {
             state,
             records: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
+            saved_step: None,
         })
     }
 
@@ -200,6 +203,19 @@ impl Trainer {
         t.vs.load(dir.join(crate::models::WEIGHTS_FILE))?;
         checkpoint::load_optimizer(&dir, &mut t.optimizer)?;
         t.state = checkpoint::read_trainer_state(&dir)?;
+        t.saved_step = Some(t.state.step);
+        // A checkpoint written by a diverged run (before this guard existed, or damaged on
+        // disk) must not be trained on: every later loss would be NaN and the advice to lower
+        // the learning rate would mislead.
+        if let Some(tensor) = t.first_non_finite()? {
+            return Err(Error::NonFinite {
+                what: dir.display().to_string(),
+                tensor,
+                advice: "this checkpoint holds a diverged state and cannot be resumed; start \
+                         over with --force, or resume from a copy of an earlier checkpoint"
+                    .into(),
+            });
+        }
         t.vs.dropout_rng().set_state(t.state.dropout_rng.clone());
         // Keep the metrics written up to the checkpoint; later lines belong to the lost run.
         t.records = read_metrics(&t.out_dir.join(METRICS_FILE))?
@@ -284,6 +300,13 @@ impl Trainer {
                 // batches: a resumed run sees exactly the batches an uninterrupted one does.
                 let mut eval_rng = Rng::new(self.cfg.seed ^ step.wrapping_mul(0x9E37_79B9));
                 let val = task.eval_loss(&mut eval_rng, self.cfg.eval_iters)?;
+                if !val.is_finite() {
+                    let tensor = match self.first_non_finite()? {
+                        Some(t) => t,
+                        None => format!("the validation loss ({val})"),
+                    };
+                    return Err(self.diverged(tensor, step, lr));
+                }
                 let rec = self.record("eval", eval_sum / eval_n.max(1) as f64, Some(val), lr, 0.0);
                 self.push_record(rec, observer)?;
                 (eval_sum, eval_n) = (0.0, 0);
@@ -341,10 +364,13 @@ impl Trainer {
         };
         let loss = loss_sum / accum as f64;
         if !loss.is_finite() {
-            return Err(Error::msg(format!(
-                "training loss became {loss} at step {}; lower the learning rate or check the data",
-                self.state.step + 1
-            )));
+            // Name the parameter when the previous update already broke one: then the loss
+            // is only the symptom.
+            let tensor = match self.first_non_finite()? {
+                Some(t) => t,
+                None => format!("the training loss ({loss})"),
+            };
+            return Err(self.diverged(tensor, self.state.step + 1, lr));
         }
         if let Some(max_norm) = self.cfg.grad_clip {
             clip_grad_norm(&mut grads, vars, max_norm)?;
@@ -408,6 +434,7 @@ impl Trainer {
             return Ok(());
         };
         let dir = self.out_dir.join(step_dir_name(self.state.step));
+        self.check_finite_before_save()?;
         checkpoint::save_checkpoint(
             &dir,
             &CheckpointParts {
@@ -431,6 +458,7 @@ impl Trainer {
     fn save(&mut self, name: &str, observer: &mut dyn Observer, best: bool) -> Result<()> {
         self.state.dropout_rng = self.vs.dropout_rng().state();
         let dir = self.out_dir.join(name);
+        self.check_finite_before_save()?;
         checkpoint::save_checkpoint(
             &dir,
             &CheckpointParts {
@@ -444,8 +472,55 @@ impl Trainer {
                 run_config: self.run_config.as_ref(),
             },
         )?;
+        if name == "checkpoint" {
+            self.saved_step = Some(self.state.step);
+        }
         observer.on_checkpoint(&dir, best);
         Ok(())
+    }
+
+    /// The first parameter or optimizer moment holding a NaN or an infinity.
+    fn first_non_finite(&self) -> Result<Option<String>> {
+        checkpoint::first_non_finite(&self.vs, Some(&self.optimizer))
+    }
+
+    /// The finiteness guard: every save goes through it, so a diverged state never replaces
+    /// the last good checkpoint (the loss alone is checked one update too late: the update
+    /// that breaks the weights comes after the loss it was computed from).
+    fn check_finite_before_save(&self) -> Result<()> {
+        match self.first_non_finite()? {
+            None => Ok(()),
+            Some(tensor) => {
+                let lr = self.schedule.lr(self.state.step.saturating_sub(1));
+                Err(self.diverged(tensor, self.state.step, lr))
+            }
+        }
+    }
+
+    /// The error that stops a diverged run: the step, the tensor, what is left on disk and the
+    /// likely cause. `step` is the step that failed, `lr` the learning rate of its update.
+    fn diverged(&self, tensor: String, step: u64, lr: f64) -> Error {
+        let kept = match self.saved_step {
+            Some(step) => format!(
+                "{} was not overwritten and still holds step {step}",
+                self.out_dir.join("checkpoint").display()
+            ),
+            None => "no checkpoint was written".into(),
+        };
+        let clip = if self.cfg.grad_clip.is_none() {
+            ", or set train.grad_clip (e.g. 1.0) to bound the updates"
+        } else {
+            ""
+        };
+        Error::NonFinite {
+            what: format!("training stopped at step {step}"),
+            tensor,
+            advice: format!(
+                "{kept}; likely cause: the updates diverged at learning rate {lr:.3e} (lower \
+                 {}{clip}), or the data holds values the model overflows on",
+                self.schedule.scale_field()
+            ),
+        }
     }
 }
 
