@@ -30,6 +30,11 @@ pub struct GenerateArgs {
     /// Recompute the whole context at every step instead of using the KV cache.
     #[arg(long)]
     no_cache: bool,
+    /// Sample this many completions of the prompt together, in one batch (completion i
+    /// seeded with --seed + i), and print them one after another, separated by blank lines,
+    /// when all are done. The context does not slide.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+    completions: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -62,6 +67,44 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         overflow: args.context_overflow.overflow(),
     };
     let stop: &[u32] = if args.ignore_eos { &[] } else { &lm.stop };
+    if args.completions > 1 {
+        if args.no_cache {
+            bail!("--completions above 1 decodes with the KV cache; drop --no-cache");
+        }
+        let n = args.completions as usize;
+        let (all, stats) = transformer::decode::generate_many(
+            lm.model.as_ref(),
+            &prompt,
+            n,
+            &opts,
+            stop,
+            &device,
+            args.sampling.seed,
+        )?;
+        let mut out = std::io::stdout().lock();
+        for (i, ids) in all.iter().enumerate() {
+            let ids: Vec<u32> = ids.iter().copied().filter(|t| !stop.contains(t)).collect();
+            if i > 0 {
+                writeln!(out)?;
+            }
+            writeln!(out, "{}{}", args.prompt, lm.tokenizer.decode(&ids)?)?;
+        }
+        // The first token of each completion comes from the prompt's pass; the rest from the
+        // batched steps.
+        let stepped = stats.new_tokens - n;
+        eprintln!(
+            "prompt: {} tokens in {:.2} s ({:.1} tokens/s); generation: {} tokens in {:.2} s \
+             ({:.1} tokens/s in {} steps of up to {n} completions)",
+            stats.prompt_tokens,
+            stats.prompt_seconds,
+            stats.prompt_tokens_per_sec(),
+            stats.new_tokens,
+            stats.seconds - stats.prompt_seconds,
+            stepped as f64 / stats.decode_seconds.max(1e-9),
+            stats.decode_steps,
+        );
+        return Ok(());
+    }
     // Unlocked: the token callback runs on a pool thread (see `generate`).
     let mut out = std::io::stdout();
     out.write_all(args.prompt.as_bytes())?;

@@ -46,6 +46,45 @@ fn generate_completes_a_prompt_from_a_gguf_file() {
     );
 }
 
+/// `--completions N` decodes N completions in one batch: greedy, each equals the single
+/// completion; sampled, completion i is the single one with seed + i.
+#[test]
+fn completions_in_one_batch_equal_each_alone() {
+    let ws = Workspace::new();
+    let path = gguf_path();
+    let path = path.to_str().unwrap();
+    let run = |extra: &[&str]| -> String {
+        let mut args = vec![
+            "generate",
+            "--model",
+            path,
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+        ];
+        args.extend_from_slice(extra);
+        text(&ws.ok(&args).stdout)
+    };
+    let one = run(&["--temperature", "0"]);
+    let two = run(&["--temperature", "0", "--completions", "2"]);
+    assert_eq!(two, format!("{one}\n{one}"));
+    let sampled = run(&["--temperature", "0.9", "--seed", "7", "--completions", "3"]);
+    let alone: Vec<String> = ["7", "8", "9"]
+        .iter()
+        .map(|seed| run(&["--temperature", "0.9", "--seed", seed]))
+        .collect();
+    assert_eq!(sampled, alone.join("\n"));
+    let bad = ws.run(&["generate", "--model", path, "--completions", "0"]);
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("--completions"),
+        "{}",
+        text(&bad.stderr)
+    );
+}
+
 #[test]
 fn chat_answers_each_line_through_the_chat_template() {
     use std::io::Write;

@@ -7,6 +7,7 @@ use candle_core::{DType, IndexOp, Tensor};
 use super::sampling::{sample_token, Sampling};
 use crate::kernels::on_pool;
 use crate::models::CausalLm;
+use crate::nn::BatchKvCache;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -199,6 +200,118 @@ fn generate_here(
     Ok((tokens, stats))
 }
 
+/// `n` completions of one prompt decoded together (OpenAI's `n`, Hugging Face's
+/// `num_return_sequences`): the prompt is read once, its caches copied for each completion,
+/// and every step runs the `n` rows in one batch ([`CausalLm::forward_batch_last`]), so each
+/// weight is read once per step for all of them. Completion `i` samples with
+/// `Rng::new(seed + i)`; a completion ends at a `stop` token (included) or after
+/// `opts.max_new_tokens`, and all end at the context length (the context does not slide).
+///
+/// Returns each completion's new tokens; `new_tokens` in the stats counts all of them and
+/// `decode_steps` the batched steps.
+pub fn generate_many(
+    model: &dyn CausalLm,
+    prompt: &[u32],
+    n: usize,
+    opts: &GenerateOptions,
+    stop: &[u32],
+    device: &candle_core::Device,
+    seed: u64,
+) -> Result<(Vec<Vec<u32>>, GenerateStats)> {
+    on_pool(|| generate_many_here(model, prompt, n, opts, stop, device, seed))
+}
+
+fn generate_many_here(
+    model: &dyn CausalLm,
+    prompt: &[u32],
+    n: usize,
+    opts: &GenerateOptions,
+    stop: &[u32],
+    device: &candle_core::Device,
+    seed: u64,
+) -> Result<(Vec<Vec<u32>>, GenerateStats)> {
+    opts.sampling.validate()?;
+    if n == 0 {
+        return Err(Error::input("completions", "at least 1", "0"));
+    }
+    if prompt.is_empty() {
+        return Err(Error::msg(
+            "the prompt is empty: generation needs at least one token",
+        ));
+    }
+    let block = model.context_length();
+    let fits = prompt.len() + opts.max_new_tokens <= block;
+    if !fits && (opts.overflow == Overflow::Fail || prompt.len() > block) {
+        return Err(Error::input(
+            "prompt and new tokens",
+            format!("at most the context length {block} in all"),
+            format!(
+                "{} prompt tokens + {} new tokens",
+                prompt.len(),
+                opts.max_new_tokens
+            ),
+        ));
+    }
+    let start = Instant::now();
+    let mut rngs: Vec<Rng> = (0..n as u64)
+        .map(|i| Rng::new(seed.wrapping_add(i)))
+        .collect();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut stats = GenerateStats {
+        prompt_tokens: prompt.len(),
+        prompt_seconds: 0.0,
+        new_tokens: 0,
+        decode_steps: 0,
+        decode_seconds: 0.0,
+        seconds: 0.0,
+    };
+    if opts.max_new_tokens > 0 {
+        let mut caches = model.new_cache();
+        let logits =
+            last_logits(&model.forward_cached_last(&ids_tensor(prompt, device)?, &mut caches)?)?;
+        crate::validate::check_finite_logits("generating token 1", &logits)?;
+        stats.prompt_seconds = start.elapsed().as_secs_f64();
+        // Row r of the batch is completion live[r].
+        let mut batch = BatchKvCache::new(caches.len());
+        let mut live = Vec::new();
+        for (i, (o, rng)) in out.iter_mut().zip(&mut rngs).enumerate() {
+            let next = sample_token(&logits, &opts.sampling, rng);
+            o.push(next);
+            if !stop.contains(&next) && opts.max_new_tokens > 1 {
+                batch.push(caches.clone())?;
+                live.push(i);
+            }
+        }
+        while !live.is_empty() && prompt.len() + out[live[0]].len() <= block {
+            let t0 = Instant::now();
+            let last: Vec<u32> = live.iter().map(|&i| *out[i].last().unwrap()).collect();
+            let ids = Tensor::new(last.as_slice(), device)?.unsqueeze(1)?;
+            let logits = model.forward_batch_last(&ids, &mut batch)?;
+            stats.decode_steps += 1;
+            for r in (0..live.len()).rev() {
+                let i = live[r];
+                let row = logits.i((r, 0))?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                let what = format!(
+                    "generating token {} of completion {}",
+                    out[i].len() + 1,
+                    i + 1
+                );
+                crate::validate::check_finite_logits(&what, &row)?;
+                let next = sample_token(&row, &opts.sampling, &mut rngs[i]);
+                out[i].push(next);
+                if stop.contains(&next) || out[i].len() == opts.max_new_tokens {
+                    batch.remove(r)?;
+                    live.remove(r);
+                }
+            }
+            stats.decode_seconds += t0.elapsed().as_secs_f64();
+        }
+    }
+    stats.new_tokens = out.iter().map(Vec::len).sum();
+    stats.seconds = start.elapsed().as_secs_f64();
+    Ok((out, stats))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +408,83 @@ mod tests {
             Ok(true)
         })?;
         assert_eq!((out, stats.new_tokens, calls), (vec![1, 2], 0, 0));
+        Ok(())
+    }
+
+    /// Completions decoded together equal each decoded alone with its own seed (sampled and
+    /// greedy), end at a stop token or at the context length, and bad requests are errors.
+    #[test]
+    fn many_completions_equal_each_alone() -> Result<()> {
+        let cfg = DecoderOnlyConfig {
+            positional: PositionalKind::Rope,
+            ..DecoderOnlyConfig::tiny(11)
+        };
+        let (model, _) = DecoderOnly::init(&cfg, candle_core::DType::F64, &Device::Cpu, 4)?;
+        let prompt = [1u32, 5, 2];
+        for temperature in [0.0, 1.0] {
+            let opts = GenerateOptions {
+                max_new_tokens: 9,
+                sampling: Sampling {
+                    temperature,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let (many, stats) = generate_many(&model, &prompt, 3, &opts, &[], &Device::Cpu, 40)?;
+            assert_eq!(stats.new_tokens, 27);
+            assert_eq!(stats.decode_steps, 8);
+            for (i, got) in many.iter().enumerate() {
+                let mut rng = Rng::new(40 + i as u64);
+                let (all, _) =
+                    generate(&model, &prompt, &opts, &Device::Cpu, &mut rng, |_| Ok(true))?;
+                assert_eq!(
+                    got,
+                    &all[prompt.len()..].to_vec(),
+                    "T {temperature}, completion {i}"
+                );
+            }
+            if temperature > 0.0 {
+                assert!(
+                    many[0] != many[1] || many[1] != many[2],
+                    "seeds must differ"
+                );
+            }
+        }
+        // A stop token ends its completion (kept), the others go on.
+        let opts = GenerateOptions {
+            max_new_tokens: 20,
+            sampling: Sampling {
+                temperature: 1.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (free, _) = generate_many(&model, &prompt, 4, &opts, &[], &Device::Cpu, 1)?;
+        let stop = free[0][2];
+        let (stopped, _) = generate_many(&model, &prompt, 4, &opts, &[stop], &Device::Cpu, 1)?;
+        for (f, s) in free.iter().zip(&stopped) {
+            let end = f.iter().position(|&t| t == stop).map_or(f.len(), |p| p + 1);
+            assert_eq!(s, &f[..end].to_vec());
+        }
+        // The context (32) ends every completion: after 3 prompt tokens, 29 new ones are fed
+        // back and a 30th comes from the last position.
+        let long = GenerateOptions {
+            max_new_tokens: 100,
+            ..opts.clone()
+        };
+        let (capped, _) = generate_many(&model, &prompt, 2, &long, &[], &Device::Cpu, 1)?;
+        assert!(
+            capped.iter().all(|c| c.len() == 30),
+            "{:?}",
+            capped.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        let fail = GenerateOptions {
+            overflow: Overflow::Fail,
+            ..long
+        };
+        assert!(generate_many(&model, &prompt, 2, &fail, &[], &Device::Cpu, 1).is_err());
+        assert!(generate_many(&model, &prompt, 0, &opts, &[], &Device::Cpu, 1).is_err());
+        assert!(generate_many(&model, &[], 2, &opts, &[], &Device::Cpu, 1).is_err());
         Ok(())
     }
 }

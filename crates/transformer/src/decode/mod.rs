@@ -6,7 +6,7 @@ pub mod generate;
 pub mod sampling;
 pub mod seq2seq;
 
-pub use generate::{generate, GenerateOptions, GenerateStats, Overflow};
+pub use generate::{generate, generate_many, GenerateOptions, GenerateStats, Overflow};
 pub use sampling::{filter_top_k, filter_top_p, sample_token, Sampling};
 pub use seq2seq::{
     beam_search_batch, greedy_batch, length_penalty, translate_batch, Hypothesis,
