@@ -111,22 +111,23 @@ pub fn generate(
     on_pool(|| generate_here(model, prompt, opts, device, rng, on_token))
 }
 
-fn generate_here(
-    model: &dyn CausalLm,
+/// The checks shared by [`generate`] and [`generate_many`]: sampling options, a non-empty
+/// prompt, and prompt + new tokens within `block` when `opts.overflow` is `Fail` (or, when
+/// the prompt cannot slide, whenever the prompt alone is longer).
+fn check_request(
     prompt: &[u32],
     opts: &GenerateOptions,
-    device: &candle_core::Device,
-    rng: &mut Rng,
-    mut on_token: impl FnMut(u32) -> Result<bool>,
-) -> Result<(Vec<u32>, GenerateStats)> {
+    block: usize,
+    prompt_slides: bool,
+) -> Result<()> {
     opts.sampling.validate()?;
     if prompt.is_empty() {
         return Err(Error::msg(
             "the prompt is empty: generation needs at least one token",
         ));
     }
-    let block = model.context_length();
-    if opts.overflow == Overflow::Fail && prompt.len() + opts.max_new_tokens > block {
+    let too_long = prompt.len() + opts.max_new_tokens > block;
+    if too_long && (opts.overflow == Overflow::Fail || (!prompt_slides && prompt.len() > block)) {
         return Err(Error::input(
             "prompt and new tokens",
             format!("at most the context length {block} in all"),
@@ -137,6 +138,19 @@ fn generate_here(
             ),
         ));
     }
+    Ok(())
+}
+
+fn generate_here(
+    model: &dyn CausalLm,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    device: &candle_core::Device,
+    rng: &mut Rng,
+    mut on_token: impl FnMut(u32) -> Result<bool>,
+) -> Result<(Vec<u32>, GenerateStats)> {
+    let block = model.context_length();
+    check_request(prompt, opts, block, true)?;
     let start = Instant::now();
     let mut tokens = prompt.to_vec();
     let mut caches = model.new_cache();
@@ -230,28 +244,12 @@ fn generate_many_here(
     device: &candle_core::Device,
     seed: u64,
 ) -> Result<(Vec<Vec<u32>>, GenerateStats)> {
-    opts.sampling.validate()?;
     if n == 0 {
         return Err(Error::input("completions", "at least 1", "0"));
     }
-    if prompt.is_empty() {
-        return Err(Error::msg(
-            "the prompt is empty: generation needs at least one token",
-        ));
-    }
     let block = model.context_length();
-    let fits = prompt.len() + opts.max_new_tokens <= block;
-    if !fits && (opts.overflow == Overflow::Fail || prompt.len() > block) {
-        return Err(Error::input(
-            "prompt and new tokens",
-            format!("at most the context length {block} in all"),
-            format!(
-                "{} prompt tokens + {} new tokens",
-                prompt.len(),
-                opts.max_new_tokens
-            ),
-        ));
-    }
+    // The prompt itself cannot slide here: it is read once for all completions.
+    check_request(prompt, opts, block, false)?;
     let start = Instant::now();
     let mut rngs: Vec<Rng> = (0..n as u64)
         .map(|i| Rng::new(seed.wrapping_add(i)))
