@@ -59,7 +59,10 @@ fn rope_enc_dec_config() -> EncoderDecoderConfig {
 #[test]
 fn registry_names_every_family_and_refuses_unknown_ones() -> Result<()> {
     let names: Vec<&str> = FAMILIES.iter().map(|f| f.name).collect();
-    assert_eq!(names, ["encoder_decoder", "decoder_only", "encoder_only"]);
+    assert_eq!(
+        names,
+        ["encoder_decoder", "decoder_only", "encoder_only", "whisper"]
+    );
     for f in FAMILIES {
         assert_eq!(family(f.name)?.name, f.name);
         // Every preset builds, and its JSON comes back as the same config.

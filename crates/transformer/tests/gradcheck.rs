@@ -14,9 +14,9 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::{check_grads, randn, randn_var, randomize_params};
 use transformer::nn::{
-    scaled_dot_product_attention, Activation, AttnMask, DecoderLayer, EncoderLayer, InitScheme,
-    LayerConfig, LayerOptions, Masks, MhaConfig, MhaInput, Mlp, MultiHeadAttention, NeedWeights,
-    Norm, Rope, SdpaOptions, VarStore,
+    scaled_dot_product_attention, Activation, AttnMask, Conv1d, DecoderLayer, EncoderLayer,
+    InitScheme, LayerConfig, LayerOptions, Masks, MhaConfig, MhaInput, Mlp, MultiHeadAttention,
+    NeedWeights, Norm, Rope, SdpaOptions, VarStore,
 };
 use transformer::rng::Rng;
 use transformer::Result;
@@ -340,5 +340,67 @@ fn mha_and_pre_norm_layer_with_rope() -> Result<()> {
     check_grads("pre-norm layer causal rope", &vars, &mut rng, || {
         let (out, _) = layer.forward_with(x.as_tensor(), &Masks::causal(), &opts, None)?;
         project(&out, &g)
+    })
+}
+
+/// Whisper's front end: stride 1 and stride 2 with padding 1 (candle's conv1d backward: a
+/// transposed convolution for the input, a convolution for the kernel).
+#[test]
+fn conv1d_with_stride_and_padding() -> Result<()> {
+    for (i, (stride, padding)) in [(1, 1), (2, 1), (2, 0)].into_iter().enumerate() {
+        let mut rng = Rng::new(90 + i as u64);
+        let vs = store(9);
+        let conv = Conv1d::new(3, 4, 3, stride, padding, true, &vs.root())?;
+        randomize_params(&vs, &mut rng, 0.5)?;
+        let x = randn_var(&mut rng, &[B, 3, 7])?;
+        let l_out = conv.output_len(7).expect("an output");
+        let g = randn(&mut rng, &[B, 4, l_out], 1.0, DType::F64)?;
+        let mut vars = vs.vars();
+        vars.push(named("x", &x));
+        let what = format!("conv1d stride {stride} padding {padding}");
+        check_grads(&what, &vars, &mut rng, || {
+            project(&conv.forward(x.as_tensor())?, &g)
+        })?;
+    }
+    Ok(())
+}
+
+/// A whole (tiny) Whisper: conv front end, encoder, decoder with cross-attention, tied output.
+#[test]
+fn whisper_teacher_forced_loss() -> Result<()> {
+    use transformer::models::{FamilyConfig, Seq2Seq, Source, WhisperConfig};
+    let mut rng = Rng::new(97);
+    let cfg = WhisperConfig {
+        vocab_size: 11,
+        num_mel_bins: 3,
+        d_model: 8,
+        encoder_layers: 1,
+        encoder_attention_heads: 2,
+        encoder_ffn_dim: 12,
+        decoder_layers: 1,
+        decoder_attention_heads: 2,
+        decoder_ffn_dim: 12,
+        max_source_positions: 4,
+        max_target_positions: 5,
+        dropout: 0.0,
+        layer_norm_eps: 1e-5,
+    };
+    let (model, vs) = cfg.init(DType::F64, &Device::Cpu, 3)?;
+    randomize_params(&vs, &mut rng, 0.5)?;
+    let x = randn_var(&mut rng, &[1, 8, 3])?;
+    let ids = Tensor::new(&[[1u32, 4, 9]], &Device::Cpu)?;
+    let g = randn(&mut rng, &[1, 3, 11], 1.0, DType::F64)?;
+    let mut vars = vs.vars();
+    vars.push(named("x", &x));
+    check_grads("whisper", &vars, &mut rng, || {
+        let memory = model.encode(
+            Source::Features {
+                x: x.as_tensor(),
+                padding: None,
+            },
+            true,
+        )?;
+        let logits = model.decode(&ids, &memory, &Masks::causal(), &Masks::none(), true)?;
+        project(&logits, &g)
     })
 }

@@ -9,6 +9,7 @@
 //! - [`parallel`]: aligned source/target text files for translation, with per-line UTF-8
 //!   checks and length filtering.
 
+pub mod audio;
 pub mod batch;
 pub mod datasets;
 pub mod parallel;

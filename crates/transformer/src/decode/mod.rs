@@ -5,6 +5,7 @@
 pub mod generate;
 pub mod sampling;
 pub mod seq2seq;
+pub mod whisper;
 
 pub use generate::{generate, generate_many, GenerateOptions, GenerateStats, Overflow};
 pub use sampling::{filter_top_k, filter_top_p, sample_token, Sampling};

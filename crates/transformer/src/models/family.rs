@@ -440,6 +440,7 @@ pub static FAMILIES: &[Family] = &[
     Family::of::<super::EncoderDecoderConfig>(),
     Family::of::<super::DecoderOnlyConfig>(),
     Family::of::<super::EncoderOnlyConfig>(),
+    Family::of::<super::WhisperConfig>(),
 ];
 
 /// The registered family called `name`.

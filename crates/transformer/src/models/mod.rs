@@ -6,6 +6,7 @@ pub mod decoder_only;
 pub mod encoder_decoder;
 pub mod encoder_only;
 pub mod family;
+pub mod whisper;
 
 use std::path::Path;
 
@@ -22,6 +23,7 @@ pub use family::{
     family, AnyConfig, CausalLm, EncoderModel, Family, FamilyConfig, LoadedModel, Model, Seq2Seq,
     Source, FAMILIES,
 };
+pub use whisper::{Whisper, WhisperConfig};
 
 /// File names inside a model directory.
 pub const CONFIG_FILE: &str = "config.json";

@@ -165,6 +165,30 @@ pub fn sinusoidal_table(
         .to_device(device)?)
 }
 
+/// Whisper's encoder positions (openai-whisper's `sinusoids`): the sines of all D/2
+/// frequencies, then their cosines, with timescales from 1 to 10000 spaced geometrically:
+/// PE(pos, i) = sin(pos · 10000^(−i/(D/2 − 1))), PE(pos, D/2 + i) = cos(the same).
+pub fn whisper_sinusoids(
+    max_len: usize,
+    d_model: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let half = d_model / 2;
+    let increment = (10000f64).ln() / (half.max(2) - 1) as f64;
+    let mut v = vec![0f32; max_len * d_model];
+    for pos in 0..max_len {
+        for i in 0..half {
+            let a = pos as f64 * (-increment * i as f64).exp();
+            v[pos * d_model + i] = a.sin() as f32;
+            v[pos * d_model + half + i] = a.cos() as f32;
+        }
+    }
+    Ok(Tensor::from_vec(v, (max_len, d_model), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?)
+}
+
 /// Additive absolute positions (sinusoidal or learned).
 #[derive(Debug, Clone)]
 pub struct AbsolutePositions {
@@ -188,6 +212,22 @@ impl AbsolutePositions {
                 Init::Weight { residual: false },
             )?,
         })
+    }
+
+    /// Parameter `weight` (max_len, d_model), starting from `table` instead of random values
+    /// (Whisper's encoder positions start from its sinusoids, [`whisper_sinusoids`]).
+    pub fn learned_from(table: &Tensor, vp: &VarPath) -> Result<Self> {
+        let (max_len, d_model) = table.dims2()?;
+        let weight = vp.var("weight", &[max_len, d_model], Init::Zeros)?;
+        let name = if vp.prefix().is_empty() {
+            "weight".to_string()
+        } else {
+            format!("{}.weight", vp.prefix())
+        };
+        if let Some(var) = vp.store().get(&name) {
+            var.set(&table.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        Ok(AbsolutePositions { table: weight })
     }
 
     pub fn max_len(&self) -> usize {

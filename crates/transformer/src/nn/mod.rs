@@ -3,6 +3,7 @@
 //! decoder layers, and the parameter store.
 
 pub mod attention;
+pub mod conv;
 pub mod dropout;
 pub mod embedding;
 pub mod layers;
@@ -17,8 +18,11 @@ pub use attention::{
     causal_mask, scaled_dot_product_attention, sliding_window_mask, AttnMask, AttnOutput,
     SdpaOptions,
 };
+pub use conv::Conv1d;
 pub use dropout::Dropout;
-pub use embedding::{AbsolutePositions, PositionalKind, Rope, RopeLayout, TokenEmbedding};
+pub use embedding::{
+    whisper_sinusoids, AbsolutePositions, PositionalKind, Rope, RopeLayout, TokenEmbedding,
+};
 pub use layers::{
     Decoder, DecoderLayer, DecoderOutput, DecoderState, Encoder, EncoderLayer, LayerConfig,
     LayerOptions, Masks, Memory, SelfAttentionBlock, SelfCache,

@@ -10,3 +10,5 @@
 
 pub mod chat;
 pub mod embed;
+
+pub mod transcribe;
