@@ -69,10 +69,15 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<Pixels> {
             format!("a {format:?} image; only PNG and JPEG are read"),
         ));
     }
+    let name = if format == image::ImageFormat::Png {
+        "PNG"
+    } else {
+        "JPEG"
+    };
     let reader = || image::ImageReader::with_format(Cursor::new(bytes), format);
     let (w, h) = reader()
         .into_dimensions()
-        .map_err(|e| bad_image(path, format!("cannot read the {format:?} header: {e}")))?;
+        .map_err(|e| bad_image(path, format!("cannot read the {name} header: {e}")))?;
     let pixels = w as u64 * h as u64;
     if pixels == 0 {
         return Err(bad_image(path, format!("the image is {w}x{h}: no pixels")));
@@ -88,7 +93,7 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<Pixels> {
     }
     let img = reader()
         .decode()
-        .map_err(|e| bad_image(path, format!("cannot decode the {format:?} image: {e}")))?;
+        .map_err(|e| bad_image(path, format!("cannot decode the {name} image: {e}")))?;
     let color = img.color();
     let (w, h) = (w as usize, h as usize);
     let (channels, data) = match (color.has_color(), color.has_alpha()) {
@@ -260,7 +265,11 @@ impl PerChannel {
             PerChannel::Each(v) if v.len() == 1 => Ok(vec![v[0] as f32; c]),
             PerChannel::Each(v) => Err(Error::invalid(
                 field,
-                format!("1 or {c} values (the model's channels)"),
+                if c == 1 {
+                    "1 value (the model has 1 channel)".to_string()
+                } else {
+                    format!("1 or {c} values (the model's channels)")
+                },
                 format!("{} values", v.len()),
             )),
         }
@@ -274,8 +283,9 @@ fn default_rescale() -> f64 {
     1.0 / 255.0
 }
 fn default_half() -> PerChannel {
-    // transformers' IMAGENET_STANDARD_MEAN / _STD.
-    PerChannel::Each(vec![0.5, 0.5, 0.5])
+    // transformers' IMAGENET_STANDARD_MEAN / _STD (0.5 for each of R, G, B), as one value so
+    // that it fits a grey model too.
+    PerChannel::One(0.5)
 }
 
 /// `preprocessor_config.json` of a ViT image processor: the fields that change the pixels,

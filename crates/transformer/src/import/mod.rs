@@ -3,4 +3,5 @@
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hf_bert;
+pub mod hf_vit;
 pub mod pytorch;
