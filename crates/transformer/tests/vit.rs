@@ -310,6 +310,55 @@ fn hugging_face_checkpoint_errors_name_the_tensor() -> Result<()> {
     Ok(())
 }
 
+/// A `ViTModel` checkpoint (no `vit.` prefix, no head, a pooler that is ignored) written with
+/// transformers 5's in-memory names (`layers.N.attention.q_proj`, `mlp.fc1`, ...) loads too
+/// and gives the same last hidden state.
+#[test]
+fn headless_checkpoints_with_transformers_5_names_load_too() -> Result<()> {
+    let r = reference();
+    let dir = std::env::temp_dir().join(format!("transformer-vit-v5-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| transformer::Error::io(&dir, e))?;
+    let src = fixtures().join("model");
+    std::fs::copy(src.join("config.json"), dir.join("config.json"))
+        .map_err(|e| transformer::Error::io(&dir, e))?;
+    let w = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu)?;
+    let renames = [
+        ("encoder.layer.", "layers."),
+        ("attention.attention.query", "attention.q_proj"),
+        ("attention.attention.key", "attention.k_proj"),
+        ("attention.attention.value", "attention.v_proj"),
+        ("attention.output.dense", "attention.o_proj"),
+        ("intermediate.dense", "mlp.fc1"),
+        ("output.dense", "mlp.fc2"),
+    ];
+    let mut renamed = HashMap::new();
+    for (name, t) in w {
+        let Some(body) = name.strip_prefix("vit.") else {
+            continue; // the classifier: a ViTModel has none
+        };
+        let mut n = body.to_string();
+        for (old, new) in renames {
+            n = n.replace(old, new);
+        }
+        renamed.insert(n, t);
+    }
+    let e = 64;
+    renamed.insert(
+        "pooler.dense.weight".into(),
+        Tensor::zeros((e, e), DType::F32, &Device::Cpu)?,
+    );
+    candle_core::safetensors::save(&renamed, dir.join("model.safetensors"))?;
+    let hf = transformer::import::hf_vit::load(&dir, &Device::Cpu)?;
+    assert_eq!(hf.config.n_labels(), 0);
+    let out = hf.model.forward(get(&r, "pixels.china"), false)?;
+    let d = max_abs_diff(&out, get(&r, "last_hidden.china"))?;
+    println!("ViTModel with transformers-5 names: last hidden max diff {d:e}");
+    assert!(d <= 1e-4, "{d}");
+    assert!(hf.model.classify(get(&r, "pixels.china"), false).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Our model: gradients and training.
 
