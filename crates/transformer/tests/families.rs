@@ -61,7 +61,13 @@ fn registry_names_every_family_and_refuses_unknown_ones() -> Result<()> {
     let names: Vec<&str> = FAMILIES.iter().map(|f| f.name).collect();
     assert_eq!(
         names,
-        ["encoder_decoder", "decoder_only", "encoder_only", "whisper"]
+        [
+            "encoder_decoder",
+            "decoder_only",
+            "encoder_only",
+            "whisper",
+            "vit"
+        ]
     );
     for f in FAMILIES {
         assert_eq!(family(f.name)?.name, f.name);
@@ -94,6 +100,7 @@ fn models_load_through_the_registry_with_their_capabilities() -> Result<()> {
             Box::new(transformer::models::EncoderOnlyConfig::tiny(30)),
             "encoder",
         ),
+        (Box::new(transformer::models::ViTConfig::tiny()), "image"),
     ];
     for (cfg, kind) in cases {
         let name = cfg.family().name;
@@ -104,11 +111,13 @@ fn models_load_through_the_registry_with_their_capabilities() -> Result<()> {
         let loaded = family(name)?.load(&sub, &cpu, DType::F32)?;
         assert_eq!(loaded.config.to_json()?, cfg.to_json()?);
         let ids = Tensor::new(&[[1u32, 2, 3, 4]], &cpu)?; // (1, 4)
+        let pixels = Tensor::ones((1, 3, 16, 16), DType::F32, &cpu)?; // (1, C, H, W)
         let outputs = |m: &Model| -> Result<Tensor> {
             match m {
                 Model::CausalLm(lm) => lm.forward(&ids, false),
                 Model::Seq2Seq(s) => s.forward(&ids, &ids, None, None, false),
                 Model::Encoder(e) => e.hidden_states(&ids, None, None, false),
+                Model::ImageClassifier(c) => c.logits(&pixels, false),
             }
         };
         let d = max_abs_diff(&outputs(&built)?, &outputs(&loaded.model)?)?;
@@ -117,6 +126,7 @@ fn models_load_through_the_registry_with_their_capabilities() -> Result<()> {
             Model::CausalLm(_) => "causal",
             Model::Seq2Seq(_) => "seq2seq",
             Model::Encoder(_) => "encoder",
+            Model::ImageClassifier(_) => "image",
         };
         assert_eq!(what, kind, "{name}");
     }

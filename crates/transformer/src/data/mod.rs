@@ -8,11 +8,17 @@
 //!   bucketing for sequence-to-sequence data.
 //! - [`parallel`]: aligned source/target text files for translation, with per-line UTF-8
 //!   checks and length filtering.
+//! - [`images`], [`resize`], [`idx`], [`image_folder`]: images in (PNG/JPEG decoding, Pillow's
+//!   resize and transformers' ViT preprocessing, IDX files, folder-per-class trees).
 
 pub mod audio;
 pub mod batch;
 pub mod datasets;
+pub mod idx;
+pub mod image_folder;
+pub mod images;
 pub mod parallel;
+pub mod resize;
 pub mod text;
 pub mod tokenizer;
 

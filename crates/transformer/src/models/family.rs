@@ -7,7 +7,7 @@
 //! save and load any family without naming it. What a built model can do is said by the
 //! capability traits, which tasks, decoding and the CLI use instead of concrete types:
 //! [`CausalLm`] (generation), [`Seq2Seq`] (translation; tomorrow speech and images) and
-//! [`EncoderModel`] (embeddings, classification).
+//! [`EncoderModel`] (embeddings, classification) and [`ImageClassifier`] (vision).
 //!
 //! Adding a family: its config and `FamilyConfig` impl, its model built from `nn` blocks with
 //! the capability traits it has, a name mapping in `import/` for the files users have, and one
@@ -200,11 +200,34 @@ pub trait EncoderModel: Send + Sync {
     fn pool(&self, hidden: &Tensor, padding: Option<&AttnMask>) -> Result<Tensor>;
 }
 
+/// A classifier of images (the Vision Transformer).
+pub trait ImageClassifier: Send + Sync {
+    /// Input channels (3 RGB, 1 grey).
+    fn num_channels(&self) -> usize;
+
+    /// Side of the training images; other sizes work with resampled position embeddings.
+    fn image_size(&self) -> usize;
+
+    /// Class names in label order.
+    fn labels(&self) -> Vec<String>;
+
+    /// # Shapes
+    /// `pixels`: (B, C, H, W) → logits (B, L)
+    fn logits(&self, pixels: &Tensor, train: bool) -> Result<Tensor>;
+
+    /// Every layer's attention weights per head, for attention rollout.
+    ///
+    /// # Shapes
+    /// `pixels`: (B, C, H, W) → n_layers × (B, H, T, T)
+    fn attentions(&self, pixels: &Tensor) -> Result<Vec<Tensor>>;
+}
+
 /// A built model of any family, by what it can do.
 pub enum Model {
     CausalLm(Box<dyn CausalLm>),
     Seq2Seq(Box<dyn Seq2Seq>),
     Encoder(Box<dyn EncoderModel>),
+    ImageClassifier(Box<dyn ImageClassifier>),
 }
 
 impl Model {
@@ -213,6 +236,19 @@ impl Model {
             Model::CausalLm(_) => "a causal language model",
             Model::Seq2Seq(_) => "a sequence-to-sequence model",
             Model::Encoder(_) => "an encoder",
+            Model::ImageClassifier(_) => "an image classifier",
+        }
+    }
+
+    /// The image classifier, or an error naming what the model is.
+    pub fn into_image_classifier(self, what: &str) -> Result<Box<dyn ImageClassifier>> {
+        match self {
+            Model::ImageClassifier(m) => Ok(m),
+            other => Err(Error::invalid(
+                format!("the model for {what}"),
+                "an image classifier",
+                other.kind(),
+            )),
         }
     }
 
@@ -441,6 +477,7 @@ pub static FAMILIES: &[Family] = &[
     Family::of::<super::DecoderOnlyConfig>(),
     Family::of::<super::EncoderOnlyConfig>(),
     Family::of::<super::WhisperConfig>(),
+    Family::of::<super::ViTConfig>(),
 ];
 
 /// The registered family called `name`.

@@ -6,6 +6,7 @@ pub mod decoder_only;
 pub mod encoder_decoder;
 pub mod encoder_only;
 pub mod family;
+pub mod vit;
 pub mod whisper;
 
 use std::path::Path;
@@ -20,9 +21,10 @@ pub use decoder_only::{sliding_window_mask, DecoderOnly, DecoderOnlyConfig, Laye
 pub use encoder_decoder::{EncoderDecoder, EncoderDecoderConfig};
 pub use encoder_only::{EncoderOnly, EncoderOnlyConfig, Pooling};
 pub use family::{
-    family, AnyConfig, CausalLm, EncoderModel, Family, FamilyConfig, LoadedModel, Model, Seq2Seq,
-    Source, FAMILIES,
+    family, AnyConfig, CausalLm, EncoderModel, Family, FamilyConfig, ImageClassifier, LoadedModel,
+    Model, Seq2Seq, Source, FAMILIES,
 };
+pub use vit::{ViT, ViTConfig, ViTOptions, ViTOutput};
 pub use whisper::{Whisper, WhisperConfig};
 
 /// File names inside a model directory.
