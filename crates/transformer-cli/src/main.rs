@@ -18,6 +18,7 @@ mod plot;
 mod progress;
 mod sampling;
 mod train;
+mod transcribe;
 mod translate;
 
 use std::process::ExitCode;
@@ -116,6 +117,8 @@ enum Command {
     Average(average::AverageArgs),
     /// Sentence embeddings of stdin's lines with a Hugging Face BERT model (one JSON line each).
     Embed(embed::EmbedArgs),
+    /// Speech to text with Whisper (CTranslate2 or Hugging Face model directories).
+    Transcribe(transcribe::TranscribeArgs),
     /// Throughput on the fixed configurations of bench/run.sh (one JSON line per case).
     #[command(hide = true)]
     Bench(bench::BenchArgs),
@@ -167,6 +170,7 @@ fn main() -> ExitCode {
         Command::Translate(args) => translate::run(args),
         Command::Average(args) => average::run(args),
         Command::Embed(args) => embed::run(args),
+        Command::Transcribe(args) => transcribe::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {
@@ -187,7 +191,7 @@ fn main() -> ExitCode {
 /// The error and its causes on one line, like `{:#}`, but each cause once: the library's I/O
 /// and JSON errors already print their source in their own message, and `{:#}` would repeat it
 /// ("x.txt: No such file or directory (os error 2): No such file or directory (os error 2)").
-fn error_message(e: &anyhow::Error) -> String {
+pub fn error_message(e: &anyhow::Error) -> String {
     let mut msg = String::new();
     for cause in e.chain() {
         let text = cause.to_string();

@@ -412,11 +412,7 @@ unsafe fn few_head<T: Float>(c: &Ctx<T>, bh: usize, p: &mut [T], out: OutPtr<T>,
             // All keys masked: a zero context, as the tiled path gives.
             continue;
         }
-        let mut l = T::ZERO;
-        for x in p[..j_end].iter_mut() {
-            *x = (*x - m).exp_();
-            l += *x;
-        }
+        let l = T::exp_sub_sum(&mut p[..j_end], m);
         let inv = T::ONE / l;
         let o = std::slice::from_raw_parts_mut(out.get().add(((b * t + i) * c.h + h) * dv), dv);
         for (j, &w) in p[..j_end].iter().enumerate() {
@@ -474,21 +470,13 @@ fn forward<T: Float>(c: &Ctx<T>) -> (Vec<T>, Vec<T>) {
                 );
                 for r in 0..br {
                     let row = &mut sc[r * bc..(r + 1) * bc];
-                    let mut m_new = m[r];
-                    for &x in row.iter() {
-                        m_new = m_new.max_(x);
-                    }
+                    let m_new = T::max_of(row, m[r]);
                     if m_new == T::NEG_INF {
                         row.iter_mut().for_each(|x| *x = T::ZERO);
                         continue;
                     }
                     let corr = (m[r] - m_new).exp_();
-                    let mut sum = T::ZERO;
-                    for x in row.iter_mut() {
-                        let e = (*x - m_new).exp_();
-                        *x = e;
-                        sum += e;
-                    }
+                    let sum = T::exp_sub_sum(row, m_new);
                     l[r] = l[r] * corr + sum;
                     m[r] = m_new;
                     if corr != T::ONE {
@@ -608,7 +596,7 @@ fn backward<T: Float>(c: &Ctx<T>, o: &[T], d_o: &[T], lse: &[T]) -> (Vec<T>, Vec
                     if l == T::NEG_INF {
                         row.iter_mut().for_each(|x| *x = T::ZERO);
                     } else {
-                        row.iter_mut().for_each(|x| *x = (*x - l).exp_());
+                        T::exp_sub_sum(row, l);
                     }
                 }
                 let weights: &[T] = if c.dropout.is_some() {

@@ -151,6 +151,21 @@ pub(crate) mod num_traits_like {
         fn ln_(self) -> Self;
         fn of(v: f64) -> Self;
         fn max_(self, o: Self) -> Self;
+        /// x ← e^(x − m) for every x of `row`, returning their sum (the softmax numerators
+        /// of the attention kernels).
+        /// The largest of `init` and the elements of `row`.
+        fn max_of(row: &[Self], init: Self) -> Self {
+            row.iter().fold(init, |m, &x| m.max_(x))
+        }
+        fn exp_sub_sum(row: &mut [Self], m: Self) -> Self {
+            let mut sum = Self::ZERO;
+            for x in row.iter_mut() {
+                let e = (*x - m).exp_();
+                *x = e;
+                sum += e;
+            }
+            sum
+        }
     }
     impl Float for f32 {
         const ZERO: Self = 0.0;
@@ -170,6 +185,12 @@ pub(crate) mod num_traits_like {
         }
         fn max_(self, o: Self) -> Self {
             f32::max(self, o)
+        }
+        fn exp_sub_sum(row: &mut [Self], m: Self) -> Self {
+            super::gelu::exp_sub_sum_f32(row, m)
+        }
+        fn max_of(row: &[Self], init: Self) -> Self {
+            super::gelu::max_f32(row, init)
         }
     }
     impl Float for f64 {
