@@ -106,8 +106,9 @@ def prepare(items):
 
     os.makedirs(WORK, exist_ok=True)
     paths, secs = [], 0.0
-    for i, (_, name, wav, _) in enumerate(items):
-        out = os.path.join(WORK, f"{i:04d}.wav")
+    for _, name, wav, _ in items:
+        # Named by the source clip, so that runs over other subsets never reuse a wrong file.
+        out = os.path.join(WORK, name.replace("/", "__") + ".wav")
         if not os.path.exists(out):
             write_wav_f32(out, decode_audio(wav, sampling_rate=16000))
         paths.append(out)

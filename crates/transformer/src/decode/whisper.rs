@@ -109,6 +109,8 @@ impl WhisperTokens {
             suppress_begin,
         };
         for (what, id) in [
+            ("<|endoftext|>", tokens.eot),
+            ("<|startoftranscript|>", tokens.sot),
             ("<|0.00|>", tokens.timestamp_begin),
             ("<|notimestamps|>", tokens.no_timestamps),
         ] {
@@ -570,7 +572,7 @@ pub fn segments(
     let t = &result.tokens;
     let tb = tokens.timestamp_begin;
     let is_ts: Vec<bool> = t.iter().map(|&id| id >= tb).collect();
-    let time = |id: u32| time_offset + (id - tb) as f64 * TIMESTAMP_STEP;
+    let time = |id: u32| time_offset + id.saturating_sub(tb) as f64 * TIMESTAMP_STEP;
     let seg = |start: f64, end: f64, toks: &[u32]| Segment {
         start,
         end,
@@ -598,7 +600,7 @@ pub fn segments(
             segment_frames
         } else {
             // To the last complete segment's end: 2 frames (10 ms each) per timestamp step.
-            let ts = t[last - 1] - tb;
+            let ts = t[last - 1].saturating_sub(tb);
             ((ts as f64 * TIMESTAMP_STEP * frames_per_second).round() as usize).min(segment_frames)
         };
         (out, advance.max(1))
