@@ -6,11 +6,13 @@ mod average;
 mod bench;
 mod chat;
 mod checkpoint;
+mod classify;
 mod data;
 mod demo;
 mod embed;
 mod eval;
 mod generate;
+mod heatmap;
 mod inspect;
 mod models;
 mod output;
@@ -107,13 +109,17 @@ enum Command {
     Chat(chat::ChatArgs),
     /// What a GGUF file holds: architecture, sizes, quantization types, tokenizer.
     Inspect(inspect::InspectArgs),
-    /// Loss and perplexity of a language model on a text file, or BLEU of a translation model
-    /// on a source and reference file (one JSON line).
+    /// Loss and perplexity of a language model on a text file, BLEU of a translation model on
+    /// a source and reference file, or accuracy and confusion matrix of an image classifier on
+    /// labelled images (one JSON line).
     Eval(eval::EvalArgs),
     /// Translate stdin's lines with an encoder-decoder checkpoint, one output line per input line.
     Translate(translate::TranslateArgs),
     /// Average the weights of checkpoints of one run into a new checkpoint.
     Average(average::AverageArgs),
+    /// Top-k labels of images with a Vision Transformer (one JSON line per image), optionally
+    /// with attention heatmaps.
+    Classify(classify::ClassifyArgs),
     /// Sentence embeddings of stdin's lines with a Hugging Face BERT model (one JSON line each).
     Embed(embed::EmbedArgs),
     /// Throughput on the fixed configurations of bench/run.sh (one JSON line per case).
@@ -167,6 +173,7 @@ fn main() -> ExitCode {
         Command::Translate(args) => translate::run(args),
         Command::Average(args) => average::run(args),
         Command::Embed(args) => embed::run(args),
+        Command::Classify(args) => classify::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {
