@@ -22,4 +22,7 @@ bash scripts/fetch-sklearn-images.sh >/dev/null
 # Whisper tests, which fail without them.
 bash scripts/fetch-whisper.sh tiny.en >/dev/null
 bash scripts/fetch-speech.sh >/dev/null
+# Fashion-MNIST from Debian's dataset-fashion-mnist (apt-get download + dpkg -x, 31 MB) for the
+# ViT command-line tests, which fail without it.
+bash scripts/fetch-fashion-mnist.sh >/dev/null
 cargo test --workspace

@@ -18,8 +18,9 @@ enum DataCommand {
     /// every file's sha256.
     ///
     /// Known data sets: tinyshakespeare (input.txt), multi30k (train, val and
-    /// test_2016_flickr, .de and .en). Without --mirror (or TRANSFORMER_DATA_MIRROR) the files
-    /// are downloaded from GitHub.
+    /// test_2016_flickr, .de and .en), fashion-mnist (the four IDX files). Without --mirror (or
+    /// TRANSFORMER_DATA_MIRROR) the text files are downloaded from GitHub, and fashion-mnist is
+    /// copied from Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist).
     Fetch {
         /// The data set's name.
         name: String,

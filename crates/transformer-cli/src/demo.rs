@@ -69,7 +69,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
         _ => work.join("checkpoint"),
     };
     let (model, _) = EncoderDecoder::load(&best, &device)?;
-    let tok = &prepared.tokenizer;
+    let Some(tok) = prepared.tokenizer.as_ref() else {
+        bail!("the demo's run has no tokenizer");
+    };
     let ids = Seq2SeqIds::from_tokenizer(tok)?;
     let symbols: Vec<u32> = REVERSE_ALPHABET
         .chars()

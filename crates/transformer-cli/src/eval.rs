@@ -4,6 +4,9 @@
 //! - `--checkpoint DIR --src FILE --ref FILE [--beam K]`: translate the source file with an
 //!   encoder-decoder and score it against the references with sacreBLEU's corpus BLEU, cased
 //!   and lowercased, and chrF2.
+//! - `--checkpoint DIR [--images FILE --labels FILE] [--confusion-out FILE]`: accuracy and the
+//!   confusion matrix of an image classifier on labelled IDX images (by default the
+//!   Fashion-MNIST test split in `data/fashion-mnist/`), the matrix also drawn as an SVG.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -22,7 +25,7 @@ pub struct EvalArgs {
     #[arg(long)]
     checkpoint: PathBuf,
     /// Text file to evaluate a language model on.
-    #[arg(long, required_unless_present = "src", conflicts_with = "src")]
+    #[arg(long, conflicts_with = "src")]
     text: Option<PathBuf>,
     /// Source sentences to translate, one per line (encoder-decoder models).
     #[arg(long, requires = "reference")]
@@ -44,9 +47,30 @@ pub struct EvalArgs {
     /// Replace an existing --hyp-out file.
     #[arg(long, requires = "hyp_out")]
     force: bool,
-    /// Windows (language model) or sentences (translation) per forward pass.
+    /// Windows (language model), sentences (translation) or images per forward pass.
     #[arg(long, default_value_t = 16, allow_hyphen_values = true)]
     batch_size: usize,
+    /// IDX image file to evaluate an image classifier on.
+    #[arg(
+        long,
+        default_value = "data/fashion-mnist/t10k-images-idx3-ubyte",
+        conflicts_with_all = ["text", "src"]
+    )]
+    images: PathBuf,
+    /// IDX label file aligned with --images.
+    #[arg(
+        long,
+        default_value = "data/fashion-mnist/t10k-labels-idx1-ubyte",
+        conflicts_with_all = ["text", "src"]
+    )]
+    labels: PathBuf,
+    /// Where to draw the confusion matrix of an image classifier (SVG; an existing file only
+    /// with --force-confusion).
+    #[arg(long, default_value = "confusion.svg", conflicts_with_all = ["text", "src"])]
+    confusion_out: PathBuf,
+    /// Replace an existing --confusion-out file.
+    #[arg(long)]
+    force_confusion: bool,
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
@@ -57,9 +81,26 @@ pub fn run(args: EvalArgs) -> Result<()> {
     match (&args.src, &args.reference, &args.text) {
         (Some(src), Some(reference), _) => eval_translation(&args, src, reference),
         (_, _, Some(text)) => eval_lm(&args, text),
-        // clap's `required_unless_present` / `requires` rule this out.
-        _ => anyhow::bail!("give --text FILE, or --src FILE and --ref FILE"),
+        // Neither: the checkpoint must be an image classifier.
+        _ => crate::classify::eval_images(&ImageEvalArgs {
+            checkpoint: &args.checkpoint,
+            images: &args.images,
+            labels: &args.labels,
+            confusion_out: &args.confusion_out,
+            force: args.force_confusion,
+            batch_size: args.batch_size,
+        }),
     }
+}
+
+/// What `eval` of an image classifier reads and writes.
+pub struct ImageEvalArgs<'a> {
+    pub checkpoint: &'a Path,
+    pub images: &'a Path,
+    pub labels: &'a Path,
+    pub confusion_out: &'a Path,
+    pub force: bool,
+    pub batch_size: usize,
 }
 
 fn eval_lm(args: &EvalArgs, text_path: &Path) -> Result<()> {

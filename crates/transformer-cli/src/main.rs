@@ -6,11 +6,13 @@ mod average;
 mod bench;
 mod chat;
 mod checkpoint;
+mod classify;
 mod data;
 mod demo;
 mod embed;
 mod eval;
 mod generate;
+mod heatmap;
 mod inspect;
 mod models;
 mod output;
@@ -108,13 +110,17 @@ enum Command {
     Chat(chat::ChatArgs),
     /// What a GGUF file holds: architecture, sizes, quantization types, tokenizer.
     Inspect(inspect::InspectArgs),
-    /// Loss and perplexity of a language model on a text file, or BLEU of a translation model
-    /// on a source and reference file (one JSON line).
+    /// Loss and perplexity of a language model on a text file, BLEU of a translation model on
+    /// a source and reference file, or accuracy and confusion matrix of an image classifier on
+    /// labelled images (one JSON line).
     Eval(eval::EvalArgs),
     /// Translate stdin's lines with an encoder-decoder checkpoint, one output line per input line.
     Translate(translate::TranslateArgs),
     /// Average the weights of checkpoints of one run into a new checkpoint.
     Average(average::AverageArgs),
+    /// Top-k labels of images with a Vision Transformer (one JSON line per image), optionally
+    /// with attention heatmaps.
+    Classify(classify::ClassifyArgs),
     /// Sentence embeddings of stdin's lines with a Hugging Face BERT model (one JSON line each).
     Embed(embed::EmbedArgs),
     /// Speech to text with Whisper (CTranslate2 or Hugging Face model directories).
@@ -171,6 +177,7 @@ fn main() -> ExitCode {
         Command::Average(args) => average::run(args),
         Command::Embed(args) => embed::run(args),
         Command::Transcribe(args) => transcribe::run(args),
+        Command::Classify(args) => classify::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

@@ -32,13 +32,14 @@ pub struct TrainArgs {
 /// Files and folders that make a directory "a run" (with the `step-XXXXXX/` checkpoints of
 /// `train.keep_last`, see [`holds_a_run`]). The `.old` names hold the previous checkpoint when
 /// a crash came between the two renames of a save (see `checkpoint::recover`).
-const RUN_ENTRIES: [&str; 7] = [
+const RUN_ENTRIES: [&str; 8] = [
     "checkpoint",
     "best",
     ".checkpoint.old",
     ".best.old",
     "metrics.jsonl",
     "loss.svg",
+    "accuracy.svg",
     crate::output::MARKER_FILE,
 ];
 
@@ -70,6 +71,14 @@ fn config_inputs<'a>(args: &'a TrainArgs, cfg: &'a RunConfig) -> Vec<(&'static s
             inputs.push(("data.train_tgt", train_tgt));
             inputs.push(("data.val_src", val_src));
             inputs.push(("data.val_tgt", val_tgt));
+        }
+        DataConfig::Images {
+            train_images,
+            train_labels,
+            ..
+        } => {
+            inputs.push(("data.train_images", train_images));
+            inputs.push(("data.train_labels", train_labels));
         }
         DataConfig::Reverse { .. } => {}
     }
@@ -152,11 +161,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None
     };
     let start = prepared.trainer.state().step;
+    let vocab = match &prepared.tokenizer {
+        Some(t) => format!(", vocabulary {}", t.vocab_size()),
+        None => String::new(),
+    };
     println!(
-        "training {} model: {} parameters, vocabulary {}, run directory {}{}",
+        "training {} model: {} parameters{vocab}, run directory {}{}",
         prepared.model_config.family().name,
         prepared.n_params,
-        prepared.tokenizer.vocab_size(),
         out.display(),
         if args.resume {
             format!(", resuming at step {start}")
@@ -177,6 +189,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let mut observer = CliObserver::new(cfg.train.max_steps, start, out.join("loss.svg"));
+    if matches!(cfg.data, DataConfig::Images { .. }) {
+        observer = observer.with_unit("img/s");
+    }
     let result = prepared.trainer.run(prepared.task.as_mut(), &mut observer);
     if let Some(aside) = set_aside {
         let replaced = out.join("checkpoint").exists();
@@ -195,6 +210,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let summary = result?;
     observer.finish();
     crate::plot::loss_curves(prepared.trainer.records(), &out.join("loss.svg"))?;
+    crate::plot::accuracy_curve(prepared.trainer.records(), &out.join("accuracy.svg"))?;
     if summary.interrupted {
         println!(
             "stopped at step {}; checkpoint saved in {}; continue with --resume",

@@ -107,7 +107,11 @@ min_lr = 1e-3
 
     // The exact loss (every validation window, in order) of the checkpoint training wrote.
     let (model, _) = DecoderOnly::load(&out.join("checkpoint"), &device)?;
-    let tokens = prepared.tokenizer.encode(&slice)?;
+    let tokenizer = prepared
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| transformer::Error::msg("a text run has a tokenizer"))?;
+    let tokens = tokenizer.encode(&slice)?;
     let data = LmDataset::from_tokens(tokens, 0.9)?;
     let val = evaluate_lm(&model, data.val(), 32, &device)?;
     eprintln!(

@@ -21,6 +21,9 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+/// Where Debian's `dataset-fashion-mnist` installs the gzipped IDX files.
+pub const FASHION_MNIST_SYSTEM_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
 /// The environment variable that names a mirror directory when no `--mirror DIR` is given.
 pub const MIRROR_ENV: &str = "TRANSFORMER_DATA_MIRROR";
 
@@ -40,9 +43,11 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct DataFile {
     /// File name inside `DEST/NAME/` (and inside `MIRROR/NAME/`).
     pub name: String,
-    /// Where to download it from.
-    pub url: String,
-    /// Whether the download is gzip-compressed (decompressed while writing).
+    /// Where to download it from; none for a data set that only comes from a system package
+    /// or a mirror.
+    pub url: Option<String>,
+    /// Whether the download (or the system package's `NAME.gz`) is gzip-compressed
+    /// (decompressed while writing).
     pub gzip: bool,
     /// Size of the (decompressed) file in bytes.
     pub size: u64,
@@ -59,6 +64,18 @@ pub struct Dataset {
     pub about: String,
     /// The files, fetched in this order.
     pub files: Vec<DataFile>,
+    /// A distribution package that installs the files, copied from when no mirror is given.
+    pub system: Option<SystemPackage>,
+}
+
+/// A distribution package holding a data set's files (`DIR/FILE`, or `DIR/FILE.gz` when the
+/// file is `gzip`), e.g. Debian's `dataset-fashion-mnist` in `/usr/share/datasets/fashion-mnist`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemPackage {
+    /// Where the package installs the files.
+    pub dir: PathBuf,
+    /// The command that installs it, for the error when it is missing.
+    pub install: String,
 }
 
 /// The data sets that [`fetch`] knows, with their files, URLs, sizes and checksums.
@@ -68,11 +85,12 @@ pub fn known() -> Vec<Dataset> {
         about: "Shakespeare plays, 1.1 MB of text (karpathy/char-rnn)".into(),
         files: vec![DataFile {
             name: "input.txt".into(),
-            url: "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt".into(),
+            url: Some("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt".into()),
             gzip: false,
             size: 1_115_394,
             sha256: "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed".into(),
         }],
+        system: None,
     };
 
     // Multi30k task 1, raw (not tokenized, not lowercased), German-English, gunzipped.
@@ -90,9 +108,9 @@ pub fn known() -> Vec<Dataset> {
     for (split, lang, size, sha256) in multi30k_files {
         files.push(DataFile {
             name: format!("{split}.{lang}"),
-            url: format!(
+            url: Some(format!(
                 "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/{split}.{lang}.gz"
-            ),
+            )),
             gzip: true,
             size,
             sha256: sha256.into(),
@@ -104,9 +122,42 @@ pub fn known() -> Vec<Dataset> {
                 (multi30k/dataset)"
             .into(),
         files,
+        system: None,
     };
 
-    vec![tinyshakespeare, multi30k]
+    // Fashion-MNIST (Xiao et al. 2017, MIT), as Debian's dataset-fashion-mnist ships it: the
+    // four IDX files gzipped. Debian recompressed them (its .gz bytes differ from upstream's),
+    // so the checksums are of the decompressed files, which are the same everywhere.
+    // (file, bytes, sha256 of the decompressed file)
+    #[rustfmt::skip]
+    let fashion_files = [
+        ("train-images-idx3-ubyte", 47_040_016, "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+        ("train-labels-idx1-ubyte",     60_008, "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+        ("t10k-images-idx3-ubyte",   7_840_016, "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+        ("t10k-labels-idx1-ubyte",      10_008, "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+    ];
+    let fashion_mnist = Dataset {
+        name: "fashion-mnist".into(),
+        about: "Fashion-MNIST: 60,000 + 10,000 grey 28x28 images of 10 kinds of clothing \
+                (zalandoresearch/fashion-mnist), from Debian's dataset-fashion-mnist"
+            .into(),
+        files: fashion_files
+            .iter()
+            .map(|&(name, size, sha256)| DataFile {
+                name: name.into(),
+                url: None,
+                gzip: true,
+                size,
+                sha256: sha256.into(),
+            })
+            .collect(),
+        system: Some(SystemPackage {
+            dir: PathBuf::from(FASHION_MNIST_SYSTEM_DIR),
+            install: "sudo apt-get install dataset-fashion-mnist".into(),
+        }),
+    };
+
+    vec![tinyshakespeare, multi30k, fashion_mnist]
 }
 
 /// The names of the known data sets, in order.
@@ -225,6 +276,24 @@ pub enum FetchError {
         file: String,
     },
 
+    /// The data set comes from a system package (or a mirror) only, and neither has the file.
+    #[error(
+        "{file} is not installed: install it with `{install}` (it puts the files in \
+         {system_dir}), or fetch from a local mirror laid out as DIR/{dataset}/{name} (or \
+         {name}.gz): pass `--mirror DIR` or set {MIRROR_ENV}=DIR"
+    )]
+    NotInstalled {
+        file: PathBuf,
+        name: String,
+        dataset: String,
+        system_dir: PathBuf,
+        install: String,
+    },
+
+    /// The file has no download URL and no system package names it (a malformed [`Dataset`]).
+    #[error("{dataset}/{file}: no mirror, system package or URL to fetch it from")]
+    NoSource { dataset: String, file: String },
+
     /// A file of the mirror could not be read.
     #[error("mirror file {path}: {source} (a mirror holds DIR/<data set>/<file>)")]
     Mirror {
@@ -336,13 +405,22 @@ enum CopyError {
     TooLarge,
 }
 
-/// The [`FetchError::Download`] of `file`, for any `reason`.
-fn download_err(dataset: &Dataset, file: &DataFile, reason: String) -> FetchError {
+/// The [`FetchError::Download`] of `file` from `url`, for any `reason`.
+fn download_err(dataset: &Dataset, file: &DataFile, url: &str, reason: String) -> FetchError {
     FetchError::Download {
-        url: file.url.clone(),
+        url: url.to_string(),
         reason,
         dataset: dataset.name.clone(),
         file: file.name.clone(),
+    }
+}
+
+/// `reader`, decompressed when `gzip`.
+fn maybe_gunzip(reader: impl Read + 'static, gzip: bool) -> Box<dyn Read> {
+    if gzip {
+        Box::new(flate2::read::MultiGzDecoder::new(reader))
+    } else {
+        Box::new(reader)
     }
 }
 
@@ -360,24 +438,21 @@ impl Fetcher {
         })
     }
 
-    /// The body of `file.url`, decompressed when `file.gzip`.
+    /// The body of `url`, decompressed when `file.gzip`.
     #[cfg(feature = "fetch")]
     fn download(
         &mut self,
         dataset: &Dataset,
         file: &DataFile,
+        url: &str,
     ) -> Result<Box<dyn Read>, FetchError> {
         let response = self
             .agent()
-            .get(&file.url)
+            .get(url)
             .call()
-            .map_err(|e| download_err(dataset, file, e.to_string()))?;
+            .map_err(|e| download_err(dataset, file, url, e.to_string()))?;
         let body = response.into_body().into_reader();
-        Ok(if file.gzip {
-            Box::new(flate2::read::MultiGzDecoder::new(body))
-        } else {
-            Box::new(body)
-        })
+        Ok(maybe_gunzip(body, file.gzip))
     }
 
     /// Without the `fetch` feature there is no HTTP client: say so, and how to use a mirror.
@@ -386,12 +461,74 @@ impl Fetcher {
         &mut self,
         dataset: &Dataset,
         file: &DataFile,
+        url: &str,
     ) -> Result<Box<dyn Read>, FetchError> {
         Err(FetchError::FeatureDisabled {
-            url: file.url.clone(),
+            url: url.to_string(),
             dataset: dataset.name.clone(),
             file: file.name.clone(),
         })
+    }
+
+    /// Where `file` is read from, in order: the mirror (`MIRROR/NAME/FILE`, or `FILE.gz` of
+    /// a gzipped file, decompressed), the system package's directory, the download URL.
+    fn open_source(
+        &mut self,
+        dataset: &Dataset,
+        file: &DataFile,
+        target: &Path,
+        mirror: Option<&Path>,
+    ) -> Result<(Box<dyn Read>, FileSource, String), FetchError> {
+        let open = |path: PathBuf, gzip: bool, what: &str| -> Result<_, FetchError> {
+            let f = File::open(&path).map_err(|source| FetchError::Mirror {
+                path: path.clone(),
+                source,
+            })?;
+            let desc = format!("{what} {}", path.display());
+            Ok((maybe_gunzip(f, gzip), FileSource::Copied(path), desc))
+        };
+        if let Some(mirror) = mirror {
+            let plain = mirror.join(&dataset.name).join(&file.name);
+            let gz = mirror.join(&dataset.name).join(format!("{}.gz", file.name));
+            // Copies of upstream's or Debian's gzipped files work as a mirror too: the checksum
+            // is of the decompressed bytes.
+            if file.gzip && !plain.exists() && gz.is_file() {
+                return open(gz, true, "mirror file");
+            }
+            return open(plain, false, "mirror file");
+        }
+        if let Some(system) = &dataset.system {
+            let name = if file.gzip {
+                format!("{}.gz", file.name)
+            } else {
+                file.name.clone()
+            };
+            let path = system.dir.join(name);
+            if path.is_file() {
+                return open(path, file.gzip, "system package file");
+            }
+            if file.url.is_none() {
+                return Err(FetchError::NotInstalled {
+                    file: path,
+                    name: file.name.clone(),
+                    dataset: dataset.name.clone(),
+                    system_dir: system.dir.clone(),
+                    install: system.install.clone(),
+                });
+            }
+        }
+        let Some(url) = file.url.as_deref() else {
+            return Err(FetchError::NoSource {
+                dataset: dataset.name.clone(),
+                file: target.display().to_string(),
+            });
+        };
+        let reader = self.download(dataset, file, url)?;
+        Ok((
+            reader,
+            FileSource::Downloaded(url.to_string()),
+            url.to_string(),
+        ))
     }
 
     fn fetch_file(
@@ -425,22 +562,7 @@ impl Fetcher {
             });
         }
 
-        let (reader, source, source_desc): (Box<dyn Read>, FileSource, String) = match mirror {
-            Some(mirror) => {
-                let path = mirror.join(&dataset.name).join(&file.name);
-                let f = File::open(&path).map_err(|source| FetchError::Mirror {
-                    path: path.clone(),
-                    source,
-                })?;
-                let desc = format!("mirror file {}", path.display());
-                (Box::new(f), FileSource::Copied(path), desc)
-            }
-            None => {
-                let reader = self.download(dataset, file)?;
-                let desc = file.url.clone();
-                (reader, FileSource::Downloaded(file.url.clone()), desc)
-            }
-        };
+        let (reader, source, source_desc) = self.open_source(dataset, file, &target, mirror)?;
 
         // The temporary file lives beside the target so that the rename cannot cross file
         // systems; it is deleted on drop unless persisted.
@@ -463,7 +585,11 @@ impl Fetcher {
                         path: path.clone(),
                         source: e,
                     },
-                    _ => download_err(dataset, file, e.to_string()),
+                    FileSource::Downloaded(url) => download_err(dataset, file, url, e.to_string()),
+                    FileSource::AlreadyPresent => FetchError::Io {
+                        path: target.clone(),
+                        source: e,
+                    },
                 })
             }
             Err(CopyError::Write(e)) => return Err(io_err(tmp.path())(e)),
@@ -544,7 +670,7 @@ mod tests {
             .iter()
             .map(|(name, data)| DataFile {
                 name: name.to_string(),
-                url: url.to_string(),
+                url: Some(url.to_string()),
                 gzip: false,
                 size: data.len() as u64,
                 sha256: sha256_hex(data),
@@ -554,6 +680,7 @@ mod tests {
             name: "fake".into(),
             about: "test data".into(),
             files,
+            system: None,
         };
         (dataset, contents)
     }
@@ -580,16 +707,20 @@ mod tests {
     #[test]
     fn known_data_sets_are_well_formed() {
         let names = known_names();
-        assert_eq!(names, ["tinyshakespeare", "multi30k"]);
+        assert_eq!(names, ["tinyshakespeare", "multi30k", "fashion-mnist"]);
         for d in known() {
+            // Every file can come from somewhere.
+            assert!(d.system.is_some() || d.files.iter().all(|f| f.url.is_some()));
             for f in &d.files {
                 assert_eq!(f.sha256.len(), 64, "{}/{}", d.name, f.name);
                 assert!(f
                     .sha256
                     .bytes()
                     .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
-                assert!(f.url.starts_with("https://"), "{}", f.url);
-                assert_eq!(f.gzip, f.url.ends_with(".gz"), "{}", f.url);
+                if let Some(url) = &f.url {
+                    assert!(url.starts_with("https://"), "{url}");
+                    assert_eq!(f.gzip, url.ends_with(".gz"), "{url}");
+                }
             }
         }
         let m = find("multi30k").unwrap();
@@ -606,9 +737,91 @@ mod tests {
             ]
         );
         assert_eq!(
-            m.files[0].url,
-            "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/train.de.gz"
+            m.files[0].url.as_deref(),
+            Some("https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/train.de.gz")
         );
+    }
+
+    /// A gzipped one-file data set installed by a (fake) system package in `system_dir`.
+    fn system_dataset(system_dir: &Path) -> (Dataset, Vec<u8>) {
+        let data = b"pixels and labels\n".repeat(50);
+        let dataset = Dataset {
+            name: "fake-images".into(),
+            about: "test data".into(),
+            files: vec![DataFile {
+                name: "images".into(),
+                url: None,
+                gzip: true,
+                size: data.len() as u64,
+                sha256: sha256_hex(&data),
+            }],
+            system: Some(SystemPackage {
+                dir: system_dir.to_path_buf(),
+                install: "sudo apt-get install dataset-fake".into(),
+            }),
+        };
+        (dataset, data)
+    }
+
+    fn gzip_bytes(data: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(data).unwrap();
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn system_package_files_are_decompressed_and_verified() {
+        let tmp = TempDir::new("fetch-system");
+        let system = tmp.path().join("usr-share-datasets");
+        std::fs::create_dir_all(&system).unwrap();
+        let (dataset, data) = system_dataset(&system);
+        std::fs::write(system.join("images.gz"), gzip_bytes(&data)).unwrap();
+        let dest = tmp.path().join("data");
+        let report = fetch_dataset(&dataset, &dest, None).unwrap();
+        assert_eq!(
+            report.files[0].source,
+            FileSource::Copied(system.join("images.gz"))
+        );
+        assert_eq!(
+            std::fs::read(dest.join("fake-images/images")).unwrap(),
+            data
+        );
+
+        // A mirror may hold the decompressed file or the gzipped one.
+        let mirror = tmp.path().join("mirror");
+        std::fs::create_dir_all(mirror.join("fake-images")).unwrap();
+        std::fs::write(mirror.join("fake-images/images.gz"), gzip_bytes(&data)).unwrap();
+        let dest2 = tmp.path().join("data2");
+        let report = fetch_dataset(&dataset, &dest2, Some(&mirror)).unwrap();
+        assert_eq!(
+            report.files[0].source,
+            FileSource::Copied(mirror.join("fake-images/images.gz"))
+        );
+        assert_eq!(
+            std::fs::read(dest2.join("fake-images/images")).unwrap(),
+            data
+        );
+
+        // Damaged bytes inside the gzip stream fail the checksum and leave nothing.
+        std::fs::write(system.join("images.gz"), gzip_bytes(b"other\n")).unwrap();
+        let dest3 = tmp.path().join("data3");
+        let err = fetch_dataset(&dataset, &dest3, None).unwrap_err();
+        assert!(matches!(err, FetchError::Checksum { .. }), "{err}");
+        assert!(!dest3.join("fake-images").exists());
+    }
+
+    #[test]
+    fn missing_system_package_names_the_apt_command() {
+        let tmp = TempDir::new("fetch-no-system");
+        let (dataset, _) = system_dataset(&tmp.path().join("not-installed"));
+        let dest = tmp.path().join("data");
+        let err = fetch_dataset(&dataset, &dest, None).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, FetchError::NotInstalled { .. }), "{msg}");
+        assert!(msg.contains("sudo apt-get install dataset-fake"), "{msg}");
+        assert!(msg.contains("not-installed"), "{msg}");
+        assert!(msg.contains("--mirror DIR"), "{msg}");
+        assert!(!dest.join("fake-images").exists());
     }
 
     #[test]
@@ -616,7 +829,10 @@ mod tests {
         let tmp = TempDir::new("fetch-unknown");
         let err = fetch("nosuch", tmp.path(), None).unwrap_err().to_string();
         assert!(err.contains("nosuch"), "{err}");
-        assert!(err.contains("tinyshakespeare, multi30k"), "{err}");
+        assert!(
+            err.contains("tinyshakespeare, multi30k, fashion-mnist"),
+            "{err}"
+        );
         assert!(
             listing(tmp.path()).is_empty(),
             "nothing created: {:?}",

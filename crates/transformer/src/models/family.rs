@@ -208,6 +208,9 @@ pub trait ImageClassifier: Send + Sync {
     /// Side of the training images; other sizes work with resampled position embeddings.
     fn image_size(&self) -> usize;
 
+    /// Side of the square patches: an H×W input has (H / P)·(W / P) patch tokens.
+    fn patch_size(&self) -> usize;
+
     /// Class names in label order.
     fn labels(&self) -> Vec<String>;
 

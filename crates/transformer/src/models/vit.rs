@@ -628,6 +628,9 @@ impl ImageClassifier for ViT {
     fn image_size(&self) -> usize {
         self.cfg.image_size
     }
+    fn patch_size(&self) -> usize {
+        self.cfg.patch_size
+    }
     fn labels(&self) -> Vec<String> {
         self.cfg.labels()
     }

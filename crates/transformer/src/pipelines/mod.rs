@@ -7,8 +7,11 @@
 //!   ([`HfBert`](crate::pipelines::embed::HfBert)).
 //! - [`chat`](crate::pipelines::chat): a conversation rendered through the model's chat
 //!   template.
+//! - [`classify`](crate::pipelines::classify): image classification with a ViT checkpoint
+//!   (ours or Hugging Face's), top-k labels and attention rollout.
 
 pub mod chat;
+pub mod classify;
 pub mod embed;
 
 pub mod transcribe;

@@ -58,6 +58,37 @@ pub enum DataConfig {
         #[serde(default = "yes")]
         joint_vocab: bool,
     },
+    /// Labelled grey images for classification, from IDX files (MNIST, Fashion-MNIST): the
+    /// last `n_val` training images validate, the others train with the given augmentation.
+    Images {
+        /// IDX image file (N, H, W), gzipped or raw.
+        train_images: PathBuf,
+        /// IDX label file (N), aligned with `train_images`.
+        train_labels: PathBuf,
+        /// Training images held out (the last ones) for validation and `best/`.
+        #[serde(default = "default_image_n_val")]
+        n_val: usize,
+        /// Subtracted from the pixels after scaling to [0, 1] (Fashion-MNIST's mean: 0.2860).
+        #[serde(default = "half")]
+        mean: f64,
+        /// Divides the pixels after the mean (Fashion-MNIST's: 0.3530).
+        #[serde(default = "half")]
+        std: f64,
+        /// Random crop: pad every side with this many zero pixels and crop the original size
+        /// back at a random offset (torchvision's `RandomCrop(size, padding)`); 0: none.
+        #[serde(default)]
+        crop_padding: usize,
+        /// Random horizontal flip with probability 1/2.
+        #[serde(default)]
+        hflip: bool,
+    },
+}
+
+fn default_image_n_val() -> usize {
+    5000
+}
+fn half() -> f64 {
+    0.5
 }
 
 fn default_train_fraction() -> f64 {
@@ -200,6 +231,27 @@ impl DataConfig {
             } => {
                 count_in("data.max_len", *max_len as u64, 1, 1 << 16)?;
                 count_in("data.max_tokens", *max_tokens as u64, 1, 1 << 24)?;
+            }
+            DataConfig::Images {
+                n_val,
+                mean,
+                std,
+                crop_padding,
+                ..
+            } => {
+                // An empty validation set would report no accuracy and freeze best/.
+                count_in("data.n_val", *n_val as u64, 1, MAX_BATCH)?;
+                count_in("data.crop_padding", *crop_padding as u64, 0, 1 << 12)?;
+                if !mean.is_finite() {
+                    return Err(Error::invalid("data.mean", "finite", mean.to_string()));
+                }
+                if !(std.is_finite() && *std > 0.0) {
+                    return Err(Error::invalid(
+                        "data.std",
+                        "finite and > 0",
+                        std.to_string(),
+                    ));
+                }
             }
         }
         Ok(())

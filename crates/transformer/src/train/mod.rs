@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod eval;
+pub mod images;
 pub mod loss;
 pub mod optim;
 pub mod run;
@@ -20,4 +21,6 @@ pub use tasks::{
     seq2seq_loss, BucketSchedule, BucketedPairs, BucketedSeq2SeqTask, LmTask, PairSource,
     Seq2SeqTask,
 };
-pub use trainer::{MetricRecord, Observer, RunSummary, Silent, Task, Trainer, TrainerSetup};
+pub use trainer::{
+    Evaluation, MetricRecord, Observer, RunSummary, Silent, Task, Trainer, TrainerSetup,
+};

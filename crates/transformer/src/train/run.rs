@@ -7,12 +7,14 @@ use candle_core::{DType, Device};
 
 use super::checkpoint::{self, SRC_TOKENIZER_FILE, TOKENIZER_FILE};
 use super::config::{DataConfig, RunConfig};
+use super::images::{Augment, EpochSampler, ImageClassificationTask, Normalize};
 use super::loss::CrossEntropyConfig;
 use super::optim::AdamW;
 use super::tasks::{
     reverse_pair, BucketedPairs, BucketedSeq2SeqTask, LmTask, PairSource, Seq2SeqTask,
 };
 use super::trainer::{initial_data_rng, Task, Trainer, TrainerSetup};
+use crate::data::idx::LabelledImages;
 use crate::data::{
     encode_pairs, read_parallel, read_text, CharTokenizer, LmDataset, Seq2SeqIds, Tokenizer,
     TokenizerConfig,
@@ -39,14 +41,14 @@ pub fn reverse_tokenizer(n_symbols: usize) -> Result<Tokenizer> {
 }
 
 /// Builds the task once the model config (vocabulary size) is known.
-type TaskBuilder =
-    Box<dyn FnOnce(&dyn AnyConfig, &crate::nn::VarStore, &Tokenizer) -> Result<Box<dyn Task>>>;
+type TaskBuilder = Box<dyn FnOnce(&dyn AnyConfig, &crate::nn::VarStore) -> Result<Box<dyn Task>>>;
 
 /// A run ready to train.
 pub struct PreparedRun {
     pub trainer: Trainer,
     pub task: Box<dyn Task>,
-    pub tokenizer: Tokenizer,
+    /// The tokenizer of a text run (none for images).
+    pub tokenizer: Option<Tokenizer>,
     pub model_config: Box<dyn AnyConfig>,
     pub n_params: usize,
     /// The source tokenizer of a translation run with separate vocabularies.
@@ -91,7 +93,7 @@ struct SetupContext<'a> {
 /// the model fields it decides unless the `[model]` section sets them, and lines worth showing
 /// the user. A new data kind is one function returning this and one arm in [`prepare_run`].
 struct DataSetup {
-    tokenizer: Tokenizer,
+    tokenizer: Option<Tokenizer>,
     src_tokenizer: Option<Tokenizer>,
     builder: TaskBuilder,
     model_defaults: Vec<(&'static str, toml::Value)>,
@@ -102,7 +104,7 @@ impl DataSetup {
     /// One tokenizer, no model fields decided, nothing to tell.
     fn new(tokenizer: Tokenizer, builder: TaskBuilder) -> Self {
         DataSetup {
-            tokenizer,
+            tokenizer: Some(tokenizer),
             src_tokenizer: None,
             builder,
             model_defaults: Vec::new(),
@@ -123,7 +125,10 @@ pub fn prepare_run(
     let ckpt_dir = out_dir.join("checkpoint");
     if resume {
         checkpoint::recover(&ckpt_dir)?;
-        checkpoint::require_files(&ckpt_dir, &[TOKENIZER_FILE])?;
+        // Images have no tokenizer.
+        if !matches!(cfg.data, DataConfig::Images { .. }) {
+            checkpoint::require_files(&ckpt_dir, &[TOKENIZER_FILE])?;
+        }
     }
     let seed = cfg.train.seed;
     let loss = CrossEntropyConfig {
@@ -173,17 +178,41 @@ pub fn prepare_run(
             max_len,
             joint_vocab,
         )?,
+        DataConfig::Images {
+            train_images,
+            train_labels,
+            n_val,
+            mean,
+            std,
+            crop_padding,
+            hflip,
+        } => image_data(
+            &ctx,
+            train_images,
+            train_labels,
+            *n_val,
+            Normalize {
+                mean: *mean as f32,
+                std: *std as f32,
+            },
+            Augment {
+                crop_padding: *crop_padding,
+                hflip: *hflip,
+            },
+        )?,
     };
     let mut model_cfg = cfg.clone();
     for (key, value) in model_defaults {
         model_cfg.model.entry(key.to_string()).or_insert(value);
     }
+    // A model without a vocabulary (images) ignores the sizes.
+    let tgt_vocab = tokenizer.as_ref().map_or(0, Tokenizer::vocab_size);
     let src_vocab = src_tokenizer
         .as_ref()
-        .map_or(tokenizer.vocab_size(), Tokenizer::vocab_size);
-    let model_config = model_cfg.model_config_with_vocabs(src_vocab, tokenizer.vocab_size())?;
+        .map_or(tgt_vocab, Tokenizer::vocab_size);
+    let model_config = model_cfg.model_config_with_vocabs(src_vocab, tgt_vocab)?;
     let vs = model_config.var_store(DType::F32, device, seed);
-    let task = task_builder(model_config.as_ref(), &vs, &tokenizer)?;
+    let task = task_builder(model_config.as_ref(), &vs)?;
     // An initialization scale too large for f32 (e.g. model.embed_init_std = 1e300) gives
     // infinite weights before the first step; say so rather than blame the learning rate.
     let tensors = vs.tensors();
@@ -206,7 +235,7 @@ pub fn prepare_run(
         train: cfg.train.clone(),
         family: model_config.family().name,
         model_config: model_config.to_json()?,
-        tokenizer: Some(tokenizer.clone()),
+        tokenizer: tokenizer.clone(),
         src_tokenizer: src_tokenizer.clone(),
         run_config: Some(cfg.clone()),
     };
@@ -247,10 +276,7 @@ fn text_data(ctx: &SetupContext, path: &Path, train_fraction: &f64) -> Result<Da
     let batch_size = cfg.train.batch_size;
     let device = device.clone();
     let path = path.to_path_buf();
-    let builder = move |mc: &dyn AnyConfig,
-                        vs: &crate::nn::VarStore,
-                        _: &Tokenizer|
-          -> Result<Box<dyn Task>> {
+    let builder = move |mc: &dyn AnyConfig, vs: &crate::nn::VarStore| -> Result<Box<dyn Task>> {
         let model = mc
             .build(&vs.root())?
             .into_causal_lm("data.kind = \"text\" (language modelling)")?;
@@ -303,10 +329,8 @@ fn reverse_data(
     let (min_len, max_len, n_val) = (*min_len, *max_len, *n_val);
     let batch_size = cfg.train.batch_size;
     let device = device.clone();
-    let builder = move |mc: &dyn AnyConfig,
-                        vs: &crate::nn::VarStore,
-                        tok: &Tokenizer|
-          -> Result<Box<dyn Task>> {
+    let tok = tokenizer.clone();
+    let builder = move |mc: &dyn AnyConfig, vs: &crate::nn::VarStore| -> Result<Box<dyn Task>> {
         let model = mc
             .build(&vs.root())?
             .into_seq2seq("data.kind = \"reverse\"")?;
@@ -331,7 +355,7 @@ fn reverse_data(
             },
             val,
             batch_size,
-            ids: Seq2SeqIds::from_tokenizer(tok)?,
+            ids: Seq2SeqIds::from_tokenizer(&tok)?,
             loss,
             device,
         }))
@@ -435,10 +459,7 @@ fn parallel_data(
     model_defaults.push(("tie_output", toml::Value::Boolean(true)));
     let max_pairs = cfg.train.batch_size;
     let device = device.clone();
-    let builder = move |mc: &dyn AnyConfig,
-                        vs: &crate::nn::VarStore,
-                        _: &Tokenizer|
-          -> Result<Box<dyn Task>> {
+    let builder = move |mc: &dyn AnyConfig, vs: &crate::nn::VarStore| -> Result<Box<dyn Task>> {
         let model = mc
             .build(&vs.root())?
             .into_seq2seq("data.kind = \"parallel\" (translation)")?;
@@ -465,11 +486,73 @@ fn parallel_data(
         )?))
     };
     Ok(DataSetup {
-        tokenizer,
+        tokenizer: Some(tokenizer),
         src_tokenizer,
         builder: Box::new(builder),
         model_defaults,
         notes: data_notes,
+    })
+}
+
+/// `data.kind = "images"`: image classification on labelled IDX images.
+fn image_data(
+    ctx: &SetupContext,
+    train_images: &Path,
+    train_labels: &Path,
+    n_val: usize,
+    normalize: Normalize,
+    augment: Augment,
+) -> Result<DataSetup> {
+    let images = LabelledImages::read_idx(train_images, train_labels)?;
+    let n = images.len();
+    if n_val >= n {
+        return Err(Error::invalid(
+            "data.n_val",
+            format!(
+                "fewer than the {n} images of {} (the rest train)",
+                train_images.display()
+            ),
+            n_val.to_string(),
+        ));
+    }
+    let n_train = n - n_val;
+    let notes = vec![format!(
+        "images: {n_train} training and {n_val} validation of {}x{} pixels from {} (augmentation: \
+         crop padding {}, horizontal flip {})",
+        images.height,
+        images.width,
+        train_images.display(),
+        augment.crop_padding,
+        if augment.hflip { "on" } else { "off" }
+    )];
+    let batch_size = ctx.cfg.train.batch_size;
+    let seed = ctx.cfg.train.seed;
+    let loss = ctx.loss;
+    let device = ctx.device.clone();
+    let builder = move |mc: &dyn AnyConfig, vs: &crate::nn::VarStore| -> Result<Box<dyn Task>> {
+        let model = mc
+            .build(&vs.root())?
+            .into_image_classifier("data.kind = \"images\" (image classification)")?;
+        ImageClassificationTask::check_model(model.as_ref(), &images)?;
+        Ok(Box::new(ImageClassificationTask {
+            model,
+            sampler: EpochSampler::new(n_train, batch_size, initial_data_rng(seed))?,
+            train: (0..n_train).collect(),
+            val: (n_train..n).collect(),
+            images,
+            batch_size,
+            augment,
+            normalize,
+            loss,
+            device,
+        }))
+    };
+    Ok(DataSetup {
+        tokenizer: None,
+        src_tokenizer: None,
+        builder: Box::new(builder),
+        model_defaults: Vec::new(),
+        notes,
     })
 }
 
@@ -667,7 +750,10 @@ factor = 1.0
             mc.share_embeddings && mc.tie_output,
             "joint vocabulary shares embeddings"
         );
-        assert_eq!(full.tokenizer.special_ids().bos, Some(1));
+        assert_eq!(
+            full.tokenizer.as_ref().map(|t| t.special_ids().bos),
+            Some(Some(1))
+        );
         let all = full.trainer.run(full.task.as_mut(), &mut Silent)?;
         assert_eq!(all.losses.len(), 8);
 
@@ -701,7 +787,10 @@ factor = 1.0
             .expect("family");
         let src = run.src_tokenizer.as_ref().expect("a source tokenizer");
         assert_eq!(mc.src_vocab_size, src.vocab_size());
-        assert_eq!(mc.tgt_vocab_size, run.tokenizer.vocab_size());
+        assert_eq!(
+            Some(mc.tgt_vocab_size),
+            run.tokenizer.as_ref().map(Tokenizer::vocab_size)
+        );
         assert!(!mc.share_embeddings);
         run.trainer.run(run.task.as_mut(), &mut Silent)?;
         let ckpt = out.join("checkpoint");

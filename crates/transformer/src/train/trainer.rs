@@ -29,6 +29,24 @@ pub trait Task {
 
     /// Mean validation loss over `iters` batches drawn with `rng`, without dropout.
     fn eval_loss(&mut self, rng: &mut Rng, iters: usize) -> Result<f64>;
+
+    /// What an evaluation reports: the validation loss, and the accuracy for tasks that have
+    /// one (classification).
+    fn evaluate(&mut self, rng: &mut Rng, iters: usize) -> Result<Evaluation> {
+        Ok(Evaluation {
+            loss: self.eval_loss(rng, iters)?,
+            accuracy: None,
+        })
+    }
+}
+
+/// The outcome of [`Task::evaluate`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Mean validation loss (plain cross-entropy).
+    pub loss: f64,
+    /// Fraction of validation examples classified correctly.
+    pub accuracy: Option<f64>,
 }
 
 /// One line of `metrics.jsonl`.
@@ -41,6 +59,9 @@ pub struct MetricRecord {
     pub train_loss: f64,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub val_loss: Option<f64>,
+    /// Validation accuracy of a classification task.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub val_accuracy: Option<f64>,
     pub lr: f64,
     pub tokens_per_sec: f64,
     pub elapsed_s: f64,
@@ -299,7 +320,8 @@ impl Trainer {
                 // Evaluation draws from its own generator so that it never shifts the training
                 // batches: a resumed run sees exactly the batches an uninterrupted one does.
                 let mut eval_rng = Rng::new(self.cfg.seed ^ step.wrapping_mul(0x9E37_79B9));
-                let val = task.eval_loss(&mut eval_rng, self.cfg.eval_iters)?;
+                let eval = task.evaluate(&mut eval_rng, self.cfg.eval_iters)?;
+                let val = eval.loss;
                 if !val.is_finite() {
                     let tensor = match self.first_non_finite()? {
                         Some(t) => t,
@@ -307,7 +329,9 @@ impl Trainer {
                     };
                     return Err(self.diverged(tensor, step, lr));
                 }
-                let rec = self.record("eval", eval_sum / eval_n.max(1) as f64, Some(val), lr, 0.0);
+                let mut rec =
+                    self.record("eval", eval_sum / eval_n.max(1) as f64, Some(val), lr, 0.0);
+                rec.val_accuracy = eval.accuracy;
                 self.push_record(rec, observer)?;
                 (eval_sum, eval_n) = (0.0, 0);
                 let improved = self.state.best_val_loss.is_none_or(|b| val < b);
@@ -392,6 +416,7 @@ impl Trainer {
             step: self.state.step,
             train_loss,
             val_loss,
+            val_accuracy: None,
             lr,
             tokens_per_sec: tps,
             elapsed_s: self.state.elapsed_s,

@@ -1,0 +1,400 @@
+//! Image classification training (the Vision Transformer on Fashion-MNIST): labelled grey
+//! images from IDX files, visited once per epoch in a fresh random order, with the light
+//! augmentation of small-image recipes (torchvision's `RandomCrop(size, padding=p)` with zero
+//! fill, then `RandomHorizontalFlip()`), seeded and deterministic.
+//!
+//! Exact resumption with the trainer's data generator as the only saved state, as
+//! [`super::tasks::BucketSchedule`] does: a batch costs a fixed sequence of draws (one per
+//! image for the order, then one seed for the batch's augmentation), so a resumed run replays
+//! the draws from the run's initial state until it reaches the saved one and continues with
+//! the same epoch, the same images left in it and the same crops and flips.
+//!
+//! Dimension letters: `B` batch, `H`/`W` image height/width, `L` labels.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::loss::{cross_entropy, CrossEntropyConfig};
+use super::trainer::{Evaluation, Task};
+use crate::data::idx::LabelledImages;
+use crate::models::ImageClassifier;
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Most batches replayed to find where a resumed run stands (a few seconds of draws).
+const MAX_REPLAY_BATCHES: u64 = 1 << 22;
+
+/// Light augmentation of 2-D images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Augment {
+    /// Pad every side with this many zero pixels, then crop the original size back at a
+    /// uniformly random offset (0: no crop).
+    pub crop_padding: usize,
+    /// Mirror left-right with probability 1/2.
+    pub hflip: bool,
+}
+
+impl Augment {
+    pub fn is_identity(&self) -> bool {
+        self.crop_padding == 0 && !self.hflip
+    }
+
+    /// One image of `h`×`w` bytes (row-major) augmented into `out`: the crop offset is drawn
+    /// first (row, then column, each in [0, 2p]), then the flip.
+    pub fn apply(&self, src: &[u8], h: usize, w: usize, rng: &mut Rng, out: &mut [u8]) {
+        let p = self.crop_padding;
+        let (dy, dx) = if p > 0 {
+            let span = (2 * p + 1) as u64;
+            (rng.below(span) as usize, rng.below(span) as usize)
+        } else {
+            (0, 0)
+        };
+        let flip = self.hflip && rng.below(2) == 1;
+        for y in 0..h {
+            // Row y of the crop is row y + dy of the padded image, row y + dy - p of `src`.
+            let sy = (y + dy).wrapping_sub(p);
+            for x in 0..w {
+                let sx = (x + dx).wrapping_sub(p);
+                // Out of range (wrapped below zero, or past the edge): the zero padding.
+                let v = if sy < h && sx < w {
+                    src[sy * w + sx]
+                } else {
+                    0
+                };
+                let ox = if flip { w - 1 - x } else { x };
+                out[y * w + ox] = v;
+            }
+        }
+    }
+}
+
+/// The order of training images: every image once per epoch, in a fresh random order each
+/// epoch (a lazy Fisher-Yates shuffle), `batch` images at a time; a batch may straddle two
+/// epochs. See the module documentation for how it resumes.
+#[derive(Debug, Clone)]
+pub struct EpochSampler {
+    n: usize,
+    batch: usize,
+    initial: Rng,
+    remaining: Vec<usize>,
+    epoch: u64,
+    batches: u64,
+    last: Option<Rng>,
+}
+
+impl EpochSampler {
+    pub fn new(n: usize, batch: usize, initial: Rng) -> Result<Self> {
+        if n == 0 || batch == 0 {
+            return Err(Error::msg(format!(
+                "cannot sample batches of {batch} from {n} training images"
+            )));
+        }
+        Ok(EpochSampler {
+            n,
+            batch,
+            initial,
+            remaining: Vec::new(),
+            epoch: 0,
+            batches: 0,
+            last: None,
+        })
+    }
+
+    /// Epochs started so far (1 during the first).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Batches drawn since the start of the run.
+    pub fn batches(&self) -> u64 {
+        self.batches
+    }
+
+    fn draw(&mut self, rng: &mut Rng) -> (Vec<usize>, u64) {
+        let mut idx = Vec::with_capacity(self.batch);
+        for _ in 0..self.batch {
+            if self.remaining.is_empty() {
+                self.remaining = (0..self.n).collect();
+                self.epoch += 1;
+            }
+            let j = rng.below(self.remaining.len() as u64) as usize;
+            idx.push(self.remaining.swap_remove(j));
+        }
+        self.batches += 1;
+        (idx, rng.next_u64())
+    }
+
+    fn sync(&mut self, rng: &Rng) -> Result<()> {
+        let mut sim = self.initial.clone();
+        self.remaining.clear();
+        self.epoch = 0;
+        self.batches = 0;
+        while sim != *rng {
+            if self.batches >= MAX_REPLAY_BATCHES {
+                return Err(Error::msg(format!(
+                    "resuming: the saved data-order state is not among the first \
+                     {MAX_REPLAY_BATCHES} batches of this run's schedule; was train.seed or \
+                     train.batch_size changed since the checkpoint was written?"
+                )));
+            }
+            self.draw(&mut sim);
+        }
+        Ok(())
+    }
+
+    /// The next batch's image indices and the seed of its augmentation, drawn with `rng`.
+    pub fn next(&mut self, rng: &mut Rng) -> Result<(Vec<usize>, u64)> {
+        if self.last.as_ref() != Some(rng) {
+            self.sync(rng)?;
+        }
+        let out = self.draw(rng);
+        self.last = Some(rng.clone());
+        Ok(out)
+    }
+}
+
+/// How raw bytes become the model's input: `(v / 255 - mean) / std`, as transformers' image
+/// processor computes it (rescale in f64, then f32).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalize {
+    pub mean: f32,
+    pub std: f32,
+}
+
+impl Normalize {
+    pub fn apply(&self, v: u8) -> f32 {
+        ((v as f64 * (1.0 / 255.0)) as f32 - self.mean) / self.std
+    }
+}
+
+/// A batch of grey images as the model's input.
+///
+/// # Shapes
+/// `pixels`: B × (H·W) bytes → (B, 1, H, W) f32
+pub fn image_batch(
+    pixels: &[u8],
+    b: usize,
+    h: usize,
+    w: usize,
+    norm: Normalize,
+    device: &Device,
+) -> Result<Tensor> {
+    let data: Vec<f32> = pixels.iter().map(|&v| norm.apply(v)).collect();
+    Ok(Tensor::from_vec(data, (b, 1, h, w), device)?)
+}
+
+/// Class predictions and their correctness for a batch of logits.
+///
+/// # Shapes
+/// `logits`: (B, L) → B predicted labels
+pub fn predictions(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(1)?.to_vec1::<u32>()?)
+}
+
+/// Supervised training of an image classifier on labelled grey images.
+pub struct ImageClassificationTask {
+    pub model: Box<dyn ImageClassifier>,
+    pub images: LabelledImages,
+    /// Indices into `images` that train.
+    pub train: Vec<usize>,
+    /// Indices into `images` that validate (the whole set at every evaluation).
+    pub val: Vec<usize>,
+    pub sampler: EpochSampler,
+    pub batch_size: usize,
+    pub augment: Augment,
+    pub normalize: Normalize,
+    pub loss: CrossEntropyConfig,
+    pub device: Device,
+}
+
+impl ImageClassificationTask {
+    /// Check that the model reads these images and has a class for every label.
+    pub fn check_model(model: &dyn ImageClassifier, images: &LabelledImages) -> Result<()> {
+        if model.num_channels() != 1 {
+            return Err(Error::invalid(
+                "model.num_channels",
+                "1 (the IDX images are grey)",
+                model.num_channels().to_string(),
+            ));
+        }
+        if model.image_size() != images.height || images.height != images.width {
+            return Err(Error::invalid(
+                "model.image_size",
+                format!(
+                    "the images' side ({}x{} pixels)",
+                    images.height, images.width
+                ),
+                model.image_size().to_string(),
+            ));
+        }
+        let n_labels = model.labels().len();
+        if let Some(&max) = images.labels.iter().max() {
+            if max as usize >= n_labels {
+                return Err(Error::invalid(
+                    "model.num_labels",
+                    format!("more than the largest label in the data ({max})"),
+                    n_labels.to_string(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The pixels of `indices`, augmented with `seed` when `augment`.
+    fn pixels(&self, indices: &[usize], seed: Option<u64>) -> Result<Tensor> {
+        let (h, w) = (self.images.height, self.images.width);
+        let size = h * w;
+        let mut buf = vec![0u8; indices.len() * size];
+        let mut rng = seed.map(Rng::new);
+        for (k, &i) in indices.iter().enumerate() {
+            let src = &self.images.pixels[i * size..(i + 1) * size];
+            let out = &mut buf[k * size..(k + 1) * size];
+            match rng.as_mut() {
+                Some(r) => self.augment.apply(src, h, w, r, out),
+                None => out.copy_from_slice(src),
+            }
+        }
+        image_batch(&buf, indices.len(), h, w, self.normalize, &self.device)
+    }
+
+    fn labels(&self, indices: &[usize]) -> Result<Tensor> {
+        let labels: Vec<u32> = indices
+            .iter()
+            .map(|&i| self.images.labels[i] as u32)
+            .collect();
+        Ok(Tensor::from_vec(labels, indices.len(), &self.device)?)
+    }
+}
+
+impl Task for ImageClassificationTask {
+    fn train_batch(&mut self, rng: &mut Rng) -> Result<(Tensor, usize)> {
+        let (batch, seed) = self.sampler.next(rng)?;
+        let indices: Vec<usize> = batch.iter().map(|&j| self.train[j]).collect();
+        let seed = (!self.augment.is_identity()).then_some(seed);
+        let pixels = self.pixels(&indices, seed)?; // (B, 1, H, W)
+        let logits = self.model.logits(&pixels, true)?; // (B, L)
+        let loss = cross_entropy(&logits, &self.labels(&indices)?, &self.loss)?;
+        Ok((loss, indices.len()))
+    }
+
+    fn eval_loss(&mut self, rng: &mut Rng, iters: usize) -> Result<f64> {
+        Ok(self.evaluate(rng, iters)?.loss)
+    }
+
+    /// Loss and accuracy over the whole validation set, without augmentation; `rng` and
+    /// `iters` are not needed because the set is fixed.
+    fn evaluate(&mut self, _rng: &mut Rng, _iters: usize) -> Result<Evaluation> {
+        if self.val.is_empty() {
+            return Err(Error::msg(
+                "the validation set is empty (set data.n_val >= 1)",
+            ));
+        }
+        let plain = CrossEntropyConfig::default();
+        let (mut sum, mut correct) = (0.0, 0usize);
+        for chunk in self.val.chunks(self.batch_size) {
+            let pixels = self.pixels(chunk, None)?;
+            let labels = self.labels(chunk)?;
+            let logits = self.model.logits(&pixels, false)?.detach(); // (B, L)
+            let loss = cross_entropy(&logits, &labels, &plain)?;
+            sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * chunk.len() as f64;
+            let truth = labels.to_vec1::<u32>()?;
+            correct += predictions(&logits)?
+                .iter()
+                .zip(&truth)
+                .filter(|(p, t)| p == t)
+                .count();
+        }
+        let n = self.val.len() as f64;
+        Ok(Evaluation {
+            loss: sum / n,
+            accuracy: Some(correct as f64 / n),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crop_and_flip_move_pixels_as_torchvision() {
+        // 3x3 image 1..9; padding 1.
+        let src: Vec<u8> = (1..=9).collect();
+        let aug = Augment {
+            crop_padding: 1,
+            hflip: false,
+        };
+        let mut out = vec![0u8; 9];
+        let mut checked = 0;
+        // Find a draw with offset (0, 0): the crop's top-left is the padding's corner, so the
+        // image moves one pixel down and right.
+        for seed in 0..200 {
+            let mut r = Rng::new(seed);
+            let mut probe = r.clone();
+            let (dy, dx) = (probe.below(3), probe.below(3));
+            aug.apply(&src, 3, 3, &mut r, &mut out);
+            let expect: Vec<u8> = match (dy, dx) {
+                (0, 0) => vec![0, 0, 0, 0, 1, 2, 0, 4, 5],
+                (1, 1) => src.clone(),
+                (2, 2) => vec![5, 6, 0, 8, 9, 0, 0, 0, 0],
+                (2, 0) => vec![0, 4, 5, 0, 7, 8, 0, 0, 0],
+                _ => continue,
+            };
+            assert_eq!(out, expect, "offset ({dy}, {dx})");
+            checked += 1;
+        }
+        assert!(checked > 20, "{checked} offsets checked");
+        let flip = Augment {
+            crop_padding: 0,
+            hflip: true,
+        };
+        let mut flips = 0;
+        for seed in 0..50 {
+            flip.apply(&src, 3, 3, &mut Rng::new(seed), &mut out);
+            if out == [3, 2, 1, 6, 5, 4, 9, 8, 7] {
+                flips += 1;
+            } else {
+                assert_eq!(out, src);
+            }
+        }
+        assert!((10..40).contains(&flips), "{flips} flips of 50");
+    }
+
+    #[test]
+    fn sampler_visits_every_image_once_per_epoch() -> Result<()> {
+        let mut s = EpochSampler::new(10, 4, Rng::new(1))?;
+        let mut rng = Rng::new(1);
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            seen.extend(s.next(&mut rng)?.0);
+        }
+        // 20 draws = two whole epochs.
+        for epoch in seen.chunks(10) {
+            let mut e = epoch.to_vec();
+            e.sort();
+            assert_eq!(e, (0..10).collect::<Vec<_>>());
+        }
+        assert_ne!(seen[..10], seen[10..], "each epoch is reshuffled");
+        assert_eq!(s.epoch(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn sampler_resumes_mid_epoch_exactly() -> Result<()> {
+        let initial = Rng::new(5);
+        let mut full = EpochSampler::new(7, 3, initial.clone())?;
+        let mut rng = initial.clone();
+        let all: Vec<_> = (0..9).map(|_| full.next(&mut rng)).collect::<Result<_>>()?;
+        let mut first = EpochSampler::new(7, 3, initial.clone())?;
+        let mut rng = initial.clone();
+        let head: Vec<_> = (0..4)
+            .map(|_| first.next(&mut rng))
+            .collect::<Result<_>>()?;
+        let mut resumed = EpochSampler::new(7, 3, initial.clone())?;
+        let tail: Vec<_> = (0..5)
+            .map(|_| resumed.next(&mut rng))
+            .collect::<Result<_>>()?;
+        assert_eq!([head, tail].concat(), all);
+        assert_eq!(resumed.batches(), 9);
+        Ok(())
+    }
+}
