@@ -42,18 +42,6 @@ fn exp_f32(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
-/// x ← e^(x − m) over `row` with [`exp_f32`] (vectorized), returning the sum; arguments
-/// below −87 (masked scores, −∞) give exactly 0, as the exponential underflows there anyway.
-/// The attention kernels' softmax spent a third of Whisper's encoder in scalar `expf`.
-pub(crate) fn exp_sub_sum_f32(row: &mut [f32], m: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if super::has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { exp_sub_sum_avx2(row, m) };
-    }
-    exp_sub_sum_body(row, m)
-}
-
 /// The largest of `init` and `row` (scores, never NaN), eight lanes at a time: `f32::max`'s
 /// NaN rules kept the attention kernels' row maxima scalar.
 pub(crate) fn max_f32(row: &[f32], init: f32) -> f32 {
@@ -81,87 +69,6 @@ unsafe fn max_avx2(row: &[f32], init: f32) -> f32 {
     _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
     let m = lanes.iter().fold(init, |m, &x| if x > m { x } else { m });
     row[i..].iter().fold(m, |m, &x| if x > m { x } else { m })
-}
-
-/// [`exp_sub_sum_body`] in AVX2 intrinsics: written out because the compiler kept the
-/// underflow select scalar (a fifth of Whisper's encoder time went to it).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_sub_sum_avx2(row: &mut [f32], m: f32) -> f32 {
-    use std::arch::x86_64::*;
-    let n = row.len();
-    let p = row.as_mut_ptr();
-    let vm = _mm256_set1_ps(m);
-    let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 8 <= n {
-        let e = exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
-        _mm256_storeu_ps(p.add(i), e);
-        acc = _mm256_add_ps(acc, e);
-        i += 8;
-    }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    let mut sum: f32 = lanes.iter().sum();
-    sum += exp_sub_sum_body(&mut row[i..], m);
-    sum
-}
-
-/// [`exp_f32`] on 8 lanes, 0 below −87.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp8_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    const MAGIC: f32 = 12_582_912.0;
-    let lo = _mm256_set1_ps(-87.0);
-    let under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    let x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0));
-    let t = _mm256_fmadd_ps(
-        x,
-        _mm256_set1_ps(std::f32::consts::LOG2_E),
-        _mm256_set1_ps(MAGIC),
-    );
-    let nn = _mm256_sub_ps(t, _mm256_set1_ps(MAGIC));
-    let r = _mm256_fnmadd_ps(nn, _mm256_set1_ps(0.693_359_4), x);
-    let r = _mm256_fmadd_ps(nn, _mm256_set1_ps(2.121_944_4e-4), r);
-    let c = |v: f32| _mm256_set1_ps(v);
-    let mut q = c(1.0 / 720.0);
-    for k in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        q = _mm256_fmadd_ps(q, r, c(k));
-    }
-    let bits = _mm256_slli_epi32(
-        _mm256_add_epi32(
-            _mm256_sub_epi32(
-                _mm256_castps_si256(t),
-                _mm256_set1_epi32(MAGIC.to_bits() as i32),
-            ),
-            _mm256_set1_epi32(127),
-        ),
-        23,
-    );
-    _mm256_andnot_ps(under, _mm256_mul_ps(q, _mm256_castsi256_ps(bits)))
-}
-
-#[inline(always)]
-fn exp_sub_sum_body(row: &mut [f32], m: f32) -> f32 {
-    // Eight partial sums, so that the loop vectorizes (one accumulator chains every add).
-    let mut acc = [0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
-    for c in &mut chunks {
-        for i in 0..8 {
-            let d = c[i] - m;
-            let e = if d < -87.0 { 0.0 } else { exp_f32(d) };
-            c[i] = e;
-            acc[i] += e;
-        }
-    }
-    for x in chunks.into_remainder() {
-        let d = *x - m;
-        let e = if d < -87.0 { 0.0 } else { exp_f32(d) };
-        *x = e;
-        acc[0] += e;
-    }
-    acc.iter().sum()
 }
 
 /// erf for f32, branch-free (A&S 7.1.26).

@@ -186,9 +186,6 @@ pub(crate) mod num_traits_like {
         fn max_(self, o: Self) -> Self {
             f32::max(self, o)
         }
-        fn exp_sub_sum(row: &mut [Self], m: Self) -> Self {
-            super::gelu::exp_sub_sum_f32(row, m)
-        }
         fn max_of(row: &[Self], init: Self) -> Self {
             super::gelu::max_f32(row, init)
         }
