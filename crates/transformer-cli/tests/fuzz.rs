@@ -154,6 +154,14 @@ fn shrink(name: &str) -> Vec<&'static str> {
             "schedule.warmup_steps=1",
             "schedule.decay_steps=2",
         ],
+        // The data files are not in the fuzz workspace: a mutated config fails cleanly on
+        // them (or earlier, on the mutation), which is what this test checks.
+        "fashion-mnist-vit.toml" => &[
+            "data.n_val=8",
+            "train.batch_size=8",
+            "schedule.warmup_steps=1",
+            "schedule.decay_steps=2",
+        ],
         other => panic!("no shrink settings for configs/{other}; add them here"),
     };
     common.iter().chain(specific).copied().collect()
@@ -438,6 +446,10 @@ fn mutated_configs_and_flags_fail_cleanly_or_succeed_finitely() {
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
             (name, std::fs::read_to_string(&p).unwrap())
         })
+        // The ViT config reads its IDX files before the fields this test mutates, so every
+        // case would end on the missing data set; its bad input is in tests/vit_cli.rs.
+        // To do: give the fuzz workspace a tiny IDX data set and fuzz it too.
+        .filter(|(name, _)| name != "fashion-mnist-vit.toml")
         .collect();
     configs.sort();
     assert!(configs.len() >= 3, "shipped configs: {configs:?}");
