@@ -6,7 +6,9 @@
 //!   and lowercased, and chrF2.
 //! - `--checkpoint DIR [--images FILE --labels FILE] [--confusion-out FILE]`: accuracy and the
 //!   confusion matrix of an image classifier on labelled IDX images (by default the
-//!   Fashion-MNIST test split in `data/fashion-mnist/`), the matrix also drawn as an SVG.
+//!   Fashion-MNIST test split in `data/fashion-mnist/`), the matrix also drawn as an SVG; for a
+//!   model trained on `data.kind = "pixels"`, its negative log-likelihood of those images in
+//!   bits per pixel.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -81,7 +83,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
     match (&args.src, &args.reference, &args.text) {
         (Some(src), Some(reference), _) => eval_translation(&args, src, reference),
         (_, _, Some(text)) => eval_lm(&args, text),
-        // Neither: the checkpoint must be an image classifier.
+        // Neither: an image model, generative (bits per pixel) or a classifier.
+        _ if transformer::pipelines::generate_image::is_pixel_model(&args.checkpoint) => {
+            eval_pixels(&args)
+        }
         _ => crate::classify::eval_images(&ImageEvalArgs {
             checkpoint: &args.checkpoint,
             images: &args.images,
@@ -101,6 +106,32 @@ pub struct ImageEvalArgs<'a> {
     pub confusion_out: &'a Path,
     pub force: bool,
     pub batch_size: usize,
+}
+
+/// Bits per pixel of a pixel-sequence model on labelled IDX images.
+fn eval_pixels(args: &EvalArgs) -> Result<()> {
+    use transformer::pipelines::generate_image::{bits_per_pixel, load_pixel_model};
+    let device = crate::device()?;
+    let m = load_pixel_model(&args.checkpoint, &device)
+        .with_context(|| format!("--checkpoint {}", args.checkpoint.display()))?;
+    let images = transformer::data::idx::LabelledImages::read_idx(&args.images, &args.labels)?;
+    let t0 = Instant::now();
+    let (bits, nats) = bits_per_pixel(&m, &images, args.batch_size, &device)
+        .with_context(|| format!("--images {}", args.images.display()))?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "checkpoint": m.dir.display().to_string(),
+            "images": args.images.display().to_string(),
+            "n_images": images.len(),
+            "bits_per_pixel": bits,
+            "nats_per_pixel": nats,
+            "side": m.tokens.side,
+            "levels": m.tokens.levels,
+            "seconds": t0.elapsed().as_secs_f64(),
+        })
+    );
+    Ok(())
 }
 
 fn eval_lm(args: &EvalArgs, text_path: &Path) -> Result<()> {

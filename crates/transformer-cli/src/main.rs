@@ -12,6 +12,7 @@ mod demo;
 mod embed;
 mod eval;
 mod generate;
+mod generate_image;
 mod heatmap;
 mod inspect;
 mod models;
@@ -121,6 +122,9 @@ enum Command {
     /// Top-k labels of images with a Vision Transformer (one JSON line per image), optionally
     /// with attention heatmaps.
     Classify(classify::ClassifyArgs),
+    /// New images from a model trained on pixel tokens (data.kind = "pixels"), one row of a
+    /// PNG grid per class.
+    GenerateImage(generate_image::GenerateImageArgs),
     /// Sentence embeddings of stdin's lines with a Hugging Face BERT model (one JSON line each).
     Embed(embed::EmbedArgs),
     /// Speech to text with Whisper (CTranslate2 or Hugging Face model directories).
@@ -178,6 +182,7 @@ fn main() -> ExitCode {
         Command::Embed(args) => embed::run(args),
         Command::Transcribe(args) => transcribe::run(args),
         Command::Classify(args) => classify::run(args),
+        Command::GenerateImage(args) => generate_image::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

@@ -76,6 +76,11 @@ fn config_inputs<'a>(args: &'a TrainArgs, cfg: &'a RunConfig) -> Vec<(&'static s
             train_images,
             train_labels,
             ..
+        }
+        | DataConfig::Pixels {
+            train_images,
+            train_labels,
+            ..
         } => {
             inputs.push(("data.train_images", train_images));
             inputs.push(("data.train_labels", train_labels));
@@ -189,8 +194,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let mut observer = CliObserver::new(cfg.train.max_steps, start, out.join("loss.svg"));
-    if matches!(cfg.data, DataConfig::Images { .. }) {
-        observer = observer.with_unit("img/s");
+    match cfg.data {
+        DataConfig::Images { .. } => observer = observer.with_unit("img/s"),
+        DataConfig::Pixels { .. } => observer = observer.with_unit("pixels/s"),
+        _ => {}
     }
     let result = prepared.trainer.run(prepared.task.as_mut(), &mut observer);
     if let Some(aside) = set_aside {

@@ -154,11 +154,23 @@ fn shrink(name: &str) -> Vec<&'static str> {
             "schedule.warmup_steps=1",
             "schedule.decay_steps=2",
         ],
-        // The data files are not in the fuzz workspace: a mutated config fails cleanly on
-        // them (or earlier, on the mutation), which is what this test checks.
+        // Both read the workspace's tiny IDX set in data/fashion-mnist/.
         "fashion-mnist-vit.toml" => &[
             "data.n_val=8",
+            "model.num_hidden_layers=1",
+            "model.hidden_size=16",
+            "model.intermediate_size=32",
             "train.batch_size=8",
+            "schedule.warmup_steps=1",
+            "schedule.decay_steps=2",
+        ],
+        "fashion-mnist-pixels.toml" => &[
+            "data.n_val=8",
+            "model.n_layers=1",
+            "model.d_model=16",
+            "model.d_ff=32",
+            "model.n_heads=2",
+            "train.batch_size=4",
             "schedule.warmup_steps=1",
             "schedule.decay_steps=2",
         ],
@@ -446,10 +458,6 @@ fn mutated_configs_and_flags_fail_cleanly_or_succeed_finitely() {
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
             (name, std::fs::read_to_string(&p).unwrap())
         })
-        // The ViT config reads its IDX files before the fields this test mutates, so every
-        // case would end on the missing data set; its bad input is in tests/vit_cli.rs.
-        // To do: give the fuzz workspace a tiny IDX data set and fuzz it too.
-        .filter(|(name, _)| name != "fashion-mnist-vit.toml")
         .collect();
     configs.sort();
     assert!(configs.len() >= 3, "shipped configs: {configs:?}");
@@ -457,6 +465,29 @@ fn mutated_configs_and_flags_fail_cleanly_or_succeed_finitely() {
     for (name, body) in &configs {
         std::fs::write(ws.join("configs").join(name), body).unwrap();
     }
+    // A tiny Fashion-MNIST for the image configs: 40 noise images of 28x28, labels 0-9.
+    let fm = ws.join("data/fashion-mnist");
+    std::fs::create_dir_all(&fm).unwrap();
+    let mut state = SEED;
+    let noise: Vec<u8> = (0..40 * 28 * 28)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 56) as u8
+        })
+        .collect();
+    std::fs::write(
+        fm.join("train-images-idx3-ubyte"),
+        common::idx(&[40, 28, 28], &noise),
+    )
+    .unwrap();
+    let labels: Vec<u8> = (0..40).map(|i| (i % 10) as u8).collect();
+    std::fs::write(
+        fm.join("train-labels-idx1-ubyte"),
+        common::idx(&[40], &labels),
+    )
+    .unwrap();
     // A parallel corpus for the translation config.
     let (mut de, mut en) = (String::new(), String::new());
     for i in 0..40 {

@@ -11,17 +11,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{metrics, text, Workspace};
-
-/// An IDX file of unsigned bytes.
-fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0, 0, 0x08, dims.len() as u8];
-    for d in dims {
-        out.extend(d.to_be_bytes());
-    }
-    out.extend_from_slice(data);
-    out
-}
+use common::{idx, metrics, text, Workspace};
 
 /// Image `i` of the generated set: class 0 is bright in the top half, class 1 in the bottom
 /// half (top/bottom, not left/right: the runs flip horizontally), with noise.

@@ -222,3 +222,13 @@ pub const CHECKPOINT_FILES: [&str; 8] = [
     "trainer_state.json",
     "run.toml",
 ];
+
+/// An IDX file of unsigned bytes (the MNIST format) with dimensions `dims`.
+pub fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0, 0, 0x08, dims.len() as u8];
+    for d in dims {
+        out.extend(d.to_be_bytes());
+    }
+    out.extend_from_slice(data);
+    out
+}

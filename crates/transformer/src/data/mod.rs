@@ -10,6 +10,7 @@
 //!   checks and length filtering.
 //! - [`images`], [`resize`], [`idx`], [`image_folder`]: images in (PNG/JPEG decoding, Pillow's
 //!   resize and transformers' ViT preprocessing, IDX files, folder-per-class trees).
+//! - [`pixel_tokens`]: grey images as class-conditional pixel-token sequences (generation).
 
 pub mod audio;
 pub mod batch;
@@ -18,6 +19,7 @@ pub mod idx;
 pub mod image_folder;
 pub mod images;
 pub mod parallel;
+pub mod pixel_tokens;
 pub mod resize;
 pub mod text;
 pub mod tokenizer;

@@ -3,6 +3,7 @@
 //! models.
 
 pub mod generate;
+pub mod image;
 pub mod sampling;
 pub mod seq2seq;
 pub mod whisper;

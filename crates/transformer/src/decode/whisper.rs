@@ -238,8 +238,10 @@ struct Filters<'a> {
 }
 
 impl Filters<'_> {
-    /// Apply every filter to one row's logits, given the tokens sampled so far in that row.
-    fn apply(&self, logits: &mut [f32], sampled: &[u32]) {
+    /// Apply every filter to one row's logits, given the tokens sampled so far in that row,
+    /// and return the filtered row's log-probabilities (the timestamp rule needs them, so they
+    /// are computed once here rather than again by the caller).
+    fn apply(&self, logits: &mut [f32], sampled: &[u32]) -> Vec<f64> {
         let t = self.tokens;
         let v = logits.len();
         let ninf = f32::NEG_INFINITY;
@@ -256,7 +258,7 @@ impl Filters<'_> {
             }
         }
         if !self.timestamps {
-            return;
+            return log_softmax(logits);
         }
         let tb = t.timestamp_begin as usize;
         logits[t.no_timestamps as usize] = ninf;
@@ -310,7 +312,15 @@ impl Filters<'_> {
         let text_max = lp[..tb].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         if ts_lse > text_max {
             logits[..tb].fill(ninf);
+            // The text tokens are gone: the timestamps' log-probabilities, renormalized.
+            let mut lp = lp;
+            lp[..tb].fill(f64::NEG_INFINITY);
+            for x in &mut lp[tb..] {
+                *x -= ts_lse;
+            }
+            return lp;
         }
+        lp
     }
 }
 
@@ -464,8 +474,7 @@ pub fn decode_window(
         let mut candidates: Vec<(Vec<u32>, f64, usize)> = Vec::new();
         for (b, (seq, sum)) in beams.iter().enumerate() {
             let mut row = std::mem::take(&mut last[b]);
-            filters.apply(&mut row, seq);
-            let lp = log_softmax(&row);
+            let lp = filters.apply(&mut row, seq);
             // The best beam_size + 1 tokens of this beam.
             let mut order: Vec<u32> = (0..lp.len() as u32).collect();
             let k = (n_beams + 1).min(order.len());
@@ -760,6 +769,33 @@ mod tests {
         let ok = allowed(&g, &[], 20);
         assert!(!ok.contains(&4) && !ok.contains(&10) && !ok.contains(&3) && ok.contains(&5));
         assert!(allowed(&g, &[5], 20).contains(&10));
+    }
+
+    #[test]
+    fn filters_return_the_log_probabilities_of_the_filtered_row() {
+        let t = toks();
+        for timestamps in [true, false] {
+            let f = Filters {
+                tokens: &t,
+                timestamps,
+                max_initial_index: None,
+            };
+            // Timestamps likelier than any text token in all (the rule fires), and not.
+            for (sampled, bias) in [(vec![5u32], 3.0f32), (vec![5], -3.0), (vec![], 0.5)] {
+                let mut logits: Vec<f32> = (0..40)
+                    .map(|i| ((i * 7) % 11) as f32 * 0.3 + if i >= 15 { bias } else { 0.0 })
+                    .collect();
+                let lp = f.apply(&mut logits, &sampled);
+                let want = log_softmax(&logits);
+                for (i, (a, b)) in lp.iter().zip(&want).enumerate() {
+                    let same = (a == b) || (a - b).abs() < 1e-12;
+                    assert!(
+                        same,
+                        "token {i} ({timestamps}, {sampled:?}, {bias}): {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -9,9 +9,12 @@
 //!   template.
 //! - [`classify`](crate::pipelines::classify): image classification with a ViT checkpoint
 //!   (ours or Hugging Face's), top-k labels and attention rollout.
+//! - [`generate_image`](crate::pipelines::generate_image): class-conditional images from a
+//!   pixel-sequence model, and its bits per pixel.
 
 pub mod chat;
 pub mod classify;
 pub mod embed;
+pub mod generate_image;
 
 pub mod transcribe;

@@ -82,6 +82,33 @@ pub enum DataConfig {
         #[serde(default)]
         hflip: bool,
     },
+    /// Labelled grey images as class-conditional pixel-token sequences, for image generation
+    /// with a decoder-only model ([`crate::data::pixel_tokens`]): the class token, then the
+    /// pixels in raster order as `levels` grey levels. The model's `vocab_size` is `levels` +
+    /// the number of classes and its `block_size` defaults to the pixels per image. The last
+    /// `n_val` training images validate (loss in nats per pixel).
+    Pixels {
+        /// IDX image file (N, H, W) of square images, gzipped or raw.
+        train_images: PathBuf,
+        /// IDX label file (N), aligned with `train_images`.
+        train_labels: PathBuf,
+        /// Training images held out (the last ones) for validation and `best/`.
+        #[serde(default = "default_pixels_n_val")]
+        n_val: usize,
+        /// Grey levels (tokens per pixel), 2 to 256.
+        #[serde(default = "default_levels")]
+        levels: usize,
+        /// Average `pool`×`pool` blocks into one pixel first (2: 28×28 → 14×14).
+        #[serde(default = "one")]
+        pool: usize,
+    },
+}
+
+fn default_pixels_n_val() -> usize {
+    1000
+}
+fn default_levels() -> usize {
+    16
 }
 
 fn default_image_n_val() -> usize {
@@ -253,6 +280,16 @@ impl DataConfig {
                     ));
                 }
             }
+            DataConfig::Pixels {
+                n_val,
+                levels,
+                pool,
+                ..
+            } => {
+                count_in("data.n_val", *n_val as u64, 1, MAX_BATCH)?;
+                count_in("data.levels", *levels as u64, 2, 256)?;
+                count_in("data.pool", *pool as u64, 1, 1 << 12)?;
+            }
         }
         Ok(())
     }
@@ -415,29 +452,65 @@ impl RunConfig {
 pub const MAX_PARAMS: f64 = 4e9;
 
 /// A rough parameter count from the paper-named fields every family uses (`d_model`, `d_ff`,
-/// the layer counts, the vocabularies and positions), checked against [`MAX_PARAMS`] before
-/// anything is allocated.
+/// the layer counts, the vocabularies and positions), or their Hugging Face names in the
+/// families that mirror a Hugging Face config (ViT's `hidden_size`, `intermediate_size`,
+/// `num_hidden_layers`; Whisper's `encoder_layers`, `encoder_ffn_dim`, ...), checked against
+/// [`MAX_PARAMS`] before anything is allocated.
 fn check_model_size(json: &serde_json::Value) -> Result<()> {
     let get = |k: &str| json.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as f64;
-    let d = get("d_model");
-    let ff = get("d_ff");
+    let max_of = |keys: &[&str]| keys.iter().map(|k| get(k)).fold(0.0, f64::max);
+    let sum_of = |keys: &[&str]| keys.iter().map(|k| get(k)).sum::<f64>();
+    const WIDTH: [&str; 2] = ["d_model", "hidden_size"];
+    const FF: [&str; 4] = [
+        "d_ff",
+        "intermediate_size",
+        "encoder_ffn_dim",
+        "decoder_ffn_dim",
+    ];
+    const LAYERS: [&str; 6] = [
+        "n_layers",
+        "n_encoder_layers",
+        "n_decoder_layers",
+        "num_hidden_layers",
+        "encoder_layers",
+        "decoder_layers",
+    ];
+    const TABLES: [&str; 8] = [
+        "vocab_size",
+        "src_vocab_size",
+        "tgt_vocab_size",
+        "block_size",
+        "max_len",
+        "max_source_positions",
+        "max_target_positions",
+        "num_labels",
+    ];
+    let d = max_of(&WIDTH);
+    let ff = max_of(&FF);
     let attn = (get("n_heads") * get("head_dim")).max(d);
-    let layers = get("n_layers") + get("n_encoder_layers") + get("n_decoder_layers");
-    let tables = get("vocab_size")
-        + get("src_vocab_size")
-        + get("tgt_vocab_size")
-        + get("block_size")
-        + get("max_len");
+    let layers = sum_of(&LAYERS);
+    let tables = sum_of(&TABLES);
     // Per layer: attention projections (q, k, v, out; twice with cross-attention, counted
     // once), the feed-forward (up to three matrices when gated).
     let params = layers * (4.0 * d * attn + 3.0 * d * ff) + tables * d;
     if params > MAX_PARAMS {
+        // The fields as the config names them, with their exact values.
+        let fields: Vec<String> = WIDTH
+            .iter()
+            .chain(&FF)
+            .chain(&["n_heads", "head_dim"])
+            .chain(&LAYERS)
+            .chain(&TABLES)
+            .filter_map(|k| {
+                let v = json.get(*k)?.as_u64()?;
+                Some(format!("{k} = {v}"))
+            })
+            .collect();
         return Err(Error::invalid(
             "[model]",
             format!(
-                "a model of at most {MAX_PARAMS:e} parameters (d_model = {d}, d_ff = {ff}, {layers} \
-                 layers, {tables} rows of embedding and position tables from vocab_size, \
-                 block_size / max_len)"
+                "a model of at most {MAX_PARAMS:e} parameters ({})",
+                fields.join(", ")
             ),
             format!("about {params:.2e} parameters"),
         ));
@@ -562,6 +635,33 @@ min_lr = 1e-4
         let again = RunConfig::from_toml(&cfg.to_toml()?, &[], "t2")?;
         assert_eq!(again, cfg);
         Ok(())
+    }
+
+    #[test]
+    fn huge_models_are_refused_under_hugging_face_field_names_too() {
+        // ViT's config mirrors Hugging Face's names; a layer count of 2^62 once built
+        // layer after layer until a watchdog stopped it (found by tests/fuzz.rs).
+        let vit = CFG
+            .replace(
+                "family = \"decoder_only\"\npreset = \"shakespeare_char\"\ndropout = 0.1",
+                "family = \"vit\"\npreset = \"fashion_mnist\"",
+            )
+            .replace(
+                "kind = \"text\"\npath = \"data/tinyshakespeare/input.txt\"",
+                "kind = \"images\"\ntrain_images = \"i\"\ntrain_labels = \"l\"",
+            );
+        let ok = RunConfig::from_toml(&vit, &[], "t").unwrap();
+        assert!(ok.model_config(0).is_ok());
+        for field in ["num_hidden_layers", "hidden_size", "intermediate_size"] {
+            let cfg =
+                RunConfig::from_toml(&vit, &[format!("model.{field}=4611686018427387904")], "t")
+                    .unwrap();
+            let e = cfg.model_config(0).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("[model]")),
+                "{field}: {e:?}"
+            );
+        }
     }
 
     #[test]

@@ -10,11 +10,13 @@ use super::config::{DataConfig, RunConfig};
 use super::images::{Augment, EpochSampler, ImageClassificationTask, Normalize};
 use super::loss::CrossEntropyConfig;
 use super::optim::AdamW;
+use super::pixels::PixelLmTask;
 use super::tasks::{
     reverse_pair, BucketedPairs, BucketedSeq2SeqTask, LmTask, PairSource, Seq2SeqTask,
 };
 use super::trainer::{initial_data_rng, Task, Trainer, TrainerSetup};
 use crate::data::idx::LabelledImages;
+use crate::data::pixel_tokens::PixelTokens;
 use crate::data::{
     encode_pairs, read_parallel, read_text, CharTokenizer, LmDataset, Seq2SeqIds, Tokenizer,
     TokenizerConfig,
@@ -97,6 +99,8 @@ struct DataSetup {
     src_tokenizer: Option<Tokenizer>,
     builder: TaskBuilder,
     model_defaults: Vec<(&'static str, toml::Value)>,
+    /// The vocabulary of data without a tokenizer (pixel tokens).
+    vocab_size: Option<usize>,
     notes: Vec<String>,
 }
 
@@ -108,6 +112,7 @@ impl DataSetup {
             src_tokenizer: None,
             builder,
             model_defaults: Vec::new(),
+            vocab_size: None,
             notes: Vec::new(),
         }
     }
@@ -126,7 +131,10 @@ pub fn prepare_run(
     if resume {
         checkpoint::recover(&ckpt_dir)?;
         // Images have no tokenizer.
-        if !matches!(cfg.data, DataConfig::Images { .. }) {
+        if !matches!(
+            cfg.data,
+            DataConfig::Images { .. } | DataConfig::Pixels { .. }
+        ) {
             checkpoint::require_files(&ckpt_dir, &[TOKENIZER_FILE])?;
         }
     }
@@ -148,6 +156,7 @@ pub fn prepare_run(
         src_tokenizer,
         builder: task_builder,
         model_defaults,
+        vocab_size: data_vocab,
         notes: data_notes,
     } = match &cfg.data {
         DataConfig::Text {
@@ -200,13 +209,22 @@ pub fn prepare_run(
                 hflip: *hflip,
             },
         )?,
+        DataConfig::Pixels {
+            train_images,
+            train_labels,
+            n_val,
+            levels,
+            pool,
+        } => pixel_data(&ctx, train_images, train_labels, *n_val, *levels, *pool)?,
     };
     let mut model_cfg = cfg.clone();
     for (key, value) in model_defaults {
         model_cfg.model.entry(key.to_string()).or_insert(value);
     }
     // A model without a vocabulary (images) ignores the sizes.
-    let tgt_vocab = tokenizer.as_ref().map_or(0, Tokenizer::vocab_size);
+    let tgt_vocab = tokenizer
+        .as_ref()
+        .map_or(data_vocab.unwrap_or(0), Tokenizer::vocab_size);
     let src_vocab = src_tokenizer
         .as_ref()
         .map_or(tgt_vocab, Tokenizer::vocab_size);
@@ -490,6 +508,7 @@ fn parallel_data(
         src_tokenizer,
         builder: Box::new(builder),
         model_defaults,
+        vocab_size: None,
         notes: data_notes,
     })
 }
@@ -552,6 +571,72 @@ fn image_data(
         src_tokenizer: None,
         builder: Box::new(builder),
         model_defaults: Vec::new(),
+        vocab_size: None,
+        notes,
+    })
+}
+
+/// `data.kind = "pixels"`: class-conditional image generation on labelled IDX images.
+fn pixel_data(
+    ctx: &SetupContext,
+    train_images: &Path,
+    train_labels: &Path,
+    n_val: usize,
+    levels: usize,
+    pool: usize,
+) -> Result<DataSetup> {
+    let images = LabelledImages::read_idx(train_images, train_labels)?;
+    let n = images.len();
+    if n_val >= n {
+        return Err(Error::invalid(
+            "data.n_val",
+            format!(
+                "fewer than the {n} images of {} (the rest train)",
+                train_images.display()
+            ),
+            n_val.to_string(),
+        ));
+    }
+    let tokens = PixelTokens::for_images(&images, levels, pool)
+        .map_err(|e| Error::msg(format!("{}: {e}", train_images.display())))?;
+    let n_train = n - n_val;
+    let notes = vec![format!(
+        "pixels: {n_train} training and {n_val} validation images from {}, {}x{} pixels of {} \
+         grey levels after {pool}x{pool} pooling, {} classes: {} tokens per image",
+        train_images.display(),
+        tokens.side,
+        tokens.side,
+        tokens.levels,
+        tokens.classes,
+        tokens.pixels()
+    )];
+    let batch_size = ctx.cfg.train.batch_size;
+    let seed = ctx.cfg.train.seed;
+    let loss = ctx.loss;
+    let device = ctx.device.clone();
+    let builder = move |mc: &dyn AnyConfig, vs: &crate::nn::VarStore| -> Result<Box<dyn Task>> {
+        let model = mc
+            .build(&vs.root())?
+            .into_causal_lm("data.kind = \"pixels\" (image generation)")?;
+        tokens.check_model(model.vocab_size(), model.context_length())?;
+        Ok(Box::new(PixelLmTask {
+            model,
+            sampler: EpochSampler::new(n_train, batch_size, initial_data_rng(seed))?,
+            train: (0..n_train).collect(),
+            val: (n_train..n).collect(),
+            images,
+            tokens,
+            batch_size,
+            loss,
+            device,
+        }))
+    };
+    Ok(DataSetup {
+        tokenizer: None,
+        src_tokenizer: None,
+        builder: Box::new(builder),
+        model_defaults: vec![("block_size", toml::Value::Integer(tokens.pixels() as i64))],
+        vocab_size: Some(tokens.vocab_size()),
         notes,
     })
 }
