@@ -112,8 +112,9 @@ def lr_at(step, args):
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (args.lr - args.min_lr)
 
 
-def augment(x, gen, pad):
-    """RandomCrop(28, padding=pad) with zero fill, then RandomHorizontalFlip, per image."""
+def augment(x, gen, pad, hflip):
+    """RandomCrop(28, padding=pad) with zero fill (pad 0: none), then RandomHorizontalFlip
+    (when hflip), per image."""
     b = x.shape[0]
     padded = F.pad(x, (pad, pad, pad, pad))  # zero bytes: the padding is black
     out = torch.empty_like(x)
@@ -122,7 +123,7 @@ def augment(x, gen, pad):
     for k in range(b):
         dy, dx = offs[k].tolist()
         img = padded[k, :, dy : dy + 28, dx : dx + 28]
-        out[k] = img.flip(-1) if flips[k] else img
+        out[k] = img.flip(-1) if hflip and flips[k] else img
     return out
 
 
@@ -151,6 +152,7 @@ def main():
     ap.add_argument("--label-smoothing", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--crop-padding", type=int, default=2)
+    ap.add_argument("--hflip", type=int, choices=[0, 1], default=1)
     ap.add_argument("--width", type=int, default=96)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
@@ -204,8 +206,8 @@ def main():
             have += take
         idx = torch.cat(parts)
         x = train_x[idx]
-        if args.crop_padding > 0:
-            x = augment(x, gen, args.crop_padding)
+        if args.crop_padding > 0 or args.hflip:
+            x = augment(x, gen, args.crop_padding, args.hflip)
         x = (x.float() / 255 - norm[0]) / norm[1]
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, args)
