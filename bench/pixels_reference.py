@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shakespeare_ref import GPT, get_lr  # noqa: E402
-from vit_reference import read_idx  # noqa: E402
+from vit_reference import EpochOrder, read_idx  # noqa: E402
 
 
 class PixelGPT(GPT):
@@ -130,19 +130,11 @@ def main():
         eps=1e-8,
     )
     budget = args.minutes * 60
-    perm, pos = torch.randperm(n_train, generator=gen), 0
+    order = EpochOrder(n_train, args.batch, gen)
     step, images, train_time, losses = 0, 0, 0.0, []
     while step < args.max_steps and train_time < budget:
         t0 = time.perf_counter()
-        parts, have = [], 0
-        while have < args.batch:
-            if pos == n_train:
-                perm, pos = torch.randperm(n_train, generator=gen), 0
-            take = min(args.batch - have, n_train - pos)
-            parts.append(perm[pos : pos + take])
-            pos += take
-            have += take
-        s = train[torch.cat(parts)]
+        s = train[order.next()]
         for grp in opt.param_groups:
             grp["lr"] = get_lr(step, args.lr, args.warmup, args.max_steps, args.min_lr)
         logits = model(s[:, :-1])

@@ -50,6 +50,26 @@ def read_idx(path):
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * rank).reshape(dims)
 
 
+class EpochOrder:
+    """Every training index once per epoch, a fresh permutation each epoch, `batch` at a time;
+    a batch may straddle two epochs, as our EpochSampler's does."""
+
+    def __init__(self, n, batch, gen):
+        self.n, self.batch, self.gen = n, batch, gen
+        self.perm, self.pos = torch.randperm(n, generator=gen), 0
+
+    def next(self):
+        parts, have = [], 0
+        while have < self.batch:
+            if self.pos == self.n:
+                self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
+            take = min(self.batch - have, self.n - self.pos)
+            parts.append(self.perm[self.pos : self.pos + take])
+            self.pos += take
+            have += take
+        return torch.cat(parts)
+
+
 class Block(nn.Module):
     def __init__(self, e, heads, ff, eps):
         super().__init__()
@@ -190,21 +210,12 @@ def main():
         eps=1e-8,
     )
     budget = args.minutes * 60
-    perm, pos = torch.randperm(n_train, generator=gen), 0
+    order = EpochOrder(n_train, args.batch, gen)
     step, images, train_time = 0, 0, 0.0
     losses = []
     while step < args.max_steps and train_time < budget:
         t0 = time.perf_counter()
-        # A batch may straddle two epochs, as our EpochSampler's does.
-        parts, have = [], 0
-        while have < args.batch:
-            if pos == n_train:
-                perm, pos = torch.randperm(n_train, generator=gen), 0
-            take = min(args.batch - have, n_train - pos)
-            parts.append(perm[pos : pos + take])
-            pos += take
-            have += take
-        idx = torch.cat(parts)
+        idx = order.next()
         x = train_x[idx]
         if args.crop_padding > 0 or args.hflip:
             x = augment(x, gen, args.crop_padding, args.hflip)

@@ -7,10 +7,7 @@
 //! with a little noise.
 
 mod common;
-
-use std::path::Path;
-
-use common::{idx, metrics, text, Workspace};
+use common::{idx, metrics, text, write_idx_set, Workspace};
 
 const SIDE: usize = 8;
 
@@ -31,26 +28,6 @@ fn synthetic(i: usize) -> (Vec<u8>, u8) {
         *p = if bright { 215 - noise } else { noise };
     }
     (px, label)
-}
-
-fn write_set(dir: &Path, n: usize, prefix: &str) {
-    let (mut px, mut labels) = (Vec::new(), Vec::new());
-    for i in 0..n {
-        let (p, l) = synthetic(i);
-        px.extend(p);
-        labels.push(l);
-    }
-    let s = SIDE as u32;
-    std::fs::write(
-        dir.join(format!("{prefix}images.idx")),
-        idx(&[n as u32, s, s], &px),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join(format!("{prefix}labels.idx")),
-        idx(&[n as u32], &labels),
-    )
-    .unwrap();
 }
 
 const CONFIG: &str = r#"
@@ -87,8 +64,8 @@ min_lr = 1e-4
 
 fn workspace() -> Workspace {
     let ws = Workspace::new();
-    write_set(ws.path(), 300, "");
-    write_set(ws.path(), 60, "test-");
+    write_idx_set(ws.path(), "", 300, SIDE as u32, synthetic);
+    write_idx_set(ws.path(), "test-", 60, SIDE as u32, synthetic);
     std::fs::write(ws.join("pixels.toml"), CONFIG).unwrap();
     ws
 }

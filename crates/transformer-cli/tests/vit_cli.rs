@@ -11,7 +11,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{idx, metrics, text, Workspace};
+use common::{idx, metrics, text, write_idx_set, Workspace};
 
 /// Image `i` of the generated set: class 0 is bright in the top half, class 1 in the bottom
 /// half (top/bottom, not left/right: the runs flip horizontally), with noise.
@@ -32,26 +32,6 @@ fn synthetic(i: usize) -> (Vec<u8>, u8) {
         };
     }
     (px, label)
-}
-
-/// `images.idx` and `labels.idx` of `n` generated images in `dir`.
-fn write_set(dir: &Path, n: usize, prefix: &str) {
-    let (mut px, mut labels) = (Vec::new(), Vec::new());
-    for i in 0..n {
-        let (p, l) = synthetic(i);
-        px.extend(p);
-        labels.push(l);
-    }
-    std::fs::write(
-        dir.join(format!("{prefix}images.idx")),
-        idx(&[n as u32, 28, 28], &px),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join(format!("{prefix}labels.idx")),
-        idx(&[n as u32], &labels),
-    )
-    .unwrap();
 }
 
 /// A tiny ViT config on the generated images.
@@ -99,8 +79,8 @@ min_lr = 1e-4
 
 fn vit_workspace() -> Workspace {
     let ws = Workspace::new();
-    write_set(ws.path(), 240, "");
-    write_set(ws.path(), 60, "test-");
+    write_idx_set(ws.path(), "", 240, 28, synthetic);
+    write_idx_set(ws.path(), "test-", 60, 28, synthetic);
     std::fs::write(ws.join("vit.toml"), VIT_CONFIG).unwrap();
     ws
 }

@@ -232,3 +232,26 @@ pub fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
     out.extend_from_slice(data);
     out
 }
+
+/// `{prefix}images.idx` and `{prefix}labels.idx` in `dir`: `n` square images of `side`
+/// pixels, image `i` and its label from `image(i)`.
+pub fn write_idx_set(
+    dir: &Path,
+    prefix: &str,
+    n: usize,
+    side: u32,
+    image: impl Fn(usize) -> (Vec<u8>, u8),
+) {
+    let (mut px, mut labels) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let (p, l) = image(i);
+        px.extend(p);
+        labels.push(l);
+    }
+    let write = |name: &str, bytes: Vec<u8>| std::fs::write(dir.join(name), bytes).unwrap();
+    write(
+        &format!("{prefix}images.idx"),
+        idx(&[n as u32, side, side], &px),
+    );
+    write(&format!("{prefix}labels.idx"), idx(&[n as u32], &labels));
+}

@@ -196,8 +196,8 @@ impl LabelledImages {
         self.labels.is_empty()
     }
 
-    /// Image `i` as grey pixels.
-    pub fn image(&self, i: usize) -> Result<Pixels> {
+    /// The `H·W` bytes of image `i` (row-major) and its label.
+    pub fn bytes(&self, i: usize) -> Result<(&[u8], u8)> {
         if i >= self.len() {
             return Err(Error::input(
                 "image index",
@@ -206,12 +206,13 @@ impl LabelledImages {
             ));
         }
         let size = self.height * self.width;
-        Pixels::new(
-            self.width,
-            self.height,
-            1,
-            self.pixels[i * size..(i + 1) * size].to_vec(),
-        )
+        Ok((&self.pixels[i * size..(i + 1) * size], self.labels[i]))
+    }
+
+    /// Image `i` as grey pixels.
+    pub fn image(&self, i: usize) -> Result<Pixels> {
+        let (bytes, _) = self.bytes(i)?;
+        Pixels::new(self.width, self.height, 1, bytes.to_vec())
     }
 
     /// Images `indices` rescaled to [0, 1] and normalized by `mean` and `std`, with their labels.
@@ -229,19 +230,13 @@ impl LabelledImages {
         let mut px = Vec::with_capacity(indices.len() * size);
         let mut labels = Vec::with_capacity(indices.len());
         for &i in indices {
-            if i >= self.len() {
-                return Err(Error::input(
-                    "image index",
-                    format!("< {}", self.len()),
-                    i.to_string(),
-                ));
-            }
+            let (bytes, label) = self.bytes(i)?;
             px.extend(
-                self.pixels[i * size..(i + 1) * size]
+                bytes
                     .iter()
                     .map(|&v| ((v as f64 / 255.0) as f32 - mean) / std),
             );
-            labels.push(self.labels[i] as u32);
+            labels.push(label as u32);
         }
         let b = indices.len();
         Ok((

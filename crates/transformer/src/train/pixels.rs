@@ -30,22 +30,12 @@ pub fn pixel_batch(
     indices: &[usize],
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let size = images.height * images.width;
     let n = tokens.pixels();
     let mut x = Vec::with_capacity(indices.len() * n);
     let mut y = Vec::with_capacity(indices.len() * n);
     for &i in indices {
-        if i >= images.len() {
-            return Err(Error::input(
-                "image index",
-                format!("< {}", images.len()),
-                i.to_string(),
-            ));
-        }
-        let seq = tokens.sequence(
-            &images.pixels[i * size..(i + 1) * size],
-            images.labels[i] as usize,
-        )?;
+        let (bytes, label) = images.bytes(i)?;
+        let seq = tokens.sequence(bytes, label as usize)?;
         x.extend_from_slice(&seq[..n]);
         y.extend_from_slice(&seq[1..]);
     }

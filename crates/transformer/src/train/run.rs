@@ -513,15 +513,13 @@ fn parallel_data(
     })
 }
 
-/// `data.kind = "images"`: image classification on labelled IDX images.
-fn image_data(
-    ctx: &SetupContext,
+/// The labelled IDX images of an image data section and their count, which `n_val` must
+/// leave some of for training.
+fn read_labelled(
     train_images: &Path,
     train_labels: &Path,
     n_val: usize,
-    normalize: Normalize,
-    augment: Augment,
-) -> Result<DataSetup> {
+) -> Result<(LabelledImages, usize)> {
     let images = LabelledImages::read_idx(train_images, train_labels)?;
     let n = images.len();
     if n_val >= n {
@@ -534,6 +532,19 @@ fn image_data(
             n_val.to_string(),
         ));
     }
+    Ok((images, n))
+}
+
+/// `data.kind = "images"`: image classification on labelled IDX images.
+fn image_data(
+    ctx: &SetupContext,
+    train_images: &Path,
+    train_labels: &Path,
+    n_val: usize,
+    normalize: Normalize,
+    augment: Augment,
+) -> Result<DataSetup> {
+    let (images, n) = read_labelled(train_images, train_labels, n_val)?;
     let n_train = n - n_val;
     let notes = vec![format!(
         "images: {n_train} training and {n_val} validation of {}x{} pixels from {} (augmentation: \
@@ -585,18 +596,7 @@ fn pixel_data(
     levels: usize,
     pool: usize,
 ) -> Result<DataSetup> {
-    let images = LabelledImages::read_idx(train_images, train_labels)?;
-    let n = images.len();
-    if n_val >= n {
-        return Err(Error::invalid(
-            "data.n_val",
-            format!(
-                "fewer than the {n} images of {} (the rest train)",
-                train_images.display()
-            ),
-            n_val.to_string(),
-        ));
-    }
+    let (images, n) = read_labelled(train_images, train_labels, n_val)?;
     let tokens = PixelTokens::for_images(&images, levels, pool)
         .map_err(|e| Error::msg(format!("{}: {e}", train_images.display())))?;
     let n_train = n - n_val;
