@@ -150,17 +150,18 @@ fn write_attention(
 }
 
 /// `transformer eval` of an image classifier: accuracy and the confusion matrix (rows: true
-/// label, columns: predicted) on labelled IDX images, printed as one JSON line, the matrix
-/// also drawn as an SVG.
+/// label, columns: predicted) on labelled IDX images or a folder-per-class tree, printed as
+/// one JSON line, the matrix also drawn as an SVG.
 pub fn eval_images(args: &crate::eval::ImageEvalArgs) -> Result<()> {
-    use transformer::data::idx::LabelledImages;
-
+    let idx_labels = args
+        .labels
+        .unwrap_or(Path::new(crate::eval::DEFAULT_TEST_LABELS));
     crate::output::check_not_input(
         "--confusion-out",
         args.confusion_out,
         &[
             ("--images", args.images),
-            ("--labels", args.labels),
+            ("--labels", idx_labels),
             ("--checkpoint", args.checkpoint),
         ],
     )?;
@@ -173,35 +174,52 @@ pub fn eval_images(args: &crate::eval::ImageEvalArgs) -> Result<()> {
             args.checkpoint.display()
         )
     })?;
-    if !args.images.exists() {
-        bail!(
-            "--images {}: no such file (fetch the Fashion-MNIST test split with `transformer \
-             data fetch fashion-mnist`, or give --images FILE --labels FILE)",
-            args.images.display()
-        );
-    }
-    let data = LabelledImages::read_idx(args.images, args.labels)?;
-    let n_labels = clf.labels.len();
-    if let Some(&max) = data.labels.iter().max() {
-        if max as usize >= n_labels {
+    let data = if args.images.is_dir() {
+        if let Some(l) = args.labels {
             bail!(
-                "{}: label {max} is beyond the model's {n_labels} classes",
-                args.labels.display()
+                "--labels {}: the folder tree --images {} is labelled by its class folders; \
+                 --labels goes with an IDX image file",
+                l.display(),
+                args.images.display()
             );
         }
-    }
+        EvalImages::folder(args.images, &clf.labels)?
+    } else {
+        if !args.images.exists() {
+            bail!(
+                "--images {}: no such file (fetch the Fashion-MNIST test split with \
+                 `transformer data fetch fashion-mnist`, or give --images FILE --labels FILE, \
+                 or --images DIR of class folders)",
+                args.images.display()
+            );
+        }
+        let data = transformer::data::idx::LabelledImages::read_idx(args.images, idx_labels)?;
+        let n_labels = clf.labels.len();
+        if let Some(&max) = data.labels.iter().max() {
+            if max as usize >= n_labels {
+                bail!(
+                    "{}: label {max} is beyond the model's {n_labels} classes",
+                    idx_labels.display()
+                );
+            }
+        }
+        EvalImages::Idx(data)
+    };
+    let n_labels = clf.labels.len();
     let t0 = std::time::Instant::now();
     let mut confusion = vec![vec![0u64; n_labels]; n_labels];
     let indices: Vec<usize> = (0..data.len()).collect();
     for chunk in indices.chunks(args.batch_size) {
-        let images: Vec<_> = chunk
+        let (images, truth): (Vec<_>, Vec<_>) = chunk
             .iter()
-            .map(|&i| data.image(i))
-            .collect::<transformer::Result<_>>()?;
+            .map(|&i| data.get(i))
+            .collect::<transformer::Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
         let pixels = clf.processor.pixel_values(&images, &device)?; // (B, C, H, W)
         let preds = transformer::train::images::predictions(&clf.model.logits(&pixels, false)?)?;
-        for (&i, &p) in chunk.iter().zip(&preds) {
-            confusion[data.labels[i] as usize][p as usize] += 1;
+        for (&t, &p) in truth.iter().zip(&preds) {
+            confusion[t][p as usize] += 1;
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
@@ -214,7 +232,7 @@ pub fn eval_images(args: &crate::eval::ImageEvalArgs) -> Result<()> {
         serde_json::json!({
             "checkpoint": clf.dir.display().to_string(),
             "images": args.images.display().to_string(),
-            "labels": args.labels.display().to_string(),
+            "labels": (!args.images.is_dir()).then(|| idx_labels.display().to_string()),
             "examples": data.len(),
             "accuracy": accuracy,
             "class_names": clf.labels,
@@ -224,4 +242,50 @@ pub fn eval_images(args: &crate::eval::ImageEvalArgs) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// What `eval` scores an image classifier on.
+enum EvalImages {
+    Idx(transformer::data::idx::LabelledImages),
+    /// A folder tree, with the model's label of each class folder.
+    Folder(transformer::data::image_folder::ImageFolder, Vec<usize>),
+}
+
+impl EvalImages {
+    /// A folder tree whose class folders are all among the model's `labels`.
+    fn folder(dir: &Path, labels: &[String]) -> Result<Self> {
+        let tree = transformer::data::image_folder::ImageFolder::scan(dir)?;
+        let to_label = tree
+            .classes
+            .iter()
+            .map(|c| {
+                labels.iter().position(|l| l == c).with_context(|| {
+                    format!(
+                        "--images {}: class folder {c:?} is not one of the model's labels ({})",
+                        dir.display(),
+                        labels.join(", ")
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(EvalImages::Folder(tree, to_label))
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            EvalImages::Idx(d) => d.len(),
+            EvalImages::Folder(t, _) => t.len(),
+        }
+    }
+
+    /// Image `i` decoded, and the model's label for it.
+    fn get(&self, i: usize) -> transformer::Result<(transformer::data::resize::Pixels, usize)> {
+        match self {
+            EvalImages::Idx(d) => Ok((d.image(i)?, d.labels[i] as usize)),
+            EvalImages::Folder(t, to_label) => {
+                let (img, class) = t.image(i)?;
+                Ok((img, to_label[class]))
+            }
+        }
+    }
 }

@@ -4,9 +4,10 @@
 //! - `--checkpoint DIR --src FILE --ref FILE [--beam K]`: translate the source file with an
 //!   encoder-decoder and score it against the references with sacreBLEU's corpus BLEU, cased
 //!   and lowercased, and chrF2.
-//! - `--checkpoint DIR [--images FILE --labels FILE] [--confusion-out FILE]`: accuracy and the
-//!   confusion matrix of an image classifier on labelled IDX images (by default the
-//!   Fashion-MNIST test split in `data/fashion-mnist/`), the matrix also drawn as an SVG; for a
+//! - `--checkpoint DIR [--images FILE --labels FILE | --images DIR] [--confusion-out FILE]`:
+//!   accuracy and the confusion matrix of an image classifier on labelled IDX images (by
+//!   default the Fashion-MNIST test split in `data/fashion-mnist/`) or on a folder-per-class
+//!   tree whose folders are named after the model's labels, the matrix also drawn as an SVG; for a
 //!   model trained on `data.kind = "pixels"`, its negative log-likelihood of those images in
 //!   bits per pixel.
 
@@ -52,20 +53,18 @@ pub struct EvalArgs {
     /// Windows (language model), sentences (translation) or images per forward pass.
     #[arg(long, default_value_t = 16, allow_hyphen_values = true)]
     batch_size: usize,
-    /// IDX image file to evaluate an image classifier on.
+    /// IDX image file to evaluate an image classifier on, or a folder-per-class tree
+    /// (`DIR/<label>/*.png`, the folders named after the model's labels).
     #[arg(
         long,
         default_value = "data/fashion-mnist/t10k-images-idx3-ubyte",
         conflicts_with_all = ["text", "src"]
     )]
     images: PathBuf,
-    /// IDX label file aligned with --images.
-    #[arg(
-        long,
-        default_value = "data/fashion-mnist/t10k-labels-idx1-ubyte",
-        conflicts_with_all = ["text", "src"]
-    )]
-    labels: PathBuf,
+    /// IDX label file aligned with an IDX --images [default:
+    /// data/fashion-mnist/t10k-labels-idx1-ubyte].
+    #[arg(long, conflicts_with_all = ["text", "src"])]
+    labels: Option<PathBuf>,
     /// Where to draw the confusion matrix of an image classifier (SVG; an existing file only
     /// with --force-confusion).
     #[arg(long, default_value = "confusion.svg", conflicts_with_all = ["text", "src"])]
@@ -90,7 +89,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         _ => crate::classify::eval_images(&ImageEvalArgs {
             checkpoint: &args.checkpoint,
             images: &args.images,
-            labels: &args.labels,
+            labels: args.labels.as_deref(),
             confusion_out: &args.confusion_out,
             force: args.force_confusion,
             batch_size: args.batch_size,
@@ -98,11 +97,22 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
 }
 
+/// The IDX label file of `--images`: `--labels`, or the Fashion-MNIST test labels.
+fn idx_labels(args: &EvalArgs) -> &Path {
+    args.labels
+        .as_deref()
+        .unwrap_or(Path::new(DEFAULT_TEST_LABELS))
+}
+
+/// `--labels` when not given.
+pub const DEFAULT_TEST_LABELS: &str = "data/fashion-mnist/t10k-labels-idx1-ubyte";
+
 /// What `eval` of an image classifier reads and writes.
 pub struct ImageEvalArgs<'a> {
     pub checkpoint: &'a Path,
     pub images: &'a Path,
-    pub labels: &'a Path,
+    /// The IDX labels of an IDX `images` (none for a folder tree).
+    pub labels: Option<&'a Path>,
     pub confusion_out: &'a Path,
     pub force: bool,
     pub batch_size: usize,
@@ -114,7 +124,7 @@ fn eval_pixels(args: &EvalArgs) -> Result<()> {
     let device = crate::device()?;
     let m = load_pixel_model(&args.checkpoint, &device)
         .with_context(|| format!("--checkpoint {}", args.checkpoint.display()))?;
-    let images = transformer::data::idx::LabelledImages::read_idx(&args.images, &args.labels)?;
+    let images = transformer::data::idx::LabelledImages::read_idx(&args.images, idx_labels(args))?;
     let t0 = Instant::now();
     let (bits, nats) = bits_per_pixel(&m, &images, args.batch_size, &device)
         .with_context(|| format!("--images {}", args.images.display()))?;

@@ -85,6 +85,14 @@ fn config_inputs<'a>(args: &'a TrainArgs, cfg: &'a RunConfig) -> Vec<(&'static s
             inputs.push(("data.train_images", train_images));
             inputs.push(("data.train_labels", train_labels));
         }
+        DataConfig::ImageFolder {
+            train_dir, val_dir, ..
+        } => {
+            inputs.push(("data.train_dir", train_dir));
+            if let Some(v) = val_dir {
+                inputs.push(("data.val_dir", v));
+            }
+        }
         DataConfig::Reverse { .. } => {}
     }
     if let Some(p) = &cfg.tokenizer.path {
@@ -195,7 +203,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     .context("installing the Ctrl-C handler")?;
     let mut observer = CliObserver::new(cfg.train.max_steps, start, out.join("loss.svg"));
     match cfg.data {
-        DataConfig::Images { .. } => observer = observer.with_unit("img/s"),
+        DataConfig::Images { .. } | DataConfig::ImageFolder { .. } => {
+            observer = observer.with_unit("img/s")
+        }
         DataConfig::Pixels { .. } => observer = observer.with_unit("pixels/s"),
         _ => {}
     }

@@ -6,9 +6,20 @@
 
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
+
+use super::image_set::ImageSet;
 use super::images::{read_image, ImageProcessor};
 use super::resize::Pixels;
 use crate::{Error, Result};
+
+/// Most bytes [`ImageFolder::load`] decodes into memory (16 GiB): a tree of large photographs
+/// at a large `image_size` would otherwise exhaust memory part way through.
+pub const MAX_LOADED_BYTES: usize = 16 << 30;
+
+/// Images decoded at once by [`ImageFolder::load`]: enough to keep every core busy, few enough
+/// that the decoded originals (before resizing) stay small.
+const DECODE_CHUNK: usize = 256;
 
 /// The extensions read (case-insensitive).
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
@@ -89,6 +100,53 @@ impl ImageFolder {
             ));
         };
         Ok((read_image(path)?, *label))
+    }
+
+    /// Decode samples `indices` into memory, each converted and resized by `processor` to
+    /// `channels` × `side` × `side` bytes (what it holds before rescaling), in parallel;
+    /// errors name the file.
+    pub fn load(
+        &self,
+        indices: &[usize],
+        processor: &ImageProcessor,
+        channels: usize,
+        side: usize,
+    ) -> Result<ImageSet> {
+        let bytes = indices
+            .len()
+            .checked_mul(channels * side * side)
+            .filter(|&b| b <= MAX_LOADED_BYTES)
+            .ok_or_else(|| {
+                bad(
+                    &self.root,
+                    format!(
+                        "{} images of {channels}x{side}x{side} bytes exceed the {} GiB that \
+                         are decoded into memory; use a smaller model.image_size or fewer \
+                         images",
+                        indices.len(),
+                        MAX_LOADED_BYTES >> 30
+                    ),
+                )
+            })?;
+        let mut set = ImageSet::new(channels, side, side);
+        set.pixels.reserve_exact(bytes);
+        for chunk in indices.chunks(DECODE_CHUNK) {
+            let decoded: Vec<(Pixels, usize, usize)> = chunk
+                .par_iter()
+                .map(|&i| {
+                    let (img, label) = self.image(i)?;
+                    let img = processor
+                        .resized(&img)
+                        .map_err(|e| bad(&self.samples[i].0, e.to_string()))?;
+                    Ok((img, label, i))
+                })
+                .collect::<Result<_>>()?;
+            for (img, label, i) in decoded {
+                set.push(&img, label as u32)
+                    .map_err(|e| bad(&self.samples[i].0, e.to_string()))?;
+            }
+        }
+        Ok(set)
     }
 
     /// Samples `indices` through an image processor, with their labels.

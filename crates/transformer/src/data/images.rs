@@ -257,7 +257,8 @@ pub enum PerChannel {
 }
 
 impl PerChannel {
-    fn for_channels(&self, c: usize, field: &str) -> Result<Vec<f32>> {
+    /// One value per channel of `c`; `field` names the setting in the error.
+    pub fn for_channels(&self, c: usize, field: &str) -> Result<Vec<f32>> {
         // numpy normalizes in the image's dtype, float32.
         match self {
             PerChannel::One(v) => Ok(vec![*v as f32; c]),
@@ -343,6 +344,16 @@ impl ImageProcessorConfig {
         ImageProcessorConfig {
             size: SizeSpec::Square(size),
             ..Default::default()
+        }
+    }
+
+    /// ViT's processor resizing to `size`×`size` (bilinear) and normalizing with `mean` and
+    /// `std`: how `data.kind = "image_folder"` runs decode their images, in training and after.
+    pub fn square_normalized(size: usize, mean: PerChannel, std: PerChannel) -> Self {
+        ImageProcessorConfig {
+            image_mean: mean,
+            image_std: std,
+            ..Self::square(size)
         }
     }
 

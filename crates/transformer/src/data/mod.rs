@@ -10,6 +10,7 @@
 //!   checks and length filtering.
 //! - [`images`], [`resize`], [`idx`], [`image_folder`]: images in (PNG/JPEG decoding, Pillow's
 //!   resize and transformers' ViT preprocessing, IDX files, folder-per-class trees).
+//! - [`image_set`]: labelled images of one size in memory, as classification trains on them.
 //! - [`pixel_tokens`]: grey images as class-conditional pixel-token sequences (generation).
 
 pub mod audio;
@@ -17,6 +18,7 @@ pub mod batch;
 pub mod datasets;
 pub mod idx;
 pub mod image_folder;
+pub mod image_set;
 pub mod images;
 pub mod parallel;
 pub mod pixel_tokens;

@@ -44,7 +44,7 @@ pub struct LoadedClassifier {
     pub source: ClassifierSource,
 }
 
-/// The preprocessing of a model trained on `data.kind = "images"`: the images are already the
+/// The preprocessing of a model trained on `data.kind = "images"` (or `"image_folder"`): the images are already the
 /// model's size, so other images are resized to it (bilinear, as `ViTImageProcessor`), then
 /// scaled to [0, 1] and normalized with the run's mean and std.
 pub fn processor_of_run(cfg: &RunConfig, image_size: usize) -> Option<ImageProcessorConfig> {
@@ -56,6 +56,12 @@ pub fn processor_of_run(cfg: &RunConfig, image_size: usize) -> Option<ImageProce
             image_std: PerChannel::One(*std),
             ..Default::default()
         }),
+        // Training decoded its trees with this resize too (`train::run`).
+        DataConfig::ImageFolder { mean, std, .. } => Some(ImageProcessorConfig::square_normalized(
+            image_size,
+            mean.clone(),
+            std.clone(),
+        )),
         _ => None,
     }
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::AdamWConfig;
 use super::schedule::LrSchedule;
+use crate::data::images::PerChannel;
 use crate::data::TokenizerConfig;
 use crate::models::{family, AnyConfig, Family, FAMILIES};
 use crate::{Error, Result};
@@ -82,6 +83,36 @@ pub enum DataConfig {
         #[serde(default)]
         hflip: bool,
     },
+    /// Users' own labelled images in torchvision's `ImageFolder` layout (`DIR/<label>/…/*.png`
+    /// or `.jpg`; classes are the sub-folders in sorted order), for classification. Every image
+    /// is decoded once, converted to the model's channels (grey or RGB) and resized to its
+    /// `image_size` square (bilinear, as `ViTImageProcessor`), and kept in memory as bytes. The
+    /// class folders set the model's `num_labels` and `id2label` unless `[model]` does.
+    ImageFolder {
+        /// The training tree.
+        train_dir: PathBuf,
+        /// A validation tree with the same class folders; without it, `n_val` images of
+        /// `train_dir` (a seeded random choice) validate and the others train.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        val_dir: Option<PathBuf>,
+        /// Images of `train_dir` held out for validation when there is no `val_dir` (default:
+        /// a tenth, at least 1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        n_val: Option<usize>,
+        /// Subtracted per channel after scaling to [0, 1]: one number, or one per channel
+        /// (ImageNet's: [0.485, 0.456, 0.406]).
+        #[serde(default = "half_per_channel")]
+        mean: PerChannel,
+        /// Divides per channel after the mean (ImageNet's: [0.229, 0.224, 0.225]).
+        #[serde(default = "half_per_channel")]
+        std: PerChannel,
+        /// Random crop with zero padding, as for `images`; 0: none.
+        #[serde(default)]
+        crop_padding: usize,
+        /// Random horizontal flip with probability 1/2.
+        #[serde(default)]
+        hflip: bool,
+    },
     /// Labelled grey images as class-conditional pixel-token sequences, for image generation
     /// with a decoder-only model ([`crate::data::pixel_tokens`]): the class token, then the
     /// pixels in raster order as `levels` grey levels. The model's `vocab_size` is `levels` +
@@ -116,6 +147,9 @@ fn default_image_n_val() -> usize {
 }
 fn half() -> f64 {
     0.5
+}
+fn half_per_channel() -> PerChannel {
+    PerChannel::One(0.5)
 }
 
 fn default_train_fraction() -> f64 {
@@ -278,6 +312,46 @@ impl DataConfig {
                         "finite and > 0",
                         std.to_string(),
                     ));
+                }
+            }
+            DataConfig::ImageFolder {
+                n_val,
+                val_dir,
+                mean,
+                std,
+                crop_padding,
+                ..
+            } => {
+                if let Some(n) = n_val {
+                    if val_dir.is_some() {
+                        return Err(Error::invalid(
+                            "data.n_val",
+                            "unset when data.val_dir gives the validation images",
+                            n.to_string(),
+                        ));
+                    }
+                    count_in("data.n_val", *n as u64, 1, MAX_BATCH)?;
+                }
+                count_in("data.crop_padding", *crop_padding as u64, 0, 1 << 12)?;
+                for (field, values, positive) in
+                    [("data.mean", mean, false), ("data.std", std, true)]
+                {
+                    let values = match values {
+                        PerChannel::One(v) => vec![*v],
+                        PerChannel::Each(v) => v.clone(),
+                    };
+                    let ok = |v: &f64| v.is_finite() && (!positive || *v > 0.0);
+                    if values.is_empty() || !values.iter().all(ok) {
+                        return Err(Error::invalid(
+                            field,
+                            if positive {
+                                "finite numbers > 0 (one, or one per channel)"
+                            } else {
+                                "finite numbers (one, or one per channel)"
+                            },
+                            format!("{values:?}"),
+                        ));
+                    }
                 }
             }
             DataConfig::Pixels {

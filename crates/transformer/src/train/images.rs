@@ -1,5 +1,5 @@
-//! Image classification training (the Vision Transformer on Fashion-MNIST): labelled grey
-//! images from IDX files, visited once per epoch in a fresh random order, with the light
+//! Image classification training (the Vision Transformer on Fashion-MNIST, or on users' own
+//! folder-per-class images): labelled images held in memory as bytes, visited once per epoch in a fresh random order, with the light
 //! augmentation of small-image recipes (torchvision's `RandomCrop(size, padding=p)` with zero
 //! fill, then `RandomHorizontalFlip()`), seeded and deterministic.
 //!
@@ -9,13 +9,13 @@
 //! the draws from the run's initial state until it reaches the saved one and continues with
 //! the same epoch, the same images left in it and the same crops and flips.
 //!
-//! Dimension letters: `B` batch, `H`/`W` image height/width, `L` labels.
+//! Dimension letters: `B` batch, `C` channels, `H`/`W` image height/width, `L` labels.
 
 use candle_core::{DType, Device, Tensor};
 
 use super::loss::{cross_entropy, CrossEntropyConfig};
 use super::trainer::{Evaluation, Task};
-use crate::data::idx::LabelledImages;
+use crate::data::image_set::ImageSet;
 use crate::models::ImageClassifier;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -38,9 +38,10 @@ impl Augment {
         self.crop_padding == 0 && !self.hflip
     }
 
-    /// One image of `h`×`w` bytes (row-major) augmented into `out`: the crop offset is drawn
-    /// first (row, then column, each in [0, 2p]), then the flip.
-    pub fn apply(&self, src: &[u8], h: usize, w: usize, rng: &mut Rng, out: &mut [u8]) {
+    /// One image of `c` planes of `h`×`w` bytes (channel-first, row-major) augmented into
+    /// `out`: the crop offset is drawn first (row, then column, each in [0, 2p]), then the
+    /// flip; every channel moves the same way.
+    pub fn apply(&self, src: &[u8], c: usize, h: usize, w: usize, rng: &mut Rng, out: &mut [u8]) {
         let p = self.crop_padding;
         let (dy, dx) = if p > 0 {
             let span = (2 * p + 1) as u64;
@@ -49,6 +50,24 @@ impl Augment {
             (0, 0)
         };
         let flip = self.hflip && rng.below(2) == 1;
+        for (src, out) in src
+            .chunks_exact(h * w)
+            .zip(out.chunks_exact_mut(h * w))
+            .take(c)
+        {
+            Self::move_plane(src, h, w, p, (dy, dx), flip, out);
+        }
+    }
+
+    fn move_plane(
+        src: &[u8],
+        h: usize,
+        w: usize,
+        p: usize,
+        (dy, dx): (usize, usize),
+        flip: bool,
+        out: &mut [u8],
+    ) {
         for y in 0..h {
             // Row y of the crop is row y + dy of the padded image, row y + dy - p of `src`.
             let sy = (y + dy).wrapping_sub(p);
@@ -152,34 +171,46 @@ impl EpochSampler {
     }
 }
 
-/// How raw bytes become the model's input: `(v / 255 - mean) / std`, as transformers' image
-/// processor computes it (rescale in f64, then f32).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How raw bytes become the model's input: `(v / 255 - mean) / std` per channel, as
+/// transformers' image processor computes it (rescale in f64, then f32).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Normalize {
-    pub mean: f32,
-    pub std: f32,
+    /// One value per channel.
+    pub mean: Vec<f32>,
+    /// One value per channel.
+    pub std: Vec<f32>,
 }
 
 impl Normalize {
-    pub fn apply(&self, v: u8) -> f32 {
-        ((v as f64 * (1.0 / 255.0)) as f32 - self.mean) / self.std
+    /// Byte `v` of channel `ch`.
+    pub fn apply(&self, v: u8, ch: usize) -> f32 {
+        ((v as f64 * (1.0 / 255.0)) as f32 - self.mean[ch]) / self.std[ch]
     }
 }
 
-/// A batch of grey images as the model's input.
+/// A batch of images as the model's input.
 ///
 /// # Shapes
-/// `pixels`: B × (H·W) bytes → (B, 1, H, W) f32
+/// `pixels`: B × (C·H·W) bytes, channel-first → (B, C, H, W) f32
 pub fn image_batch(
     pixels: &[u8],
-    b: usize,
-    h: usize,
-    w: usize,
-    norm: Normalize,
+    (b, c, h, w): (usize, usize, usize, usize),
+    norm: &Normalize,
     device: &Device,
 ) -> Result<Tensor> {
-    let data: Vec<f32> = pixels.iter().map(|&v| norm.apply(v)).collect();
-    Ok(Tensor::from_vec(data, (b, 1, h, w), device)?)
+    if norm.mean.len() != c || norm.std.len() != c {
+        return Err(Error::msg(format!(
+            "normalization for {} channel(s), images of {c}",
+            norm.mean.len()
+        )));
+    }
+    let plane = h * w;
+    let data: Vec<f32> = pixels
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| norm.apply(v, (i / plane) % c))
+        .collect();
+    Ok(Tensor::from_vec(data, (b, c, h, w), device)?)
 }
 
 /// Class predictions and their correctness for a batch of logits.
@@ -190,10 +221,10 @@ pub fn predictions(logits: &Tensor) -> Result<Vec<u32>> {
     Ok(logits.argmax(1)?.to_vec1::<u32>()?)
 }
 
-/// Supervised training of an image classifier on labelled grey images.
+/// Supervised training of an image classifier on labelled images.
 pub struct ImageClassificationTask {
     pub model: Box<dyn ImageClassifier>,
-    pub images: LabelledImages,
+    pub images: ImageSet,
     /// Indices into `images` that train.
     pub train: Vec<usize>,
     /// Indices into `images` that validate (the whole set at every evaluation).
@@ -208,11 +239,11 @@ pub struct ImageClassificationTask {
 
 impl ImageClassificationTask {
     /// Check that the model reads these images and has a class for every label.
-    pub fn check_model(model: &dyn ImageClassifier, images: &LabelledImages) -> Result<()> {
-        if model.num_channels() != 1 {
+    pub fn check_model(model: &dyn ImageClassifier, images: &ImageSet) -> Result<()> {
+        if model.num_channels() != images.channels {
             return Err(Error::invalid(
                 "model.num_channels",
-                "1 (the IDX images are grey)",
+                format!("{} (the images' channels)", images.channels),
                 model.num_channels().to_string(),
             ));
         }
@@ -241,26 +272,28 @@ impl ImageClassificationTask {
 
     /// The pixels of `indices`, augmented with `seed` when `augment`.
     fn pixels(&self, indices: &[usize], seed: Option<u64>) -> Result<Tensor> {
-        let (h, w) = (self.images.height, self.images.width);
-        let size = h * w;
+        let (c, h, w) = (self.images.channels, self.images.height, self.images.width);
+        let size = self.images.image_len();
         let mut buf = vec![0u8; indices.len() * size];
         let mut rng = seed.map(Rng::new);
         for (k, &i) in indices.iter().enumerate() {
             let src = &self.images.pixels[i * size..(i + 1) * size];
             let out = &mut buf[k * size..(k + 1) * size];
             match rng.as_mut() {
-                Some(r) => self.augment.apply(src, h, w, r, out),
+                Some(r) => self.augment.apply(src, c, h, w, r, out),
                 None => out.copy_from_slice(src),
             }
         }
-        image_batch(&buf, indices.len(), h, w, self.normalize, &self.device)
+        image_batch(
+            &buf,
+            (indices.len(), c, h, w),
+            &self.normalize,
+            &self.device,
+        )
     }
 
     fn labels(&self, indices: &[usize]) -> Result<Tensor> {
-        let labels: Vec<u32> = indices
-            .iter()
-            .map(|&i| self.images.labels[i] as u32)
-            .collect();
+        let labels: Vec<u32> = indices.iter().map(|&i| self.images.labels[i]).collect();
         Ok(Tensor::from_vec(labels, indices.len(), &self.device)?)
     }
 }
@@ -270,7 +303,7 @@ impl Task for ImageClassificationTask {
         let (batch, seed) = self.sampler.next(rng)?;
         let indices: Vec<usize> = batch.iter().map(|&j| self.train[j]).collect();
         let seed = (!self.augment.is_identity()).then_some(seed);
-        let pixels = self.pixels(&indices, seed)?; // (B, 1, H, W)
+        let pixels = self.pixels(&indices, seed)?; // (B, C, H, W)
         let logits = self.model.logits(&pixels, true)?; // (B, L)
         let loss = cross_entropy(&logits, &self.labels(&indices)?, &self.loss)?;
         Ok((loss, indices.len()))
@@ -331,7 +364,7 @@ mod tests {
             let mut r = Rng::new(seed);
             let mut probe = r.clone();
             let (dy, dx) = (probe.below(3), probe.below(3));
-            aug.apply(&src, 3, 3, &mut r, &mut out);
+            aug.apply(&src, 1, 3, 3, &mut r, &mut out);
             let expect: Vec<u8> = match (dy, dx) {
                 (0, 0) => vec![0, 0, 0, 0, 1, 2, 0, 4, 5],
                 (1, 1) => src.clone(),
@@ -349,7 +382,7 @@ mod tests {
         };
         let mut flips = 0;
         for seed in 0..50 {
-            flip.apply(&src, 3, 3, &mut Rng::new(seed), &mut out);
+            flip.apply(&src, 1, 3, 3, &mut Rng::new(seed), &mut out);
             if out == [3, 2, 1, 6, 5, 4, 9, 8, 7] {
                 flips += 1;
             } else {
@@ -357,6 +390,44 @@ mod tests {
             }
         }
         assert!((10..40).contains(&flips), "{flips} flips of 50");
+    }
+
+    #[test]
+    fn every_channel_moves_with_the_same_draw() {
+        // Two 2x2 planes; the second is the first + 10.
+        let src = [1u8, 2, 3, 4, 11, 12, 13, 14];
+        let aug = Augment {
+            crop_padding: 1,
+            hflip: true,
+        };
+        for seed in 0..30 {
+            let mut out = [0u8; 8];
+            aug.apply(&src, 2, 2, 2, &mut Rng::new(seed), &mut out);
+            let mut grey = [0u8; 4];
+            aug.apply(&src[..4], 1, 2, 2, &mut Rng::new(seed), &mut grey);
+            assert_eq!(out[..4], grey, "seed {seed}");
+            for (a, b) in out[..4].iter().zip(&out[4..]) {
+                // Padding stays 0 in both planes; pixels keep their offset of 10.
+                assert_eq!(*b, if *a == 0 { 0 } else { a + 10 }, "seed {seed}");
+            }
+        }
+    }
+
+    #[test]
+    fn batches_normalize_each_channel_with_its_own_statistics() -> Result<()> {
+        let norm = Normalize {
+            mean: vec![0.0, 1.0],
+            std: vec![1.0, 0.5],
+        };
+        // One image of two 1x2 planes.
+        let t = image_batch(&[0, 255, 0, 255], (1, 2, 1, 2), &norm, &Device::Cpu)?;
+        assert_eq!(t.dims(), &[1, 2, 1, 2]);
+        assert_eq!(
+            t.flatten_all()?.to_vec1::<f32>()?,
+            vec![0.0, 1.0, -2.0, 0.0]
+        );
+        assert!(image_batch(&[0; 4], (1, 1, 2, 2), &norm, &Device::Cpu).is_err());
+        Ok(())
     }
 
     #[test]

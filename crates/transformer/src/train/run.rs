@@ -16,6 +16,9 @@ use super::tasks::{
 };
 use super::trainer::{initial_data_rng, Task, Trainer, TrainerSetup};
 use crate::data::idx::LabelledImages;
+use crate::data::image_folder::ImageFolder;
+use crate::data::image_set::ImageSet;
+use crate::data::images::{ImageProcessor, ImageProcessorConfig, PerChannel};
 use crate::data::pixel_tokens::PixelTokens;
 use crate::data::{
     encode_pairs, read_parallel, read_text, CharTokenizer, LmDataset, Seq2SeqIds, Tokenizer,
@@ -133,7 +136,7 @@ pub fn prepare_run(
         // Images have no tokenizer.
         if !matches!(
             cfg.data,
-            DataConfig::Images { .. } | DataConfig::Pixels { .. }
+            DataConfig::Images { .. } | DataConfig::ImageFolder { .. } | DataConfig::Pixels { .. }
         ) {
             checkpoint::require_files(&ckpt_dir, &[TOKENIZER_FILE])?;
         }
@@ -201,9 +204,28 @@ pub fn prepare_run(
             train_labels,
             *n_val,
             Normalize {
-                mean: *mean as f32,
-                std: *std as f32,
+                mean: vec![*mean as f32],
+                std: vec![*std as f32],
             },
+            Augment {
+                crop_padding: *crop_padding,
+                hflip: *hflip,
+            },
+        )?,
+        DataConfig::ImageFolder {
+            train_dir,
+            val_dir,
+            n_val,
+            mean,
+            std,
+            crop_padding,
+            hflip,
+        } => folder_data(
+            &ctx,
+            train_dir,
+            val_dir.as_deref(),
+            *n_val,
+            (mean, std),
             Augment {
                 crop_padding: *crop_padding,
                 hflip: *hflip,
@@ -563,6 +585,7 @@ fn image_data(
         let model = mc
             .build(&vs.root())?
             .into_image_classifier("data.kind = \"images\" (image classification)")?;
+        let images = ImageSet::from(images);
         ImageClassificationTask::check_model(model.as_ref(), &images)?;
         Ok(Box::new(ImageClassificationTask {
             model,
@@ -582,6 +605,161 @@ fn image_data(
         src_tokenizer: None,
         builder: Box::new(builder),
         model_defaults: Vec::new(),
+        vocab_size: None,
+        notes,
+    })
+}
+
+/// Seeds the choice of validation images of an image folder without `val_dir`, apart from the
+/// data order (which [`initial_data_rng`] seeds).
+const FOLDER_SPLIT_SEED: u64 = 0x5EED_F01D;
+
+/// `data.kind = "image_folder"`: image classification on a folder-per-class tree. The trees
+/// are listed now (for the class names, which become the model's labels unless `[model]` sets
+/// them); the images are decoded once the model gives their size and channels.
+fn folder_data(
+    ctx: &SetupContext,
+    train_dir: &Path,
+    val_dir: Option<&Path>,
+    n_val: Option<usize>,
+    (mean, std): (&PerChannel, &PerChannel),
+    augment: Augment,
+) -> Result<DataSetup> {
+    let train = ImageFolder::scan(train_dir)?;
+    let val = match val_dir {
+        Some(dir) => {
+            let val = ImageFolder::scan(dir)?;
+            if val.classes != train.classes {
+                return Err(Error::Path {
+                    path: dir.to_path_buf(),
+                    problem: format!(
+                        "its class folders {:?} differ from those of data.train_dir {} ({:?}); \
+                         both trees need the same ones",
+                        val.classes,
+                        train_dir.display(),
+                        train.classes
+                    ),
+                });
+            }
+            Some(val)
+        }
+        None => None,
+    };
+    // Without a validation tree: a seeded random n_val of the training images validate.
+    let (train_idx, held_out) = match &val {
+        Some(_) => ((0..train.len()).collect::<Vec<_>>(), Vec::new()),
+        None => {
+            let n = train.len();
+            let n_val = n_val.unwrap_or((n / 10).max(1));
+            if n_val >= n {
+                return Err(Error::invalid(
+                    "data.n_val",
+                    format!(
+                        "fewer than the {n} images of {} (the rest train)",
+                        train_dir.display()
+                    ),
+                    n_val.to_string(),
+                ));
+            }
+            let mut order: Vec<usize> = (0..n).collect();
+            let mut rng = Rng::new(ctx.cfg.train.seed ^ FOLDER_SPLIT_SEED);
+            for i in (1..n).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            let held = order.split_off(n - n_val);
+            (order, held)
+        }
+    };
+    let n_train = train_idx.len();
+    let n_val = val.as_ref().map_or(held_out.len(), ImageFolder::len);
+    let classes = train.classes.clone();
+    let notes = vec![format!(
+        "images: {n_train} training and {n_val} validation in {} classes from {}{} \
+         (augmentation: crop padding {}, horizontal flip {})",
+        classes.len(),
+        train_dir.display(),
+        val_dir.map_or(String::new(), |v| format!(" and {}", v.display())),
+        augment.crop_padding,
+        if augment.hflip { "on" } else { "off" }
+    )];
+    // The head has one class per folder. A `[model]` num_labels must agree (and the folder
+    // names label it unless `[model]` names the labels itself).
+    if let Some(v) = ctx.cfg.model.get("num_labels") {
+        if v.as_integer() != Some(classes.len() as i64) {
+            return Err(Error::invalid(
+                "model.num_labels",
+                format!(
+                    "{} (the class folders of {}), or unset",
+                    classes.len(),
+                    train_dir.display()
+                ),
+                v.to_string(),
+            ));
+        }
+    }
+    let id2label: toml::Table = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i.to_string(), toml::Value::String(c.clone())))
+        .collect();
+    let model_defaults = vec![
+        ("num_labels", toml::Value::Integer(classes.len() as i64)),
+        ("id2label", toml::Value::Table(id2label)),
+    ];
+    let (mean, std) = (mean.clone(), std.clone());
+    let batch_size = ctx.cfg.train.batch_size;
+    let seed = ctx.cfg.train.seed;
+    let loss = ctx.loss;
+    let device = ctx.device.clone();
+    let builder = move |mc: &dyn AnyConfig, vs: &crate::nn::VarStore| -> Result<Box<dyn Task>> {
+        let model = mc
+            .build(&vs.root())?
+            .into_image_classifier("data.kind = \"image_folder\" (image classification)")?;
+        let n_labels = model.labels().len();
+        if n_labels != classes.len() {
+            return Err(Error::invalid(
+                "model.num_labels",
+                format!(
+                    "{} (the class folders of {})",
+                    classes.len(),
+                    train.root.display()
+                ),
+                n_labels.to_string(),
+            ));
+        }
+        let (c, side) = (model.num_channels(), model.image_size());
+        let normalize = Normalize {
+            mean: mean.for_channels(c, "data.mean")?,
+            std: std.for_channels(c, "data.std")?,
+        };
+        let processor =
+            ImageProcessor::new(ImageProcessorConfig::square_normalized(side, mean, std), c)?;
+        let mut images = train.load(&train_idx, &processor, c, side)?;
+        let eval = match &val {
+            Some(v) => v.load(&(0..v.len()).collect::<Vec<_>>(), &processor, c, side)?,
+            None => train.load(&held_out, &processor, c, side)?,
+        };
+        images.pixels.extend_from_slice(&eval.pixels);
+        images.labels.extend_from_slice(&eval.labels);
+        ImageClassificationTask::check_model(model.as_ref(), &images)?;
+        Ok(Box::new(ImageClassificationTask {
+            model,
+            sampler: EpochSampler::new(n_train, batch_size, initial_data_rng(seed))?,
+            train: (0..n_train).collect(),
+            val: (n_train..n_train + n_val).collect(),
+            images,
+            batch_size,
+            augment,
+            normalize,
+            loss,
+            device,
+        }))
+    };
+    Ok(DataSetup {
+        tokenizer: None,
+        src_tokenizer: None,
+        builder: Box::new(builder),
+        model_defaults,
         vocab_size: None,
         notes,
     })
