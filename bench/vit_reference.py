@@ -15,7 +15,7 @@ Recipe (the config's [train], [optimizer], [schedule], [data]): batch 128, AdamW
 eps 1e-8) with weight decay 0.05 on the parameters of rank >= 2 only, peak learning rate 5e-4,
 linear warmup then cosine to min_lr over max_steps (crates/transformer/src/train/schedule.rs),
 no label smoothing (--label-smoothing), gradient clipping at 1.0, the last 5,000 training images
-held out, augmentation RandomCrop(28, padding=2) + RandomHorizontalFlip (--crop-padding 0
+held out, augmentation RandomCrop(28, padding=1) + RandomHorizontalFlip (--crop-padding 0
 --hflip 0 for none), pixels (v / 255 - 0.2860) / 0.3530. Epochs are reshuffled permutations.
 
 It stops at max_steps or after --minutes of training, whichever comes first (the schedule is
@@ -174,7 +174,7 @@ def main():
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--label-smoothing", type=float, default=0.0)
     ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--crop-padding", type=int, default=2)
+    ap.add_argument("--crop-padding", type=int, default=1)
     ap.add_argument("--hflip", type=int, choices=[0, 1], default=1)
     ap.add_argument("--width", type=int, default=192)
     ap.add_argument("--layers", type=int, default=4)
