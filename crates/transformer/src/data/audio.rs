@@ -444,6 +444,49 @@ mod tests {
         assert!(e.to_string().contains("cut.wav"), "{e}");
     }
 
+    /// Every truncation of a good file, and random bytes written over its header and its
+    /// first samples, read to audio or to an error naming the file; never to a panic.
+    #[test]
+    fn damaged_wav_files_never_panic() {
+        use hound::SampleFormat::{Float, Int};
+        let mut files = Vec::new();
+        for (channels, bits, format) in [(1, 16, Int), (2, 24, Int), (1, 32, Float), (3, 8, Int)] {
+            files.push(wav_bytes(spec(channels, bits, format), |w| {
+                // 60 samples: whole frames of 1, 2 or 3 channels.
+                for i in 0..60 {
+                    match format {
+                        Float => w.write_sample(i as f32 / 60.0).unwrap(),
+                        Int => w.write_sample(i - 30).unwrap(),
+                    }
+                }
+            }));
+        }
+        let check = |bytes: &[u8], what: &str| {
+            if let Err(e) = read_wav_from(bytes, "damaged.wav") {
+                assert!(e.to_string().contains("damaged.wav"), "{what}: {e}");
+            }
+        };
+        let mut rng = crate::rng::Rng::new(7);
+        for good in &files {
+            for len in 0..good.len() {
+                check(&good[..len], &format!("cut at {len}"));
+            }
+            for trial in 0..2000 {
+                let mut bytes = good.clone();
+                for _ in 0..1 + rng.below(4) {
+                    let at = rng.below(bytes.len().min(64) as u64) as usize;
+                    bytes[at] = rng.below(256) as u8;
+                }
+                check(&bytes, &format!("trial {trial}"));
+            }
+            // A data chunk that claims 4 GiB of samples in a file of a few bytes.
+            let mut bytes = good.clone();
+            let at = bytes.windows(4).position(|w| w == b"data").unwrap() + 4;
+            bytes[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+            check(&bytes, "4 GiB data chunk");
+        }
+    }
+
     #[test]
     fn resampling_keeps_a_tone_and_its_length() {
         let (from, to) = (8000u32, 16000u32);

@@ -25,13 +25,14 @@
 //! (masked image modelling) are ignored; any other tensor is an error, as are missing tensors
 //! and wrong shapes, named by their Hugging Face name.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::hf_bert::{read_weights, HF_CONFIG_FILE};
+use super::strict::StrictRename;
 use crate::data::images::{ImageProcessor, ImageProcessorConfig, PREPROCESSOR_CONFIG_FILE};
 use crate::models::{config_from_json, FamilyConfig, ViT, ViTConfig};
 use crate::nn::{InitScheme, VarStore};
@@ -255,107 +256,63 @@ pub fn map_state_dict(
     params: &[(String, Vec<usize>)],
     source_name: &str,
 ) -> Result<HashMap<String, Tensor>> {
-    let err = |msg: String| Error::Weights {
-        source_name: source_name.to_string(),
-        msg,
-    };
     let prefix = body_prefix(hf);
     // The classifier is outside the body: never prefixed.
-    let full = |n: &str| {
-        if n.starts_with("classifier.") {
-            n.to_string()
-        } else {
-            format!("{prefix}{n}")
-        }
+    let full = |names: &[String]| -> Vec<String> {
+        names
+            .iter()
+            .map(|n| {
+                if n.starts_with("classifier.") {
+                    n.to_string()
+                } else {
+                    format!("{prefix}{n}")
+                }
+            })
+            .collect()
     };
-    let mut used: HashSet<String> = HashSet::new();
-    let mut missing: Vec<String> = Vec::new();
-    let mut fetch = |names: &[String], expected: &[usize], used: &mut HashSet<String>| {
-        let Some((name, t)) = names.iter().find_map(|n| {
-            let f = full(n);
-            hf.get(&f).map(|t| (f, t))
-        }) else {
-            missing.push(full(&names[0]));
-            return Ok(None);
-        };
-        if t.elem_count() != expected.iter().product::<usize>()
-            || (t.dims() != expected && !name.ends_with("projection.weight"))
-        {
-            return Err(err(format!(
-                "tensor {name}: expected shape {expected:?}, got {:?}",
-                t.dims()
-            )));
-        }
-        used.insert(name);
-        Ok(Some(t.to_dtype(DType::F32)?))
-    };
+    let mut r = StrictRename::new(hf, source_name);
     let mut out = HashMap::new();
     for (ours, shape) in params {
         let source = hf_source(ours).ok_or_else(|| {
-            err(format!(
+            r.error(format!(
                 "the model has a parameter {ours} that ViT checkpoints do not hold"
             ))
         })?;
-        match source {
-            HfSource::One(names) => {
-                if let Some(t) = fetch(&names, shape, &mut used)? {
-                    out.insert(ours.clone(), t);
-                }
-            }
+        let t = match source {
+            HfSource::One(names) => r.take(&full(&names), shape)?,
             HfSource::Conv(name) => {
-                let f = full(&name);
-                if let Some(t) = hf.get(&f) {
-                    // (E, C, P, P) → (E, C·P·P): the row-major flattening is our (c, i, j).
-                    let [e, cpp] = shape[..] else {
-                        return Err(err(format!("{ours}: expected a matrix, got {shape:?}")));
-                    };
-                    match t.dims4() {
-                        Ok((te, c, p, q)) if te == e && c * p * q == cpp && p == q => {}
-                        _ => {
-                            return Err(err(format!(
-                                "tensor {f}: expected shape ({e}, C, P, P) with C·P·P = {cpp}, \
-                                 got {:?}",
-                                t.dims()
-                            )))
-                        }
+                // (E, C, P, P) → (E, C·P·P): the row-major flattening is our (c, i, j).
+                let [e, _] = shape[..] else {
+                    return Err(r.error(format!("{ours}: expected a matrix, got {shape:?}")));
+                };
+                let names = full(&[name]);
+                if let Some(t) = r.peek(&names[0]) {
+                    let cpp = shape[1];
+                    if !matches!(t.dims4(), Ok((te, c, p, q)) if te == e && c * p * q == cpp && p == q)
+                    {
+                        return Err(r.error(format!(
+                            "tensor {}: expected shape ({e}, C, P, P) with C·P·P = {cpp}, got {:?}",
+                            names[0],
+                            t.dims()
+                        )));
                     }
                 }
-                if let Some(t) = fetch(std::slice::from_ref(&name), shape, &mut used)? {
-                    out.insert(ours.clone(), t.reshape(shape.as_slice())?);
-                }
+                r.take_reshaped(&names, shape, |d| d.len() == 4)?
             }
-            HfSource::Qkv(parts_names) => {
-                // in_proj is (3E, E) / (3E): each of q, k, v a third of dim 0.
-                let mut part_shape = shape.clone();
-                part_shape[0] /= 3;
-                let mut parts = Vec::with_capacity(3);
-                for names in &parts_names {
-                    if let Some(t) = fetch(names, &part_shape, &mut used)? {
-                        parts.push(t);
-                    }
-                }
-                if parts.len() == 3 {
-                    out.insert(ours.clone(), Tensor::cat(&parts, 0)?);
-                }
+            // in_proj is (3E, E) / (3E): each of q, k, v a third of dim 0.
+            HfSource::Qkv(parts) => {
+                let parts = parts.map(|names| Some(full(&names)));
+                r.take_stacked(&parts, shape)?
             }
+        };
+        if let Some(t) = t {
+            out.insert(ours.clone(), t);
         }
     }
-    if !missing.is_empty() {
-        return Err(err(format!("missing tensors: {}", missing.join(", "))));
-    }
-    let mut unexpected: Vec<&str> = hf
-        .keys()
-        .filter(|k| !used.contains(*k))
-        .filter(|k| !ignored(k.strip_prefix(prefix).unwrap_or(k)))
-        .map(|k| k.as_str())
-        .collect();
-    if !unexpected.is_empty() {
-        unexpected.sort();
-        return Err(err(format!(
-            "tensors the model (as config.json describes it) does not use: {}",
-            unexpected.join(", ")
-        )));
-    }
+    r.finish(
+        |k| ignored(k.strip_prefix(prefix).unwrap_or(k)),
+        "the model",
+    )?;
     Ok(out)
 }
 

@@ -20,12 +20,13 @@
 //! | `decoder.layers.N.encoder_attn_layer_norm.*`             | `decoder.layers.N.norm2.*`             |
 //! | `decoder.layers.N.final_layer_norm.*`                    | `decoder.layers.N.norm3.*`             |
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use super::strict::StrictRename;
 use crate::models::{Whisper, WhisperConfig};
 use crate::nn::var_store::read_safetensors;
 use crate::nn::VarStore;
@@ -155,69 +156,31 @@ pub fn map_state_dict(
     params: &[(String, Vec<usize>)],
     source: &str,
 ) -> Result<HashMap<String, Tensor>> {
-    let err = |msg: String| Error::Weights {
-        source_name: source.to_string(),
-        msg,
-    };
     let prefix = if hf.keys().any(|k| k.starts_with("model.encoder.")) {
         "model."
     } else {
         ""
     };
-    let mut used = HashSet::new();
-    let mut missing = Vec::new();
+    let mut r = StrictRename::new(hf, source);
     let mut out = HashMap::new();
     for (ours, shape) in params {
         let sources = hf_source(ours).ok_or_else(|| {
-            err(format!(
+            r.error(format!(
                 "the model has a parameter {ours} that Whisper checkpoints do not hold"
             ))
         })?;
-        let rows = shape[0] / sources.len();
-        let mut part_shape = shape.clone();
-        part_shape[0] = rows;
-        let mut parts = Vec::new();
-        for s in &sources {
-            match s {
-                None => parts.push(Tensor::zeros(
-                    part_shape.as_slice(),
-                    DType::F32,
-                    &Device::Cpu,
-                )?),
-                Some(name) => {
-                    let full = format!("{prefix}{name}");
-                    match hf.get(&full) {
-                        None => missing.push(full),
-                        Some(t) if t.dims() != part_shape.as_slice() => {
-                            return Err(err(format!(
-                                "tensor {full}: expected shape {part_shape:?}, got {:?}",
-                                t.dims()
-                            )))
-                        }
-                        Some(t) => {
-                            parts.push(t.to_dtype(DType::F32)?);
-                            used.insert(full);
-                        }
-                    }
-                }
-            }
-        }
-        if parts.len() == sources.len() {
-            let t = if parts.len() == 1 {
-                parts.pop().expect("one part")
-            } else {
-                Tensor::cat(&parts, 0)?
-            };
+        let parts: Vec<Option<Vec<String>>> = sources
+            .into_iter()
+            .map(|s| s.map(|name| vec![format!("{prefix}{name}")]))
+            .collect();
+        if let Some(t) = r.take_stacked(&parts, shape)? {
             out.insert(ours.clone(), t);
         }
     }
-    if !missing.is_empty() {
-        return Err(err(format!("missing tensors: {}", missing.join(", "))));
-    }
     // The output projection must be the embedding (Whisper ties them).
     if let (Some(p), Some(e)) = (
-        hf.get("proj_out.weight"),
-        hf.get(&format!("{prefix}decoder.embed_tokens.weight")),
+        r.peek("proj_out.weight"),
+        r.peek(&format!("{prefix}decoder.embed_tokens.weight")),
     ) {
         let same = p.dims() == e.dims()
             && (p.to_dtype(DType::F32)? - e.to_dtype(DType::F32)?)?
@@ -226,25 +189,14 @@ pub fn map_state_dict(
                 .to_scalar::<f32>()?
                 == 0.0;
         if !same {
-            return Err(err(
+            return Err(r.error(
                 "proj_out.weight differs from decoder.embed_tokens.weight; our Whisper ties them"
                     .into(),
             ));
         }
-        used.insert("proj_out.weight".into());
+        r.mark_used("proj_out.weight");
     }
-    let mut unused: Vec<&str> = hf
-        .keys()
-        .filter(|k| !used.contains(*k))
-        .map(String::as_str)
-        .collect();
-    if !unused.is_empty() {
-        unused.sort();
-        return Err(err(format!(
-            "tensors our Whisper (as config.json describes it) does not use: {}",
-            unused.join(", ")
-        )));
-    }
+    r.finish(|_| false, "our Whisper")?;
     Ok(out)
 }
 

@@ -7,3 +7,4 @@ pub mod hf_bert;
 pub mod hf_vit;
 pub mod hf_whisper;
 pub mod pytorch;
+pub(crate) mod strict;

@@ -14,7 +14,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::loss::{cross_entropy, CrossEntropyConfig};
-use super::trainer::{Evaluation, Task};
+use super::trainer::{initial_data_rng, Evaluation, Task};
 use crate::data::image_set::ImageSet;
 use crate::models::ImageClassifier;
 use crate::rng::Rng;
@@ -237,7 +237,44 @@ pub struct ImageClassificationTask {
     pub device: Device,
 }
 
+/// How an [`ImageClassificationTask`] trains: everything but the model, the images and
+/// their normalization.
+#[derive(Debug, Clone)]
+pub struct ImageTraining {
+    pub batch_size: usize,
+    /// `train.seed`: it seeds the epoch order ([`initial_data_rng`]).
+    pub seed: u64,
+    pub augment: Augment,
+    pub loss: CrossEntropyConfig,
+    pub device: Device,
+}
+
 impl ImageClassificationTask {
+    /// The task on `images`, of which the first `n_train` train and the rest validate, once
+    /// [`check_model`](Self::check_model) accepts them.
+    pub fn new(
+        model: Box<dyn ImageClassifier>,
+        images: ImageSet,
+        n_train: usize,
+        normalize: Normalize,
+        how: ImageTraining,
+    ) -> Result<Self> {
+        Self::check_model(model.as_ref(), &images)?;
+        let n = images.len();
+        Ok(ImageClassificationTask {
+            model,
+            sampler: EpochSampler::new(n_train, how.batch_size, initial_data_rng(how.seed))?,
+            train: (0..n_train).collect(),
+            val: (n_train..n).collect(),
+            images,
+            batch_size: how.batch_size,
+            augment: how.augment,
+            normalize,
+            loss: how.loss,
+            device: how.device,
+        })
+    }
+
     /// Check that the model reads these images and has a class for every label.
     pub fn check_model(model: &dyn ImageClassifier, images: &ImageSet) -> Result<()> {
         if model.num_channels() != images.channels {

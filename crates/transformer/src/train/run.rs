@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 
 use super::checkpoint::{self, SRC_TOKENIZER_FILE, TOKENIZER_FILE};
 use super::config::{DataConfig, RunConfig};
-use super::images::{Augment, EpochSampler, ImageClassificationTask, Normalize};
+use super::images::{Augment, EpochSampler, ImageClassificationTask, ImageTraining, Normalize};
 use super::loss::CrossEntropyConfig;
 use super::optim::AdamW;
 use super::pixels::PixelLmTask;
@@ -577,28 +577,15 @@ fn image_data(
         augment.crop_padding,
         if augment.hflip { "on" } else { "off" }
     )];
-    let batch_size = ctx.cfg.train.batch_size;
-    let seed = ctx.cfg.train.seed;
-    let loss = ctx.loss;
-    let device = ctx.device.clone();
+    let how = image_training(ctx, augment);
     let builder = move |mc: &dyn AnyConfig, vs: &crate::nn::VarStore| -> Result<Box<dyn Task>> {
         let model = mc
             .build(&vs.root())?
             .into_image_classifier("data.kind = \"images\" (image classification)")?;
         let images = ImageSet::from(images);
-        ImageClassificationTask::check_model(model.as_ref(), &images)?;
-        Ok(Box::new(ImageClassificationTask {
-            model,
-            sampler: EpochSampler::new(n_train, batch_size, initial_data_rng(seed))?,
-            train: (0..n_train).collect(),
-            val: (n_train..n).collect(),
-            images,
-            batch_size,
-            augment,
-            normalize,
-            loss,
-            device,
-        }))
+        Ok(Box::new(ImageClassificationTask::new(
+            model, images, n_train, normalize, how,
+        )?))
     };
     Ok(DataSetup {
         tokenizer: None,
@@ -608,6 +595,17 @@ fn image_data(
         vocab_size: None,
         notes,
     })
+}
+
+/// The training settings of an image classification task, from `[train]`.
+fn image_training(ctx: &SetupContext, augment: Augment) -> ImageTraining {
+    ImageTraining {
+        batch_size: ctx.cfg.train.batch_size,
+        seed: ctx.cfg.train.seed,
+        augment,
+        loss: ctx.loss,
+        device: ctx.device.clone(),
+    }
 }
 
 /// Seeds the choice of validation images of an image folder without `val_dir`, apart from the
@@ -707,10 +705,7 @@ fn folder_data(
         ("id2label", toml::Value::Table(id2label)),
     ];
     let (mean, std) = (mean.clone(), std.clone());
-    let batch_size = ctx.cfg.train.batch_size;
-    let seed = ctx.cfg.train.seed;
-    let loss = ctx.loss;
-    let device = ctx.device.clone();
+    let how = image_training(ctx, augment);
     let builder = move |mc: &dyn AnyConfig, vs: &crate::nn::VarStore| -> Result<Box<dyn Task>> {
         let model = mc
             .build(&vs.root())?
@@ -741,19 +736,9 @@ fn folder_data(
         };
         images.pixels.extend_from_slice(&eval.pixels);
         images.labels.extend_from_slice(&eval.labels);
-        ImageClassificationTask::check_model(model.as_ref(), &images)?;
-        Ok(Box::new(ImageClassificationTask {
-            model,
-            sampler: EpochSampler::new(n_train, batch_size, initial_data_rng(seed))?,
-            train: (0..n_train).collect(),
-            val: (n_train..n_train + n_val).collect(),
-            images,
-            batch_size,
-            augment,
-            normalize,
-            loss,
-            device,
-        }))
+        Ok(Box::new(ImageClassificationTask::new(
+            model, images, n_train, normalize, how,
+        )?))
     };
     Ok(DataSetup {
         tokenizer: None,

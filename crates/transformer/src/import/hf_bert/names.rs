@@ -1,11 +1,12 @@
 //! Hugging Face BERT parameter names → ours (the table in the [module docs](super)), and the
 //! strict renaming of a whole state dict.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-use crate::{Error, Result};
+use crate::import::strict::StrictRename;
+use crate::Result;
 
 /// Where one of our parameters comes from in a Hugging Face state dict (names without prefix).
 enum HfSource {
@@ -86,85 +87,44 @@ pub fn map_state_dict(
     params: &[(String, Vec<usize>)],
     source_name: &str,
 ) -> Result<HashMap<String, Tensor>> {
-    let err = |msg: String| Error::Weights {
-        source_name: source_name.to_string(),
-        msg,
-    };
     let prefix = body_prefix(hf);
-    let mut used: HashSet<String> = HashSet::new();
-    let mut missing: Vec<String> = Vec::new();
-    // Look up one tensor by its unprefixed name(s) and check its shape.
-    let mut fetch = |names: &[String], expected: &[usize], used: &mut HashSet<String>| {
-        let Some((full, t)) = names.iter().find_map(|n| {
-            let full = format!("{prefix}{n}");
-            hf.get(&full).map(|t| (full, t))
-        }) else {
-            missing.push(format!("{prefix}{}", names[0]));
-            return Ok(None);
-        };
-        if t.dims() != expected {
-            return Err(err(format!(
-                "tensor {full}: expected shape {expected:?}, got {:?}",
-                t.dims()
-            )));
-        }
-        used.insert(full);
-        Ok(Some(t.to_dtype(DType::F32)?))
+    let full = |names: &[String]| -> Vec<String> {
+        names.iter().map(|n| format!("{prefix}{n}")).collect()
     };
+    let mut r = StrictRename::new(hf, source_name);
     let mut out = HashMap::new();
     for (ours, shape) in params {
         let source = hf_source(ours).ok_or_else(|| {
-            err(format!(
+            r.error(format!(
                 "the model has a parameter {ours} that BERT checkpoints do not hold"
             ))
         })?;
-        match source {
-            HfSource::One(names) => {
-                if let Some(t) = fetch(&names, shape, &mut used)? {
-                    out.insert(ours.clone(), t);
-                }
-            }
+        let t = match source {
+            HfSource::One(names) => r.take(&full(&names), shape)?,
+            // in_proj is (3E, E) / (3E): each of q, k, v is a third of dim 0.
             HfSource::Qkv(names) => {
-                // in_proj is (3E, E) / (3E): each of q, k, v is a third of dim 0.
-                let mut part_shape = shape.clone();
-                part_shape[0] /= 3;
-                let mut parts = Vec::with_capacity(3);
-                for n in &names {
-                    if let Some(t) = fetch(std::slice::from_ref(n), &part_shape, &mut used)? {
-                        parts.push(t);
-                    }
-                }
-                if parts.len() == 3 {
-                    out.insert(ours.clone(), Tensor::cat(&parts, 0)?);
-                }
+                let parts = names.map(|n| Some(full(&[n])));
+                r.take_stacked(&parts, shape)?
             }
+        };
+        if let Some(t) = t {
+            out.insert(ours.clone(), t);
         }
     }
-    if !missing.is_empty() {
-        return Err(err(format!("missing tensors: {}", missing.join(", "))));
-    }
-    let mut unexpected: Vec<&str> = hf
-        .keys()
-        .filter(|k| !used.contains(*k))
-        .filter(|k| {
+    // Task heads (outside the body) are not ours to load.
+    r.finish(
+        |k| {
             k.strip_prefix(prefix)
-                .is_some_and(|n| in_body(n) && n != "embeddings.position_ids")
-        })
-        .map(|k| k.as_str())
-        .collect();
-    if !unexpected.is_empty() {
-        unexpected.sort();
-        return Err(err(format!(
-            "tensors the model (as config.json describes it) does not use: {}",
-            unexpected.join(", ")
-        )));
-    }
+                .is_none_or(|n| !in_body(n) || n == "embeddings.position_ids")
+        },
+        "the model",
+    )?;
     Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     use super::*;
     use crate::models::{EncoderOnly, EncoderOnlyConfig};
