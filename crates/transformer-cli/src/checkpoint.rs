@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use transformer::data::{Seq2SeqIds, Tokenizer};
 use transformer::decode::SpecialTokens;
 use transformer::import::gguf::WeightFormat;
-use transformer::models::{family, CausalLm, LoadedModel, Seq2Seq, CONFIG_FILE, WEIGHTS_FILE};
+use transformer::models::{CausalLm, LoadedModel, Seq2Seq, CONFIG_FILE, WEIGHTS_FILE};
 use transformer::pipelines::chat::ChatTemplate;
 use transformer::train::checkpoint::{
     read_meta, require_files, resolve_model_dir, SRC_TOKENIZER_FILE, TOKENIZER_FILE,
@@ -72,14 +72,9 @@ impl LoadedLm {
 
 /// The model of a checkpoint directory, through the family its `meta.json` names.
 fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
-    let meta = read_meta(dir)?;
-    let family = family(&meta.family).with_context(|| format!("{}: meta.json", dir.display()))?;
-    let loaded = family
-        .load(dir, device, dtype)
-        .with_context(|| format!("loading {}", dir.display()))?;
-    // A diverged run's weights decode to garbage (NaN logits); refuse them by name.
-    transformer::train::checkpoint::check_finite_weights(dir, &loaded.vs)?;
-    Ok(loaded)
+    // A diverged run's weights decode to garbage (NaN logits): load_model refuses them by name.
+    transformer::train::checkpoint::load_model(dir, device, dtype)
+        .with_context(|| format!("loading {}", dir.display()))
 }
 
 /// Load a language model: a checkpoint directory, a run directory, or a GGUF file (its

@@ -174,7 +174,9 @@ pub fn eval_images(args: &crate::eval::ImageEvalArgs) -> Result<()> {
             args.checkpoint.display()
         )
     })?;
-    let data = if args.images.is_dir() {
+    // Checked once: the JSON line below says which kind of data it read.
+    let folder = args.images.is_dir();
+    let data = if folder {
         if let Some(l) = args.labels {
             bail!(
                 "--labels {}: the folder tree --images {} is labelled by its class folders; \
@@ -232,7 +234,7 @@ pub fn eval_images(args: &crate::eval::ImageEvalArgs) -> Result<()> {
         serde_json::json!({
             "checkpoint": clf.dir.display().to_string(),
             "images": args.images.display().to_string(),
-            "labels": (!args.images.is_dir()).then(|| idx_labels.display().to_string()),
+            "labels": (!folder).then(|| idx_labels.display().to_string()),
             "examples": data.len(),
             "accuracy": accuracy,
             "class_names": clf.labels,

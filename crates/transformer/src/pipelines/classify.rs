@@ -18,8 +18,8 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::data::images::{ImageProcessor, ImageProcessorConfig, PerChannel, SizeSpec};
 use crate::data::resize::Resample;
-use crate::models::{family, ImageClassifier};
-use crate::train::checkpoint::{read_meta, resolve_model_dir, META_FILE, RUN_CONFIG_FILE};
+use crate::models::ImageClassifier;
+use crate::train::checkpoint::{load_model, resolve_model_dir, META_FILE, RUN_CONFIG_FILE};
 use crate::train::{DataConfig, RunConfig};
 use crate::{Error, Result};
 
@@ -91,10 +91,7 @@ pub fn load_classifier(path: &Path, device: &Device) -> Result<LoadedClassifier>
             source: ClassifierSource::HuggingFace,
         });
     }
-    let meta = read_meta(&dir)?;
-    let fam = family(&meta.family).map_err(|e| e.in_source(&dir.display().to_string()))?;
-    let loaded = fam.load(&dir, device, DType::F32)?;
-    crate::train::checkpoint::check_finite_weights(&dir, &loaded.vs)?;
+    let loaded = load_model(&dir, device, DType::F32)?;
     let model = loaded.model.into_image_classifier("classifying images")?;
     let labels = model.labels();
     if labels.is_empty() {

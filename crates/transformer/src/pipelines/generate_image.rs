@@ -8,8 +8,8 @@ use candle_core::{DType, Device};
 
 use crate::data::idx::LabelledImages;
 use crate::data::pixel_tokens::PixelTokens;
-use crate::models::{family, CausalLm};
-use crate::train::checkpoint::{read_meta, resolve_model_dir, RUN_CONFIG_FILE};
+use crate::models::CausalLm;
+use crate::train::checkpoint::{load_model, resolve_model_dir, RUN_CONFIG_FILE};
 use crate::train::{DataConfig, RunConfig};
 use crate::{Error, Result};
 
@@ -52,10 +52,7 @@ pub fn load_pixel_model(path: &Path, device: &Device) -> Result<LoadedPixelModel
     let DataConfig::Pixels { levels, pool, .. } = cfg.data else {
         return Err(not_pixels("its run config trains on other data"));
     };
-    let meta = read_meta(&dir)?;
-    let fam = family(&meta.family).map_err(|e| e.in_source(&dir.display().to_string()))?;
-    let loaded = fam.load(&dir, device, DType::F32)?;
-    crate::train::checkpoint::check_finite_weights(&dir, &loaded.vs)?;
+    let loaded = load_model(&dir, device, DType::F32)?;
     let model = loaded.model.into_causal_lm("generating images")?;
     let pixels = model.context_length();
     let side = (pixels as f64).sqrt().round() as usize;

@@ -11,13 +11,15 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::config::RunConfig;
 use super::optim::{AdamW, AdamWState};
 use crate::data::Tokenizer;
-use crate::models::{read_config, write_json_atomic, CONFIG_FILE, WEIGHTS_FILE};
+use crate::models::{
+    family, read_config, write_json_atomic, LoadedModel, CONFIG_FILE, WEIGHTS_FILE,
+};
 use crate::nn::VarStore;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -190,6 +192,17 @@ pub fn first_non_finite(vs: &VarStore, optimizer: Option<&AdamW>) -> Result<Opti
             .map(|name| format!("optimizer moment `{name}`"))),
         None => Ok(None),
     }
+}
+
+/// The model of a checkpoint directory, through the family its `meta.json` names, with its
+/// weights checked finite ([`check_finite_weights`]).
+pub fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<LoadedModel> {
+    let meta = read_meta(dir)?;
+    let fam = family(&meta.family)
+        .map_err(|e| e.in_source(&dir.join(META_FILE).display().to_string()))?;
+    let loaded = fam.load(dir, device, dtype)?;
+    check_finite_weights(dir, &loaded.vs)?;
+    Ok(loaded)
 }
 
 /// Refuse a checkpoint whose weights hold NaN or an infinity (written by a diverged run, or
