@@ -271,44 +271,29 @@ pub fn map_state_dict(
             .collect()
     };
     let mut r = StrictRename::new(hf, source_name);
-    let mut out = HashMap::new();
-    for (ours, shape) in params {
-        let source = hf_source(ours).ok_or_else(|| {
-            r.error(format!(
-                "the model has a parameter {ours} that ViT checkpoints do not hold"
-            ))
-        })?;
-        let t = match source {
-            HfSource::One(names) => r.take(&full(&names), shape)?,
-            HfSource::Conv(name) => {
-                // (E, C, P, P) → (E, C·P·P): the row-major flattening is our (c, i, j).
-                let [e, _] = shape[..] else {
-                    return Err(r.error(format!("{ours}: expected a matrix, got {shape:?}")));
-                };
-                let names = full(&[name]);
-                if let Some(t) = r.peek(&names[0]) {
-                    let cpp = shape[1];
-                    if !matches!(t.dims4(), Ok((te, c, p, q)) if te == e && c * p * q == cpp && p == q)
-                    {
-                        return Err(r.error(format!(
-                            "tensor {}: expected shape ({e}, C, P, P) with C·P·P = {cpp}, got {:?}",
-                            names[0],
-                            t.dims()
-                        )));
-                    }
+    let out = r.rename_all(params, "ViT", hf_source, |r, source, shape| match source {
+        HfSource::One(names) => r.take(&full(&names), shape),
+        HfSource::Conv(name) => {
+            // (E, C, P, P) → (E, C·P·P): the row-major flattening is our (c, i, j).
+            let [e, cpp] = shape[..] else {
+                return Err(r.error(format!("{name}: expected a matrix, got {shape:?}")));
+            };
+            let names = full(&[name]);
+            if let Some(t) = r.peek(&names[0]) {
+                if !matches!(t.dims4(), Ok((te, c, p, q)) if te == e && c * p * q == cpp && p == q)
+                {
+                    return Err(r.error(format!(
+                        "tensor {}: expected shape ({e}, C, P, P) with C·P·P = {cpp}, got {:?}",
+                        names[0],
+                        t.dims()
+                    )));
                 }
-                r.take_reshaped(&names, shape, |d| d.len() == 4)?
             }
-            // in_proj is (3E, E) / (3E): each of q, k, v a third of dim 0.
-            HfSource::Qkv(parts) => {
-                let parts = parts.map(|names| Some(full(&names)));
-                r.take_stacked(&parts, shape)?
-            }
-        };
-        if let Some(t) = t {
-            out.insert(ours.clone(), t);
+            r.take_reshaped(&names, shape, |d| d.len() == 4)
         }
-    }
+        // in_proj is (3E, E) / (3E): each of q, k, v a third of dim 0.
+        HfSource::Qkv(parts) => r.take_stacked(&parts.map(|names| Some(full(&names))), shape),
+    })?;
     r.finish(
         |k| ignored(k.strip_prefix(prefix).unwrap_or(k)),
         "the model",

@@ -162,21 +162,13 @@ pub fn map_state_dict(
         ""
     };
     let mut r = StrictRename::new(hf, source);
-    let mut out = HashMap::new();
-    for (ours, shape) in params {
-        let sources = hf_source(ours).ok_or_else(|| {
-            r.error(format!(
-                "the model has a parameter {ours} that Whisper checkpoints do not hold"
-            ))
-        })?;
+    let out = r.rename_all(params, "Whisper", hf_source, |r, sources, shape| {
         let parts: Vec<Option<Vec<String>>> = sources
             .into_iter()
             .map(|s| s.map(|name| vec![format!("{prefix}{name}")]))
             .collect();
-        if let Some(t) = r.take_stacked(&parts, shape)? {
-            out.insert(ours.clone(), t);
-        }
-    }
+        r.take_stacked(&parts, shape)
+    })?;
     // The output projection must be the embedding (Whisper ties them).
     if let (Some(p), Some(e)) = (
         r.peek("proj_out.weight"),

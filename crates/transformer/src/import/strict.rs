@@ -39,6 +39,31 @@ impl<'a> StrictRename<'a> {
         }
     }
 
+    /// Every parameter of `params` (name, shape) from the tensors that `source` names for it,
+    /// taken by `take`; a parameter without a source is an error (`checkpoints` say whose).
+    /// A parameter whose tensors are missing is left out (and reported by
+    /// [`finish`](Self::finish)).
+    pub fn rename_all<S>(
+        &mut self,
+        params: &[(String, Vec<usize>)],
+        checkpoints: &str,
+        source: impl Fn(&str) -> Option<S>,
+        mut take: impl FnMut(&mut Self, S, &[usize]) -> Result<Option<Tensor>>,
+    ) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (ours, shape) in params {
+            let s = source(ours).ok_or_else(|| {
+                self.error(format!(
+                    "the model has a parameter {ours} that {checkpoints} checkpoints do not hold"
+                ))
+            })?;
+            if let Some(t) = take(self, s, shape)? {
+                out.insert(ours.clone(), t);
+            }
+        }
+        Ok(out)
+    }
+
     /// The tensor `name` without marking it used (to look at its shape first).
     pub fn peek(&self, name: &str) -> Option<&'a Tensor> {
         self.hf.get(name)

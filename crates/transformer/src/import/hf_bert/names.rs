@@ -92,25 +92,11 @@ pub fn map_state_dict(
         names.iter().map(|n| format!("{prefix}{n}")).collect()
     };
     let mut r = StrictRename::new(hf, source_name);
-    let mut out = HashMap::new();
-    for (ours, shape) in params {
-        let source = hf_source(ours).ok_or_else(|| {
-            r.error(format!(
-                "the model has a parameter {ours} that BERT checkpoints do not hold"
-            ))
-        })?;
-        let t = match source {
-            HfSource::One(names) => r.take(&full(&names), shape)?,
-            // in_proj is (3E, E) / (3E): each of q, k, v is a third of dim 0.
-            HfSource::Qkv(names) => {
-                let parts = names.map(|n| Some(full(&[n])));
-                r.take_stacked(&parts, shape)?
-            }
-        };
-        if let Some(t) = t {
-            out.insert(ours.clone(), t);
-        }
-    }
+    let out = r.rename_all(params, "BERT", hf_source, |r, source, shape| match source {
+        HfSource::One(names) => r.take(&full(&names), shape),
+        // in_proj is (3E, E) / (3E): each of q, k, v is a third of dim 0.
+        HfSource::Qkv(names) => r.take_stacked(&names.map(|n| Some(full(&[n]))), shape),
+    })?;
     // Task heads (outside the body) are not ours to load.
     r.finish(
         |k| {
