@@ -5,9 +5,10 @@
 //!   identical 32 greedy tokens;
 //! - the quantized path (`WeightFormat::AsStored`) against llama.cpp on the same file. The two
 //!   quantize activations differently (llama.cpp keeps an f16 KV cache and f16 GELU tables),
-//!   so tokens may part ways after a near tie; the test prints the share of prompts whose 32
-//!   greedy tokens agree and the largest logit difference at the first position, and asserts
-//!   bounds on both.
+//!   so free-running greedy tokens may part ways after a near tie; the test feeds llama.cpp's
+//!   32 greedy tokens through our KV cache and bounds, at every step, how far llama.cpp's token
+//!   lies below our best logit, and the share of steps where they are the same token; and the
+//!   largest logit difference at the first position.
 //!
 //! The models come from scripts/fetch-smollm2.sh (run by scripts/test.sh); a missing file
 //! fails.
@@ -179,38 +180,77 @@ fn check_f32(path: &Path, fixture_name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Bounds for the quantized path against llama.cpp: every prompt's logits lie within
-/// `max_diff` of llama.cpp's at the first position, our first token is llama.cpp's or, by
-/// llama.cpp's own logits, within `NEAR_TIE` of it, and at least `min_agree` of the prompts
-/// keep all 32 greedy tokens equal.
 /// How far below llama.cpp's best logit our first token's may be (llama.cpp's logits).
 const NEAR_TIE: f32 = 0.5;
 
-fn check_stored(path: &Path, fixture_name: &str, max_diff: f32, min_agree: f64) -> Result<()> {
+/// Our logits at every step of llama.cpp's greedy continuation, fed through the KV cache as
+/// generation feeds it (teacher forcing): step k's logits follow the prompt and llama.cpp's
+/// first k tokens.
+fn forced_steps(model: &DecoderOnly, case: &Case) -> Result<Vec<Vec<f32>>> {
+    transformer::kernels::on_pool(|| {
+        let mut caches = model.new_cache();
+        let logits = |ids: &[u32], caches: &mut Vec<_>| -> Result<Vec<f32>> {
+            let x = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+            let l = model.forward_cached_last(&x, caches)?;
+            Ok(l.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        };
+        let mut steps = vec![logits(&case.ids, &mut caches)?];
+        for &t in &case.greedy[..case.greedy.len() - 1] {
+            steps.push(logits(&[t], &mut caches)?);
+        }
+        Ok(steps)
+    })
+}
+
+/// Bounds for the quantized path against llama.cpp. The two quantize activations differently
+/// (see the module docs), so free-running greedy tokens part ways after the first near tie and
+/// never meet again: whether a prompt keeps all 32 tokens equal flips with a 1-ulp change of
+/// one exponential. Each step is therefore compared on llama.cpp's own continuation: at every
+/// step llama.cpp's token must be within `max_margin` of our best logit, and at least
+/// `min_agree` of the steps must pick the same token. At the first position, every logit lies
+/// within `max_diff` of llama.cpp's and our token is llama.cpp's or, by llama.cpp's logits,
+/// within `NEAR_TIE` of it.
+fn check_stored(
+    path: &Path,
+    fixture_name: &str,
+    max_diff: f32,
+    max_margin: f32,
+    min_agree: f64,
+) -> Result<()> {
     let (model, _, _) = load_decoder_only(path, &Device::Cpu, WeightFormat::AsStored)?;
     let cases = fixture(fixture_name);
-    let mut agree = 0;
-    let mut worst = 0f32;
+    let (mut agree, mut steps) = (0, 0);
+    let (mut worst, mut worst_margin) = (0f32, 0f32);
     let mut failures = Vec::new();
     for case in &cases {
-        let ours = run(&model, case)?;
-        let diff = max_logit_diff(&ours.last, case);
+        let ours = forced_steps(&model, case)?;
+        let diff = max_logit_diff(&ours[0], case);
         worst = worst.max(diff);
-        let same = ours.greedy == case.greedy;
-        agree += same as usize;
-        let common = ours
-            .greedy
-            .iter()
-            .zip(&case.greedy)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let mut same = 0;
+        let mut margin = 0f32;
+        for (k, (logits, &theirs)) in ours.iter().zip(&case.greedy).enumerate() {
+            let best = argmax(logits);
+            same += (best == theirs) as usize;
+            let m = logits[best as usize] - logits[theirs as usize];
+            margin = margin.max(m);
+            if m > max_margin {
+                failures.push(format!(
+                    "{:?}, step {k}: llama.cpp's token {theirs} is {m:.3} below our best {best}",
+                    case.prompt
+                ));
+            }
+        }
+        agree += same;
+        steps += ours.len();
+        worst_margin = worst_margin.max(margin);
         println!(
-            "{fixture_name}: {:?}: max |logit diff| at the first position {diff:.3}, greedy \
-             tokens equal for {common} of {}",
+            "{fixture_name}: {:?}: max |logit diff| at the first position {diff:.3}; on \
+             llama.cpp's continuation our best token is its token at {same} of {} steps, \
+             the largest margin {margin:.3}",
             case.prompt,
-            case.greedy.len()
+            ours.len()
         );
-        let first = ours.greedy[0];
+        let first = argmax(&ours[0]);
         let near_tie = case
             .top_ids
             .iter()
@@ -218,29 +258,35 @@ fn check_stored(path: &Path, fixture_name: &str, max_diff: f32, min_agree: f64) 
             .is_some_and(|k| case.top_logits[0] - case.top_logits[k] <= NEAR_TIE);
         if !near_tie || diff > max_diff {
             failures.push(format!(
-                "{:?}: first token ours {:?} vs llama.cpp {:?}, max logit diff {diff:.3}",
+                "{:?}: first token ours {first} vs llama.cpp {:?}, max logit diff {diff:.3}",
                 case.prompt,
-                ours.greedy.first(),
                 case.greedy.first()
             ));
         }
     }
-    let share = agree as f64 / cases.len() as f64;
+    let share = agree as f64 / steps as f64;
     println!(
-        "{fixture_name}: {agree} of {} prompts ({:.0}%) give llama.cpp's 32 greedy tokens; \
-         largest first-position logit difference {worst:.3}",
-        cases.len(),
+        "{fixture_name}: our best token is llama.cpp's at {agree} of {steps} steps ({:.1}%); \
+         largest margin {worst_margin:.3}, largest first-position logit difference {worst:.3}",
         share * 100.0
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(
         share >= min_agree,
-        "{agree} of {} prompts agree with llama.cpp over 32 greedy tokens; expected at least \
-         {:.0}%",
-        cases.len(),
+        "our best token is llama.cpp's at {agree} of {steps} steps; expected at least {:.0}%",
         min_agree * 100.0
     );
     Ok(())
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 #[test]
@@ -255,18 +301,20 @@ fn gemma3_f32_matches_transformers() -> Result<()> {
 
 #[test]
 fn smollm2_quantized_agrees_with_llama_cpp() -> Result<()> {
-    // Measured on an Intel Xeon (our AVX2 block kernel): 3 of 6 prompts agree over 32 tokens,
-    // the largest first-position difference 0.65 (llama.cpp itself differs from the f32
-    // reference by up to 0.60 there).
-    check_stored(&smollm2(), "smollm2-llama-cpp.json", 1.0, 1.0 / 3.0)
+    // Measured on an AMD EPYC (our AVX2 block kernel): our best token is llama.cpp's at 188 of
+    // 192 steps, llama.cpp's at most 0.18 below it; the largest first-position difference 0.72
+    // (0.65 on an Intel Xeon; llama.cpp itself differs from the f32 reference by up to 0.60
+    // there).
+    check_stored(&smollm2(), "smollm2-llama-cpp.json", 1.0, 1.0, 0.9)
 }
 
 #[test]
 fn gemma3_quantized_agrees_with_llama_cpp() -> Result<()> {
-    // Measured on an Intel Xeon (our block kernels for Q5_0 / Q8_0, candle's for Q4_K / Q6_K):
-    // 3 of 7 prompts agree over 32 tokens, the largest first-position difference 1.14, on the
-    // 920-token prompt (where llama.cpp itself differs from the f32 reference by 1.74). Prompts
+    // Measured on an AMD EPYC (our block kernels for Q5_0 / Q8_0, candle's for Q4_K / Q6_K):
+    // our best token is llama.cpp's at 219 of 224 steps, llama.cpp's at most 0.31 below it;
+    // the largest first-position difference 1.78, on the 920-token prompt (1.14 on an Intel
+    // Xeon; llama.cpp itself differs from the f32 reference by 1.74 there). Prompts
     // of 32 tokens or more run through dequantized f32 panels, without llama.cpp's 8-bit
     // rounding of the activations (1.97 with it).
-    check_stored(&gemma3(), "gemma3-llama-cpp.json", 2.5, 1.0 / 3.0)
+    check_stored(&gemma3(), "gemma3-llama-cpp.json", 2.5, 1.0, 0.9)
 }

@@ -42,35 +42,6 @@ fn exp_f32(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
-/// The largest of `init` and `row` (scores, never NaN), eight lanes at a time: `f32::max`'s
-/// NaN rules kept the attention kernels' row maxima scalar.
-pub(crate) fn max_f32(row: &[f32], init: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if super::has_avx2() {
-        // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { max_avx2(row, init) };
-    }
-    row.iter().fold(init, |m, &x| if x > m { x } else { m })
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn max_avx2(row: &[f32], init: f32) -> f32 {
-    use std::arch::x86_64::*;
-    let n = row.len();
-    let p = row.as_ptr();
-    let mut acc = _mm256_set1_ps(init);
-    let mut i = 0;
-    while i + 8 <= n {
-        acc = _mm256_max_ps(acc, _mm256_loadu_ps(p.add(i)));
-        i += 8;
-    }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    let m = lanes.iter().fold(init, |m, &x| if x > m { x } else { m });
-    row[i..].iter().fold(m, |m, &x| if x > m { x } else { m })
-}
-
 /// erf for f32, branch-free (A&S 7.1.26).
 #[inline(always)]
 fn erf_f32(x: f32) -> f32 {

@@ -15,6 +15,7 @@ pub mod layer_norm;
 pub mod norm_linear;
 pub mod projection;
 pub mod quantized;
+mod rows;
 pub mod softmax;
 
 #[cfg(test)]
@@ -151,12 +152,12 @@ pub(crate) mod num_traits_like {
         fn ln_(self) -> Self;
         fn of(v: f64) -> Self;
         fn max_(self, o: Self) -> Self;
-        /// x ← e^(x − m) for every x of `row`, returning their sum (the softmax numerators
-        /// of the attention kernels).
         /// The largest of `init` and the elements of `row`.
         fn max_of(row: &[Self], init: Self) -> Self {
             row.iter().fold(init, |m, &x| m.max_(x))
         }
+        /// x ← e^(x − m) for every x of `row`, returning their sum (the softmax numerators
+        /// of the attention kernels).
         fn exp_sub_sum(row: &mut [Self], m: Self) -> Self {
             let mut sum = Self::ZERO;
             for x in row.iter_mut() {
@@ -187,7 +188,10 @@ pub(crate) mod num_traits_like {
             f32::max(self, o)
         }
         fn max_of(row: &[Self], init: Self) -> Self {
-            super::gelu::max_f32(row, init)
+            super::rows::max_f32(row, init)
+        }
+        fn exp_sub_sum(row: &mut [Self], m: Self) -> Self {
+            super::rows::exp_sub_sum_f32(row, m)
         }
     }
     impl Float for f64 {
