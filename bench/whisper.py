@@ -10,10 +10,17 @@ WER uses jiwer with one normalizer for both sides and the references: lowercase,
 notes removed ("at [@]"), punctuation removed except in-word apostrophes, hyphens as spaces,
 numbers 0-99 spelled out, blanks collapsed.
 
-Usage (from the repo root, after `cargo build --release -p transformer-cli`):
+`--int8` adds faster-whisper with int8 compute to the speed table (its text is not scored).
+`--long` times one long file instead of the clips: every Asterisk prompt with words, in name
+order, concatenated (about 25 minutes), and scores its whole transcript against the joined
+references. Peak memory is each process's maximum resident set (wait4's ru_maxrss).
+
+Usage (from the repo root, after `cargo build --release -p transformer-cli` and
+`bash scripts/py-env-whisper.sh`):
   .venv/bin/python bench/whisper.py [--model tiny.en] [--beams 1,5] [--repeats 3]
                                     [--every K]   (every K-th asterisk clip; 1 = all 563)
-Prints a markdown table; `--json FILE` also writes every transcript.
+                                    [--int8] [--long]
+Prints markdown tables; `--json FILE` also writes every transcript.
 """
 
 import argparse
@@ -25,6 +32,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,31 +125,38 @@ def prepare(items):
     return paths, secs
 
 
+def timed(cmd, who):
+    """(wall seconds, stdout, peak resident MiB) of one whole process."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if p.returncode != 0:
+            sys.exit(f"{who} failed: {err.read()[-2000:]}")
+        return wall, out.read(), usage.ru_maxrss / 1024
+
+
 def run_ours(model_dir, paths, beam, threads):
     cmd = [BIN, "--threads", str(threads), "transcribe", "--model", model_dir, "--beam", str(beam), "--format", "json", *paths]
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if p.returncode != 0:
-        sys.exit(f"ours failed: {p.stderr[-2000:]}")
-    texts = {json.loads(l)["file"]: json.loads(l)["text"] for l in p.stdout.splitlines() if l.strip()}
-    return wall, [texts[x] for x in paths]
+    wall, out, mib = timed(cmd, "ours")
+    texts = {json.loads(l)["file"]: json.loads(l)["text"] for l in out.splitlines() if l.strip()}
+    return wall, [texts[x] for x in paths], mib
 
 
-def run_fw(model_dir, paths, beam, threads):
-    cmd = [sys.executable, os.path.abspath(__file__), "--fw-worker", model_dir, str(beam), str(threads), *paths]
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if p.returncode != 0:
-        sys.exit(f"faster-whisper failed: {p.stderr[-2000:]}")
-    return wall, json.loads(p.stdout)
+def run_fw(model_dir, paths, beam, threads, compute="float32"):
+    cmd = [sys.executable, os.path.abspath(__file__), "--fw-worker", model_dir, str(beam), str(threads), compute, *paths]
+    wall, out, mib = timed(cmd, f"faster-whisper {compute}")
+    return wall, json.loads(out), mib
 
 
-def fw_worker(model_dir, beam, threads, paths):
+def fw_worker(model_dir, beam, threads, compute, paths):
     from faster_whisper import WhisperModel
 
-    model = WhisperModel(model_dir, device="cpu", compute_type="float32", cpu_threads=threads)
+    model = WhisperModel(model_dir, device="cpu", compute_type=compute, cpu_threads=threads)
     out = []
     for path in paths:
         segments, _ = model.transcribe(
@@ -151,9 +166,31 @@ def fw_worker(model_dir, beam, threads, paths):
     json.dump(out, sys.stdout)
 
 
+def long_file(items):
+    """One WAV of every asterisk clip of `items` in order (their prepared 16 kHz floats)."""
+    import numpy as np
+
+    paths, _ = prepare(items)
+    audio = np.concatenate([np.fromfile(p, dtype="<f4", offset=44) for p in paths])
+    out = os.path.join(WORK, f"asterisk-long-{len(items)}.wav")
+    if not os.path.exists(out):
+        write_wav_f32(out, audio)
+    ref = " ".join(it[3] for it in items)
+    return [("long", os.path.basename(out), out, ref)], [out], len(audio) / 16000
+
+
+SIDES = {"ours": "ours", "fw": "faster-whisper f32", "fw8": "faster-whisper int8"}
+
+
+def run_side(side, model_dir, paths, beam, threads):
+    if side == "ours":
+        return run_ours(model_dir, paths, beam, threads)
+    return run_fw(model_dir, paths, beam, threads, "int8" if side == "fw8" else "float32")
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--fw-worker":
-        fw_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
+        fw_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6:])
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny.en")
@@ -161,6 +198,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--int8", action="store_true", help="also time faster-whisper with int8 compute")
+    ap.add_argument("--long", action="store_true", help="one long file of the asterisk clips")
     ap.add_argument("--json")
     args = ap.parse_args()
     import faster_whisper
@@ -169,43 +208,61 @@ def main():
     model_dir = last_line(["bash", os.path.join(ROOT, "scripts", "fetch-whisper.sh"), args.model])
     speech = last_line(["bash", os.path.join(ROOT, "scripts", "fetch-speech.sh")])
     items = clips(speech, args.every)
-    paths, secs = prepare(items)
+    if args.long:
+        items, paths, secs = long_file([it for it in items if it[0] == "asterisk"])
+        subsets = ["long"]
+    else:
+        paths, secs = prepare(items)
+        subsets = ["librivox", "asterisk"]
+    sides = ["ours", "fw"] + (["fw8"] if args.int8 else [])
     print(f"{len(items)} clips, {secs:.0f} s of audio; CPU: {cpu_model()}, {args.threads} threads each; "
           f"faster-whisper {faster_whisper.__version__}", file=sys.stderr)
-    rows, dump = [], {}
+    rows, speed, dump = [], [], {}
     for beam in [int(b) for b in args.beams.split(",")]:
-        walls = {"ours": [], "fw": []}
+        walls = {s: [] for s in sides}
+        peak = {s: [] for s in sides}
         texts = {}
         for rep in range(args.repeats):
-            for side in (["ours", "fw"] if rep % 2 == 0 else ["fw", "ours"]):
-                run = run_ours if side == "ours" else run_fw
-                wall, out = run(model_dir, paths, beam, args.threads)
+            # Each repeat starts one side later, so that no side always runs first.
+            order = sides[rep % len(sides):] + sides[: rep % len(sides)]
+            for side in order:
+                wall, out, mib = run_side(side, model_dir, paths, beam, args.threads)
                 walls[side].append(wall)
+                peak[side].append(mib)
                 if side in texts and texts[side] != out:
                     print(f"warning: {side} gave different text on repeat {rep}", file=sys.stderr)
                 texts[side] = out
-                print(f"beam {beam} {side}: {wall:.1f} s", file=sys.stderr)
-        for subset in ["librivox", "asterisk"]:
+                print(f"beam {beam} {side}: {wall:.1f} s, {mib:.0f} MiB", file=sys.stderr)
+        for subset in subsets:
             idx = [i for i, it in enumerate(items) if it[0] == subset]
             ref = [normalize(items[i][3]) for i in idx]
-            hyp = {s: [normalize(texts[s][i]) for i in idx] for s in texts}
+            hyp = {s: [normalize(texts[s][i]) for i in idx] for s in ("ours", "fw")}
             wer = {s: 100 * jiwer.wer(ref, [h if h else "<empty>" for h in hyp[s]]) for s in hyp}
             same = sum(a == b for a, b in zip(hyp["ours"], hyp["fw"])) / len(idx)
             rows.append((args.model, subset, len(idx), beam, wer["ours"], wer["fw"], 100 * same))
         med = {s: statistics.median(w) for s, w in walls.items()}
-        rows.append((args.model, "speed", len(items), beam, med["ours"], med["fw"], med["fw"] / med["ours"]))
+        mem = {s: max(m) for s, m in peak.items()}
+        speed.append((beam, med, mem))
         dump[beam] = {"items": [it[:2] for it in items], **texts}
-    print(f"\nCPU: {cpu_model()}; {args.threads} threads each; float32; {len(items)} clips ({secs:.0f} s)\n")
+    what = "one long file" if args.long else f"{len(items)} clips"
+    print(f"\nCPU: {cpu_model()}; {args.threads} threads each; {what} ({secs:.0f} s of audio)\n")
     print("| model | set | clips | beam | WER ours | WER faster-whisper | identical text |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        if r[1] != "speed":
-            print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.1f}% |")
-    print("\n| model | beam | wall ours (s) | wall faster-whisper (s) | speed, ours / faster-whisper |")
-    print("|---|---:|---:|---:|---:|")
-    for r in rows:
-        if r[1] == "speed":
-            print(f"| {r[0]} | {r[3]} | {r[4]:.1f} | {r[5]:.1f} | {r[6]:.2f}x |")
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.1f}% |")
+    others = [s for s in sides if s != "ours"]
+    head = ["model", "input", "beam"] + [f"{SIDES[s]} (s)" for s in sides]
+    head += [f"ours / {SIDES[s]}" for s in others] + ["RTF ours"]
+    head += [f"peak MiB {SIDES[s]}" for s in sides]
+    print(f"\nSpeed: median wall time of {args.repeats} alternating runs (whole process, model load "
+          "included); ours / X is X's time over ours (above 1: ours is faster); RTF = wall / audio.\n")
+    print("| " + " | ".join(head) + " |")
+    print("|---|---|" + "---:|" * (len(head) - 2))
+    for beam, med, mem in speed:
+        cells = [args.model, what, str(beam)] + [f"{med[s]:.1f}" for s in sides]
+        cells += [f"{med[s] / med['ours']:.2f}x" for s in others] + [f"{med['ours'] / secs:.3f}"]
+        cells += [f"{mem[s]:.0f}" for s in sides]
+        print("| " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dump, f, indent=1)
