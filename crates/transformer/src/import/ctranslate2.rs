@@ -89,12 +89,12 @@ impl Ct2Dtype {
     }
 }
 
-/// One variable: its shape, type and bytes.
+/// One variable: its shape, type and where its bytes lie in the file.
 #[derive(Debug, Clone)]
 pub struct Ct2Variable {
     pub dims: Vec<usize>,
     pub dtype: Ct2Dtype,
-    bytes: Vec<u8>,
+    bytes: std::ops::Range<usize>,
 }
 
 /// A `model.bin`: its spec and variables, with aliases resolved.
@@ -108,6 +108,8 @@ pub struct Ct2Model {
     variables: HashMap<String, Ct2Variable>,
     /// alias → the variable it names.
     aliases: HashMap<String, String>,
+    /// The whole file: variables are ranges of it, so that reading a model holds it once.
+    bytes: Vec<u8>,
 }
 
 /// A cursor over the file's bytes that reports truncation with what it was reading.
@@ -167,17 +169,17 @@ impl Ct2Model {
             path.to_path_buf()
         };
         let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
-        Self::parse(&bytes, &file.display().to_string())
+        Self::parse(bytes, &file.display().to_string())
     }
 
     /// Parse the bytes of a `model.bin`; `source` names it in errors.
-    pub fn parse(bytes: &[u8], source: &str) -> Result<Self> {
+    pub fn parse(bytes: Vec<u8>, source: &str) -> Result<Self> {
         let err = |msg: String| Error::Weights {
             source_name: source.to_string(),
             msg,
         };
         let mut r = Reader {
-            bytes,
+            bytes: &bytes,
             pos: 0,
             source,
         };
@@ -215,13 +217,14 @@ impl Ct2Model {
                     "variable {name}: shape {dims:?} of {dtype:?} does not take {n_bytes} bytes"
                 )));
             }
-            let data = r.take(n_bytes, &what("the data"))?.to_vec();
+            let start = r.pos;
+            r.take(n_bytes, &what("the data"))?;
             variables.insert(
                 name,
                 Ct2Variable {
                     dims,
                     dtype,
-                    bytes: data,
+                    bytes: start..r.pos,
                 },
             );
         }
@@ -250,6 +253,7 @@ impl Ct2Model {
             spec_revision,
             variables,
             aliases,
+            bytes,
         })
     }
 
@@ -288,7 +292,7 @@ impl Ct2Model {
     /// An integer attribute (a rank-0 integer variable).
     pub fn int(&self, name: &str) -> Result<i64> {
         let v = self.require(name)?;
-        let b = &v.bytes;
+        let b = &self.bytes[v.bytes.clone()];
         if !v.dims.is_empty() {
             return Err(self.err(format!("{name}: expected a scalar, got shape {:?}", v.dims)));
         }
@@ -306,29 +310,25 @@ impl Ct2Model {
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let v = self.require(name)?;
         let dev = &Device::Cpu;
-        let b = &v.bytes;
+        let b = &self.bytes[v.bytes.clone()];
+        // Straight to f32 (exact from f16 and bf16), without a half-precision copy first.
+        let floats = |vals: Vec<f32>| Tensor::from_vec(vals, v.dims.as_slice(), dev);
         let t = match v.dtype {
-            Ct2Dtype::F32 => {
-                let vals: Vec<f32> = b
-                    .chunks_exact(4)
+            Ct2Dtype::F32 => floats(
+                b.chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                Tensor::from_vec(vals, v.dims.as_slice(), dev)?
-            }
-            Ct2Dtype::F16 => {
-                let vals: Vec<half::f16> = b
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                    .collect();
-                Tensor::from_vec(vals, v.dims.as_slice(), dev)?.to_dtype(DType::F32)?
-            }
-            Ct2Dtype::Bf16 => {
-                let vals: Vec<half::bf16> = b
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-                    .collect();
-                Tensor::from_vec(vals, v.dims.as_slice(), dev)?.to_dtype(DType::F32)?
-            }
+                    .collect(),
+            )?,
+            Ct2Dtype::F16 => floats(
+                b.chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            )?,
+            Ct2Dtype::Bf16 => floats(
+                b.chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            )?,
             Ct2Dtype::I8 => {
                 // int8 weights: w = q / scale, one scale per row.
                 let scale_name = format!("{name}_scale");
@@ -550,15 +550,26 @@ pub fn load_whisper(
 ) -> Result<(crate::models::Whisper, crate::nn::VarStore, WhisperConfig)> {
     let m = Ct2Model::read(path)?;
     let cfg = whisper_config(&m)?;
-    let vs = crate::models::FamilyConfig::var_store(&cfg, DType::F32, device, 0).for_inference();
-    let model = crate::models::Whisper::new(&cfg, &vs.root())?;
-    let params: Vec<(String, Vec<usize>)> = vs
-        .vars()
-        .into_iter()
-        .map(|(n, v)| (n, v.dims().to_vec()))
-        .collect();
+    let store =
+        || crate::models::FamilyConfig::var_store(&cfg, DType::F32, device, 0).for_inference();
+    // Our parameters' names and shapes, from a model of zeros that is dropped at once.
+    let params: Vec<(String, Vec<usize>)> = {
+        let probe = store();
+        crate::models::Whisper::new(&cfg, &probe.root())?;
+        probe
+            .vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.dims().to_vec()))
+            .collect()
+    };
     let map = whisper_tensors(&m, &params)?;
-    vs.load_map(&map, &m.source)?;
+    let source = m.source.clone();
+    // The model is then built from the converted tensors themselves, after the file's bytes
+    // are gone: the weights are held once (tiny.en: 410 -> 250 MB at load).
+    drop(m);
+    let vs = store().with_values(map);
+    let model = crate::models::Whisper::new(&cfg, &vs.root())?;
+    vs.check_values_used(&source)?;
     Ok((model, vs, cfg))
 }
 
@@ -626,7 +637,7 @@ mod tests {
             ],
             &[("alias_of_a", "a")],
         );
-        let m = Ct2Model::parse(&bytes, "m.bin")?;
+        let m = Ct2Model::parse(bytes, "m.bin")?;
         assert_eq!(
             (m.binary_version, m.spec.as_str(), m.spec_revision),
             (6, "WhisperSpec", 3)
@@ -647,31 +658,31 @@ mod tests {
         let good = file(6, &[("encoder/conv1/weight", &[4], 0, vec![0; 16])], &[]);
         // Every truncation point is an error, never a panic.
         for cut in 0..good.len() {
-            let e = Ct2Model::parse(&good[..cut], "m.bin")
+            let e = Ct2Model::parse(good[..cut].to_vec(), "m.bin")
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("m.bin") && e.contains("truncated"), "{cut}: {e}");
         }
-        let e = Ct2Model::parse(&good[..good.len() - 5], "m.bin")
+        let e = Ct2Model::parse(good[..good.len() - 5].to_vec(), "m.bin")
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("encoder/conv1/weight") || e.contains("alias"),
             "{e}"
         );
-        let e = Ct2Model::parse(&file(9, &[], &[]), "m.bin")
+        let e = Ct2Model::parse(file(9, &[], &[]), "m.bin")
             .unwrap_err()
             .to_string();
         assert!(e.contains("binary version 9"), "{e}");
-        let e = Ct2Model::parse(&file(6, &[("x", &[3], 0, vec![0; 8])], &[]), "m.bin")
+        let e = Ct2Model::parse(file(6, &[("x", &[3], 0, vec![0; 8])], &[]), "m.bin")
             .unwrap_err()
             .to_string();
         assert!(e.contains("variable x") && e.contains("8 bytes"), "{e}");
-        let e = Ct2Model::parse(&file(6, &[], &[("a", "nothing")]), "m.bin")
+        let e = Ct2Model::parse(file(6, &[], &[("a", "nothing")]), "m.bin")
             .unwrap_err()
             .to_string();
         assert!(e.contains("nothing"), "{e}");
-        let m = Ct2Model::parse(&good, "m.bin").unwrap();
+        let m = Ct2Model::parse(good.clone(), "m.bin").unwrap();
         let e = m.tensor("encoder/conv2/weight").unwrap_err().to_string();
         assert!(e.contains("missing variable encoder/conv2/weight"), "{e}");
         let e = whisper_config(&m).unwrap_err().to_string();

@@ -218,13 +218,15 @@ impl AbsolutePositions {
     /// (Whisper's encoder positions start from its sinusoids, [`whisper_sinusoids`]).
     pub fn learned_from(table: &Tensor, vp: &VarPath) -> Result<Self> {
         let (max_len, d_model) = table.dims2()?;
-        let weight = vp.var("weight", &[max_len, d_model], Init::Zeros)?;
         let name = if vp.prefix().is_empty() {
             "weight".to_string()
         } else {
             format!("{}.weight", vp.prefix())
         };
-        if let Some(var) = vp.store().get(&name) {
+        // A store built from a checkpoint's values keeps the checkpoint's table.
+        let given = vp.store().has_value(&name);
+        let weight = vp.var("weight", &[max_len, d_model], Init::Zeros)?;
+        if let (false, Some(var)) = (given, vp.store().get(&name)) {
             var.set(&table.to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
         Ok(AbsolutePositions { table: weight })

@@ -56,6 +56,10 @@ struct Inner {
     vars: Vec<(String, Var)>,
     index: HashMap<String, usize>,
     init_rng: Rng,
+    /// Values for the variables still to be created ([`VarStore::with_values`]).
+    values: Option<HashMap<String, Tensor>>,
+    /// Variables created without a value although values were given.
+    without_value: Vec<String>,
 }
 
 /// The set of trainable parameters of a model.
@@ -86,6 +90,8 @@ impl VarStore {
                 vars: Vec::new(),
                 index: HashMap::new(),
                 init_rng,
+                values: None,
+                without_value: Vec::new(),
             })),
             device: device.clone(),
             dtype,
@@ -96,6 +102,50 @@ impl VarStore {
             kernels: Kernels::from_env(),
             quantized: Arc::new(HashMap::new()),
         }
+    }
+
+    /// Create each variable from its tensor in `values` (full names) instead of zeros or
+    /// random draws, taking it out of the map: a model built from this store holds its weights
+    /// once, where building it and then [`VarStore::load_map`] holds them twice. Shapes are
+    /// checked as variables are created; [`VarStore::check_values_used`] then reports the
+    /// variables that had no value and the values no variable took.
+    pub fn with_values(self, values: HashMap<String, Tensor>) -> Self {
+        self.lock().values = Some(values);
+        self
+    }
+
+    /// Whether [`VarStore::with_values`] holds a value for `name` not yet taken by a variable.
+    pub fn has_value(&self, name: &str) -> bool {
+        self.lock()
+            .values
+            .as_ref()
+            .is_some_and(|v| v.contains_key(name))
+    }
+
+    /// After building a model from [`VarStore::with_values`]: every variable had a value and
+    /// every value was taken, or an error naming the tensors (as [`VarStore::load_map`]'s).
+    pub fn check_values_used(&self, source_name: &str) -> Result<()> {
+        let inner = self.lock();
+        let err = |msg: String| Error::Weights {
+            source_name: source_name.to_string(),
+            msg,
+        };
+        if !inner.without_value.is_empty() {
+            return Err(err(format!(
+                "missing tensors: {}",
+                inner.without_value.join(", ")
+            )));
+        }
+        let mut extra: Vec<&str> = inner
+            .values
+            .iter()
+            .flat_map(|v| v.keys().map(String::as_str))
+            .collect();
+        if !extra.is_empty() {
+            extra.sort();
+            return Err(err(format!("unexpected tensors: {}", extra.join(", "))));
+        }
+        Ok(())
     }
 
     /// Serve these weight matrices (full names, e.g. `layers.0.ff.up_proj.weight`) quantized:
@@ -198,10 +248,26 @@ impl VarStore {
             }
             return Ok(self.view(v.as_tensor()));
         }
-        let t = if self.inference {
+        let value = inner.values.as_mut().map(|v| v.remove(&name));
+        if let Some(Some(t)) = value {
+            if t.dims() != shape {
+                return Err(Error::shape(
+                    format!("tensor {name}"),
+                    format!("{shape:?}"),
+                    t.dims(),
+                ));
+            }
+            let var = Var::from_tensor(&t.to_dtype(self.dtype)?.to_device(&self.device)?)?;
+            return Ok(self.push(&mut inner, name, var));
+        }
+        if value.is_some() {
+            inner.without_value.push(name.clone());
+        }
+        let var = if self.inference {
             // To be loaded: random draws would be overwritten (and cost a second per 20M
-            // parameters).
-            Tensor::zeros(shape, self.dtype, &self.device)?
+            // parameters). Made a variable directly: `Var::from_tensor` copies, which wrote
+            // every page of a model's worth of zeros before the weights were even read.
+            Var::zeros(shape, self.dtype, &self.device)?
         } else {
             let n: usize = shape.iter().product();
             let values = init_values(
@@ -212,16 +278,21 @@ impl VarStore {
                 init,
                 n,
             );
-            Tensor::from_vec(values, shape, &Device::Cpu)?
+            let t = Tensor::from_vec(values, shape, &Device::Cpu)?
                 .to_dtype(self.dtype)?
-                .to_device(&self.device)?
+                .to_device(&self.device)?;
+            Var::from_tensor(&t)?
         };
-        let var = Var::from_tensor(&t)?;
+        Ok(self.push(&mut inner, name, var))
+    }
+
+    /// Add `var` under `name`; what modules get for it.
+    fn push(&self, inner: &mut Inner, name: String, var: Var) -> Tensor {
         let out = var.as_tensor().clone();
         let idx = inner.vars.len();
         inner.vars.push((name.clone(), var));
         inner.index.insert(name, idx);
-        Ok(self.view(&out))
+        self.view(&out)
     }
 
     /// What modules get for a variable's tensor: itself, or a detached view for inference.
@@ -265,6 +336,28 @@ impl VarStore {
     /// unless everything matches.
     pub fn load_map(&self, map: &HashMap<String, Tensor>, source_name: &str) -> Result<()> {
         let inner = self.lock();
+        Self::check_map(&inner, map, source_name)?;
+        for (name, var) in inner.vars.iter() {
+            Self::fill(var, &map[name], self.dtype, &self.device)?;
+        }
+        Ok(())
+    }
+
+    /// [`VarStore::load_map`] that drops each tensor of `map` once it is copied in, so that
+    /// loading holds one extra copy of one tensor rather than of the whole model.
+    pub fn load_owned(&self, mut map: HashMap<String, Tensor>, source_name: &str) -> Result<()> {
+        let inner = self.lock();
+        Self::check_map(&inner, &map, source_name)?;
+        for (name, var) in inner.vars.iter() {
+            let t = map
+                .remove(name)
+                .expect("checked: every variable is in the map");
+            Self::fill(var, &t, self.dtype, &self.device)?;
+        }
+        Ok(())
+    }
+
+    fn check_map(inner: &Inner, map: &HashMap<String, Tensor>, source_name: &str) -> Result<()> {
         let err = |msg: String| Error::Weights {
             source_name: source_name.to_string(),
             msg,
@@ -297,15 +390,17 @@ impl VarStore {
                 )));
             }
         }
-        for (name, var) in inner.vars.iter() {
-            let t = map[name].to_dtype(self.dtype)?.to_device(&self.device)?;
-            // A map from this store's own `tensors()` holds the variables themselves, which
-            // `Var::set` refuses ("derived from its value"); they already hold the value.
-            if t.id() == var.as_tensor().id() {
-                continue;
-            }
-            var.set(&t)?;
+        Ok(())
+    }
+
+    fn fill(var: &Var, t: &Tensor, dtype: DType, device: &Device) -> Result<()> {
+        let t = t.to_dtype(dtype)?.to_device(device)?;
+        // A map from this store's own `tensors()` holds the variables themselves, which
+        // `Var::set` refuses ("derived from its value"); they already hold the value.
+        if t.id() == var.as_tensor().id() {
+            return Ok(());
         }
+        var.set(&t)?;
         Ok(())
     }
 }
@@ -513,6 +608,43 @@ mod tests {
         // The default store hands out the variables themselves.
         let vs = VarStore::new(DType::F32, &Device::Cpu, InitScheme::Gpt2, 0);
         assert!(vs.root().var("w", &[2], Init::Ones)?.track_op());
+        Ok(())
+    }
+
+    #[test]
+    fn built_from_values_holds_them_and_reports_what_did_not_match() -> Result<()> {
+        let dev = &Device::Cpu;
+        let values = || -> Result<HashMap<String, Tensor>> {
+            Ok(HashMap::from([
+                ("a.w".to_string(), Tensor::new(&[1f32, 2.], dev)?),
+                ("a.b".to_string(), Tensor::new(&[5f64], dev)?),
+            ]))
+        };
+        let store = || VarStore::new(DType::F32, dev, InitScheme::Gpt2, 0).for_inference();
+        let vs = store().with_values(values()?);
+        let w = vs.root().pp("a").var("w", &[2], Init::Ones)?;
+        let b = vs.root().pp("a").var("b", &[1], Init::Zeros)?;
+        vs.check_values_used("test")?;
+        assert_eq!(w.to_vec1::<f32>()?, [1., 2.]);
+        assert_eq!(b.to_vec1::<f32>()?, [5.], "converted to the store's dtype");
+        assert_eq!(vs.num_params(), 3);
+        // A wrong shape fails where the variable is made, naming the tensor.
+        let vs = store().with_values(values()?);
+        let e = vs.root().pp("a").var("w", &[3], Init::Ones).unwrap_err();
+        assert!(e.to_string().contains("a.w"), "{e}");
+        // A variable without a value, and a value no variable took.
+        let vs = store().with_values(values()?);
+        vs.root().pp("a").var("w", &[2], Init::Ones)?;
+        vs.root().pp("a").var("c", &[2], Init::Ones)?;
+        let e = vs.check_values_used("m.bin").unwrap_err().to_string();
+        assert!(
+            e.contains("m.bin") && e.contains("missing tensors: a.c"),
+            "{e}"
+        );
+        let vs = store().with_values(values()?);
+        vs.root().pp("a").var("w", &[2], Init::Ones)?;
+        let e = vs.check_values_used("m.bin").unwrap_err().to_string();
+        assert!(e.contains("unexpected tensors: a.b"), "{e}");
         Ok(())
     }
 }
