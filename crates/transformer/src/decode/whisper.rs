@@ -225,8 +225,7 @@ pub struct Segment {
 
 fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    let lse = max + sum.ln();
+    let lse = max + crate::kernels::sum_exp_f64(logits, max).ln();
     logits.iter().map(|&l| l as f64 - lse).collect()
 }
 

@@ -18,6 +18,8 @@ pub mod quantized;
 mod rows;
 pub mod softmax;
 
+pub(crate) use rows::sum_exp_f64;
+
 #[cfg(test)]
 pub(crate) mod tests;
 
