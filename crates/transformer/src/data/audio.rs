@@ -198,8 +198,17 @@ impl Features {
     /// Frames `start..start + len` as a (len, M) frame-major buffer (the model's (S, F)
     /// input), padded with zeros past the end (as openai-whisper's `pad_or_trim` pads).
     pub fn window_frames(&self, start: usize, len: usize) -> Vec<f32> {
+        self.window_of(start, len, len)
+    }
+
+    /// The first `take` frames from `start` in a (len, M) window, zeros after them: how
+    /// openai-whisper's `transcribe()` (and faster-whisper) fill a window whose audio ends
+    /// early. The zeros are 0 in the normalized log-mel, not the floor that a spectrogram of
+    /// silence gives (transformers' one-window features); the model reads the two differently
+    /// on short clips.
+    pub fn window_of(&self, start: usize, take: usize, len: usize) -> Vec<f32> {
         let mut out = vec![0f32; len * self.n_mels];
-        for t in 0..len.min(self.n_frames.saturating_sub(start)) {
+        for t in 0..take.min(len).min(self.n_frames.saturating_sub(start)) {
             for m in 0..self.n_mels {
                 out[t * self.n_mels + m] = self.data[m * self.n_frames + start + t];
             }

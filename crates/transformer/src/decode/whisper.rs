@@ -660,7 +660,9 @@ pub fn transcribe(
     let mut language = opts.language.clone();
     while seek < content {
         let segment_frames = window.min(content - seek);
-        let frames = features.window_frames(seek, window);
+        // The window holds this stretch of audio and zeros after it, as openai-whisper's
+        // `transcribe()` pads (`pad_or_trim` of the stretch's frames).
+        let frames = features.window_of(seek, segment_frames, window);
         let memory = encode_window(model, &frames, features.n_mels, device)?;
         if tokens.is_multilingual() && language.is_none() {
             language = Some(detect_language(model, &memory, tokens)?.0);
