@@ -343,20 +343,6 @@ impl VarStore {
         Ok(())
     }
 
-    /// [`VarStore::load_map`] that drops each tensor of `map` once it is copied in, so that
-    /// loading holds one extra copy of one tensor rather than of the whole model.
-    pub fn load_owned(&self, mut map: HashMap<String, Tensor>, source_name: &str) -> Result<()> {
-        let inner = self.lock();
-        Self::check_map(&inner, &map, source_name)?;
-        for (name, var) in inner.vars.iter() {
-            let t = map
-                .remove(name)
-                .expect("checked: every variable is in the map");
-            Self::fill(var, &t, self.dtype, &self.device)?;
-        }
-        Ok(())
-    }
-
     fn check_map(inner: &Inner, map: &HashMap<String, Tensor>, source_name: &str) -> Result<()> {
         let err = |msg: String| Error::Weights {
             source_name: source_name.to_string(),
