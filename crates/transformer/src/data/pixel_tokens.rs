@@ -60,7 +60,7 @@ impl PixelTokens {
                 "image generation needs square images, got {height}x{width}"
             )));
         }
-        if pool == 0 || height % pool != 0 {
+        if pool == 0 || !height.is_multiple_of(pool) {
             return Err(Error::invalid(
                 "data.pool",
                 format!("at least 1 and a divisor of the image side {height}"),

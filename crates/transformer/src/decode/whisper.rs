@@ -445,18 +445,17 @@ pub fn decode_window(
     };
     let n_beams = opts.beam_size;
     let device = memory.device();
+    // Every beam reads the one memory (the cross-attention folds the beams into one batch)
+    // and starts from the same prompt: it is decoded once, and its cache copied per beam.
     let mut state = model.start_decoding(memory)?;
+    let ids = Tensor::from_vec(prompt_ids.clone(), (1, prompt_ids.len()), device)?;
+    let (logits, _) = model.decode_step(&ids, memory, None, &mut state, NeedWeights::No)?;
     if n_beams > 1 {
-        // Every beam reads the same memory: its projections are copied, not recomputed.
         let zeros = Tensor::zeros(n_beams, candle_core::DType::U32, device)?;
-        for kv in state.decoder.memory_kv.iter_mut() {
-            *kv = kv.select_rows(&zeros)?;
+        for c in state.decoder.self_kv.iter_mut() {
+            c.select_rows(&zeros)?;
         }
     }
-    let rows: Vec<Vec<u32>> = vec![prompt_ids.clone(); n_beams];
-    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
-    let ids = Tensor::from_vec(flat, (n_beams, prompt_ids.len()), device)?;
-    let (logits, _) = model.decode_step(&ids, memory, None, &mut state, NeedWeights::No)?;
     let no_speech_prob = match tokens.no_speech {
         Some(ns) => {
             let row = &rows_at(&logits, sot_index)?[0];
@@ -464,7 +463,7 @@ pub fn decode_window(
         }
         None => 0.0,
     };
-    let mut last = rows_at(&logits, prompt_ids.len() - 1)?;
+    let mut last = vec![rows_at(&logits, prompt_ids.len() - 1)?.remove(0); n_beams];
     // Beams: sampled tokens and summed log-probabilities.
     let mut beams: Vec<(Vec<u32>, f64)> = vec![(Vec::new(), 0.0); n_beams];
     let max_candidates = ((n_beams as f64 * opts.patience).round() as usize).max(1);

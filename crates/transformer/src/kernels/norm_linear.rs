@@ -43,7 +43,12 @@ fn norm_linear_with(
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().unwrap() = c_out;
     let normed = norm(&x.detach(), &gamma.detach(), None, eps, centre)?.reshape((n, c))?;
-    let value = normed.matmul(&w.detach().t()?)?.reshape(out_dims)?;
+    let value = if super::few_rows::applies(&normed, w) {
+        super::few_rows::matmul_t_value(&normed, w)?
+    } else {
+        normed.matmul(&w.detach().t()?)?
+    }
+    .reshape(out_dims)?;
     drop(normed);
     let op = NormLinear {
         eps,

@@ -97,7 +97,11 @@ pub fn project(
     // The value, from detached inputs: no node holds these intermediates.
     let n = h.elem_count() / f;
     let a = cfg.hidden(&h.detach().contiguous()?)?.reshape((n, f))?;
-    let mut z = a.matmul(&w.detach().t()?)?;
+    let mut z = if super::few_rows::applies(&a, w) {
+        super::few_rows::matmul_t_value(&a, w)?
+    } else {
+        a.matmul(&w.detach().t()?)?
+    };
     drop(a);
     if let Some(b) = b {
         z = z.broadcast_add(&b.detach())?;

@@ -125,7 +125,7 @@ impl BlockMatrix {
         let Some(kind) = BlockKind::of(dtype) else {
             return Ok(None);
         };
-        if k % QK != 0 {
+        if !k.is_multiple_of(QK) {
             return Err(Error::shape(
                 "block-quantized weight",
                 "(n, k) with k % 32 == 0",

@@ -261,7 +261,7 @@ impl DecoderOnlyConfig {
             _ => {}
         }
         let head_dim = self.layer().mha().head_width();
-        if self.positional == PositionalKind::Rope && head_dim % 2 != 0 {
+        if self.positional == PositionalKind::Rope && !head_dim.is_multiple_of(2) {
             return Err(Error::invalid(
                 "the head width (head_dim, or d_model / n_heads) with RoPE positions",
                 "even",

@@ -138,7 +138,7 @@ impl WhisperConfig {
                 return Err(Error::invalid(field, "> 0", "0"));
             }
         }
-        if self.d_model % 2 != 0 {
+        if !self.d_model.is_multiple_of(2) {
             return Err(Error::invalid(
                 "d_model",
                 "even (sines and cosines of d_model / 2 frequencies)",

@@ -299,7 +299,7 @@ impl Rope {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "RoPE needs an even head width, got {head_dim}"
             )));

@@ -251,7 +251,12 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
     let d_in = dims[dims.len() - 1];
     let lead: usize = dims[..dims.len() - 1].iter().product();
     let x2 = x.reshape((lead, d_in))?;
-    let y = x2.matmul(&w.t()?)?;
+    // A few rows (incremental decoding): read the weight once, untiled.
+    let y = if crate::kernels::few_rows::applies(&x2, w) {
+        crate::kernels::few_rows::matmul_t(&x2, w)?
+    } else {
+        x2.matmul(&w.t()?)?
+    };
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,

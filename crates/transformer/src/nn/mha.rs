@@ -76,7 +76,7 @@ impl MhaConfig {
                 format!("d_model {} and n_heads {}", self.d_model, self.n_heads),
             ));
         }
-        if self.head_dim.is_none() && self.d_model % self.n_heads != 0 {
+        if self.head_dim.is_none() && !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::invalid(
                 format!("d_model ({})", self.d_model),
                 format!(
@@ -90,7 +90,7 @@ impl MhaConfig {
             return Err(Error::invalid("head_dim", "> 0", "0"));
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.n_heads % kv != 0 {
+        if kv == 0 || !self.n_heads.is_multiple_of(kv) {
             return Err(Error::invalid(
                 "n_kv_heads",
                 format!("> 0 and dividing n_heads = {}", self.n_heads),
@@ -777,6 +777,21 @@ impl MultiHeadAttention {
                 weights: None,
             });
         }
+        // One memory shared by every row (the beams of one utterance): the rows' queries
+        // become positions of one batch, so each step reads the memory's keys and values
+        // once, not once per beam. Exact: no mask couples the rows.
+        let shared = matches!(static_kv, Some(kv) if kv.k.dim(0)? == 1 && b > 1)
+            && attn_mask.is_none()
+            && key_padding_mask.is_none()
+            && rope.is_none()
+            && cache.is_none();
+        let q = if shared {
+            q.transpose(0, 1)?
+                .contiguous()?
+                .reshape((1, h, b * t, self.head_dim))?
+        } else {
+            q
+        };
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let (q, k) = match rope {
             Some(r) => (r.apply(&q, offset)?, r.apply(&k, offset)?),
@@ -802,14 +817,21 @@ impl MultiHeadAttention {
                 kernels: self.kernels,
             },
         )?;
+        let unfold = |x: Tensor| -> Result<Tensor> {
+            if shared {
+                let last = x.dim(3)?;
+                Ok(x.reshape((h, b, t, last))?.transpose(0, 1)?)
+            } else {
+                Ok(x)
+            }
+        };
         // (B, H, T, D) -> (B, T, H·D)
-        let context = out
-            .context
+        let context = unfold(out.context)?
             .transpose(1, 2)?
             .reshape((b, t, h * self.head_dim))?;
         let weights = match (need_weights, out.weights) {
-            (NeedWeights::Averaged, Some(w)) => Some(w.mean(1)?),
-            (NeedWeights::PerHead, Some(w)) => Some(w),
+            (NeedWeights::Averaged, Some(w)) => Some(unfold(w)?.mean(1)?),
+            (NeedWeights::PerHead, Some(w)) => Some(unfold(w)?),
             _ => None,
         };
         Ok(MhaOutput { context, weights })

@@ -302,7 +302,7 @@ impl Trainer {
                 tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             );
 
-            if step % self.cfg.log_every == 0 || step == max_steps {
+            if step.is_multiple_of(self.cfg.log_every) || step == max_steps {
                 let secs = log_clock.elapsed().as_secs_f64().max(1e-9);
                 let rec = self.record(
                     "log",
@@ -315,7 +315,7 @@ impl Trainer {
                 (log_sum, log_n, log_tokens) = (0.0, 0, 0);
                 log_clock = Instant::now();
             }
-            let eval_now = step % self.cfg.eval_every == 0 || step == max_steps;
+            let eval_now = step.is_multiple_of(self.cfg.eval_every) || step == max_steps;
             if eval_now {
                 // Evaluation draws from its own generator so that it never shifts the training
                 // batches: a resumed run sees exactly the batches an uninterrupted one does.
@@ -342,10 +342,10 @@ impl Trainer {
                 if improved && self.cfg.keep_best {
                     self.save("best", observer, true)?;
                 }
-                if step % ckpt_every == 0 || step == max_steps {
+                if step.is_multiple_of(ckpt_every) || step == max_steps {
                     self.save_step()?;
                 }
-            } else if step % ckpt_every == 0 {
+            } else if step.is_multiple_of(ckpt_every) {
                 self.save("checkpoint", observer, false)?;
                 self.save_step()?;
             }
