@@ -219,6 +219,9 @@ pub struct Segment {
     pub end: f64,
     /// Text tokens (timestamps removed).
     pub tokens: Vec<u32>,
+    /// The segment's tokens as decoded, timestamps included: what the next windows are
+    /// prompted with (openai-whisper's and faster-whisper's `segment["tokens"]`).
+    pub decoded: Vec<u32>,
     pub avg_logprob: f64,
     pub no_speech_prob: f64,
 }
@@ -584,6 +587,7 @@ pub fn segments(
         start,
         end,
         tokens: toks.iter().copied().filter(|&id| id < tokens.eot).collect(),
+        decoded: toks.to_vec(),
         avg_logprob: result.avg_logprob,
         no_speech_prob: result.no_speech_prob,
     };
@@ -664,7 +668,19 @@ pub fn transcribe(
         let frames = features.window_of(seek, segment_frames, window);
         let memory = encode_window(model, &frames, features.n_mels, device)?;
         if tokens.is_multilingual() && language.is_none() {
-            language = Some(detect_language(model, &memory, tokens)?.0);
+            // faster-whisper detects the language on the first 30 s of its features, which
+            // hold one frame more than the content it decodes (the frame centred on the last
+            // sample), so a clip shorter than a window is encoded once more for it, as there.
+            // On a near tie (silence: en 0.33, cy 0.31) the frame decides.
+            let take = (content + 1).min(window);
+            let detected = if seek == 0 && take != segment_frames {
+                let frames = features.window_of(0, take, window);
+                let m = encode_window(model, &frames, features.n_mels, device)?;
+                detect_language(model, &m, tokens)?
+            } else {
+                detect_language(model, &memory, tokens)?
+            };
+            language = Some(detected.0);
         }
         let previous = if opts.condition_on_previous_text {
             &all_tokens[prompt_reset_since..]
@@ -681,8 +697,13 @@ pub fn transcribe(
             continue;
         }
         let (segs, advance) = segments(&result, tokens, time_offset, segment_frames, fps);
+        // The next prompt holds the decoded tokens with their timestamps; an instantaneous
+        // segment or one without text adds nothing (openai-whisper clears such a segment's
+        // tokens, faster-whisper skips it).
         for s in &segs {
-            all_tokens.extend_from_slice(&s.tokens);
+            if s.start != s.end && !s.tokens.is_empty() {
+                all_tokens.extend_from_slice(&s.decoded);
+            }
         }
         done.extend(segs);
         if !opts.condition_on_previous_text {
@@ -817,6 +838,8 @@ mod tests {
             (segs[0].start, segs[0].end, segs[0].tokens.clone()),
             (30.0, 31.0, vec![1, 2])
         );
+        // The next window's prompt takes the segment with its timestamps.
+        assert_eq!(segs[0].decoded, vec![15, 1, 2, 65]);
         assert_eq!(advance, 100);
         // Ending in a single timestamp: the whole window is done.
         let (segs, advance) = segments(&r(vec![15, 1, 65, 65, 2, 115]), &t, 0.0, 3000, 100.0);
