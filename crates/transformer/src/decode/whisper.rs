@@ -705,7 +705,15 @@ pub fn transcribe(
                 all_tokens.extend_from_slice(&s.decoded);
             }
         }
-        done.extend(segs);
+        // A timestamp past the end of the audio (the last window decoded "<|7.00|>" over
+        // 3.5 s of speech) is kept by openai-whisper and faster-whisper; a subtitle must not
+        // outlast its file, so the times are clipped to the audio here (the text is theirs).
+        let end_secs = content as f64 / fps;
+        done.extend(segs.into_iter().map(|mut s| {
+            s.end = s.end.min(end_secs);
+            s.start = s.start.min(s.end);
+            s
+        }));
         if !opts.condition_on_previous_text {
             prompt_reset_since = all_tokens.len();
         }
