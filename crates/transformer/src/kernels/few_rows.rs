@@ -354,16 +354,8 @@ mod tests {
                     .unwrap()
                     .matmul(&w.to_dtype(DType::F64).unwrap().t().unwrap())
                     .unwrap();
-                let got = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-                let want = want.flatten_all().unwrap();
-                let err = (got - want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap();
+                let err =
+                    crate::kernels::tests::max_diff(&got.to_dtype(DType::F64).unwrap(), &want);
                 assert!(err < 1e-5 * (k as f64).sqrt(), "n {n} c {c} k {k}: {err}");
             }
         }
@@ -426,16 +418,7 @@ mod tests {
             .unwrap();
         let (go, gt) = (ours.backward().unwrap(), theirs.backward().unwrap());
         for v in [&a, &w] {
-            let d = (go.get(v).unwrap() - gt.get(v).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = crate::kernels::tests::max_diff(go.get(v).unwrap(), gt.get(v).unwrap());
             assert!(d < 1e-5, "{d}");
         }
     }
