@@ -362,14 +362,24 @@ pub fn detect_language(
     memory: &Tensor,
     tokens: &WhisperTokens,
 ) -> Result<(String, f64)> {
+    Ok(language_probs(model, memory, tokens)?.swap_remove(0))
+}
+
+/// The probability of every language after `<|startoftranscript|>` (a softmax over the
+/// language tokens only, as openai-whisper's `detect_language`), likeliest first. An
+/// English-only model gives `[("en", 1.0)]`.
+pub fn language_probs(
+    model: &dyn Seq2Seq,
+    memory: &Tensor,
+    tokens: &WhisperTokens,
+) -> Result<Vec<(String, f64)>> {
     if tokens.languages.is_empty() {
-        return Ok(("en".into(), 1.0));
+        return Ok(vec![("en".into(), 1.0)]);
     }
     let mut state = model.start_decoding(memory)?;
     let ids = Tensor::new(&[[tokens.sot]], memory.device())?;
     let (logits, _) = model.decode_step(&ids, memory, None, &mut state, NeedWeights::No)?;
     let row = &rows_at(&logits, 0)?[0];
-    // Softmax over the language tokens only.
     let scores: Vec<f64> = tokens
         .languages
         .iter()
@@ -377,12 +387,15 @@ pub fn detect_language(
         .collect();
     let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
-    let (best, score) = scores
+    let mut probs: Vec<(String, f64)> = tokens
+        .languages
         .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .expect("at least one language");
-    Ok((tokens.languages[best].0.clone(), (score - max).exp() / z))
+        .zip(&scores)
+        .map(|((code, _), s)| (code.clone(), (s - max).exp() / z))
+        .collect();
+    // A stable sort keeps the token order on exact ties, as `argmax` does.
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(probs)
 }
 
 /// The prompt of a window: previous text, then the start-of-transcript sequence. Returns the
@@ -639,6 +652,10 @@ pub struct Transcript {
     pub language: Option<String>,
 }
 
+/// The margin between the two likeliest languages under which detection re-encodes a short
+/// clip with faster-whisper's extra frame (see [`transcribe`]).
+const NEAR_TIE: f64 = 0.2;
+
 /// Transcribe the features of a whole recording ([`LogMel::long_form`]: the audio and
 /// `chunk_length` seconds of padding) in windows, as openai-whisper's `transcribe()` does
 /// at temperature 0. `progress(frames_done, frames_total)` is called after each window.
@@ -670,15 +687,19 @@ pub fn transcribe(
         if tokens.is_multilingual() && language.is_none() {
             // faster-whisper detects the language on the first 30 s of its features, which
             // hold one frame more than the content it decodes (the frame centred on the last
-            // sample), so a clip shorter than a window is encoded once more for it, as there.
-            // On a near tie (silence: en 0.33, cy 0.31) the frame decides.
+            // sample). One frame of 3,000 moves the probabilities by little, so the decoding
+            // window decides unless its two likeliest languages are close (silence: en 0.33,
+            // cy 0.31); then a clip shorter than a window is encoded once more with that
+            // frame, as there, and that decides.
             let take = (content + 1).min(window);
-            let detected = if seek == 0 && take != segment_frames {
+            let probs = language_probs(model, &memory, tokens)?;
+            let near_tie = probs.len() > 1 && probs[0].1 - probs[1].1 < NEAR_TIE;
+            let detected = if seek == 0 && take != segment_frames && near_tie {
                 let frames = features.window_of(0, take, window);
                 let m = encode_window(model, &frames, features.n_mels, device)?;
                 detect_language(model, &m, tokens)?
             } else {
-                detect_language(model, &memory, tokens)?
+                probs.into_iter().next().expect("at least one language")
             };
             language = Some(detected.0);
         }
