@@ -19,6 +19,8 @@
 #   BENCH_<CASE>_STEPS, BENCH_<CASE>_WARMUP   timed / warm-up steps per case, e.g.
 #                                 BENCH_B_STEPS=3 BENCH_B_WARMUP=1 (defaults: A 40/5, B 3/1,
 #                                 C 10/2, D and D-nocache 3/1 generations of 500 tokens)
+#   BENCH_ENGINE [candle]         our training cases' reverse-mode engine: candle or tape
+#                                 (train.engine; the command in the table shows it)
 #   BENCH_PEAK_GFLOPS [230]       peak for the MFU column (the issue's measured FMA peak)
 #   BENCH_QUIET_TIMEOUT [60]      seconds to wait for quiet CPUs before a run (0: never wait)
 #   BENCH_MAX_BUSY [0.25]         "quiet": at most this fraction of the CPUs busy over 2 s
@@ -99,7 +101,7 @@ run_one() { # impl case rep
     # shellcheck disable=SC2207
     local args=($(steps_args "${case}"))
     if [[ "${impl}" == ours ]]; then
-        cmd=("${ours}" bench "${case}" "${args[@]}" --json)
+        cmd=("${ours}" bench "${case}" "${args[@]}" --json --engine "${BENCH_ENGINE:-candle}")
     else
         cmd=("${py}" bench/reference.py "${case}" "${args[@]}" --json)
     fi

@@ -24,6 +24,7 @@ use std::time::Instant;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use clap::{Args, ValueEnum};
+use transformer::autograd;
 use transformer::data::{LmDataset, Seq2SeqIds};
 use transformer::decode::{generate, GenerateOptions, Sampling};
 use transformer::models::{DecoderOnly, DecoderOnlyConfig, EncoderDecoder, EncoderDecoderConfig};
@@ -114,6 +115,16 @@ pub struct BenchArgs {
     json: bool,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
+    /// The reverse-mode engine of the training cases (`train.engine`).
+    #[arg(long, value_enum, default_value_t = EngineArg::Candle)]
+    engine: EngineArg,
+}
+
+/// `train.engine` as a flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum EngineArg {
+    Candle,
+    Tape,
 }
 
 /// What one case measured; serialized with the same field names as bench/reference.py.
@@ -144,9 +155,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let steps = args.steps.unwrap_or(default_steps);
     ensure!(steps >= 1, "--steps must be at least 1");
     let m = match args.case {
-        Case::A => bench_lm(lm_config_a(), 12, warmup, steps, args.seed, &device)?,
-        Case::B => bench_lm(lm_config_b(), 64, warmup, steps, args.seed, &device)?,
-        Case::C => bench_seq2seq(warmup, steps, args.seed, &device)?,
+        Case::A => bench_lm(lm_config_a(), 12, warmup, steps, &args, &device)?,
+        Case::B => bench_lm(lm_config_b(), 64, warmup, steps, &args, &device)?,
+        Case::C => bench_seq2seq(warmup, steps, &args, &device)?,
         Case::D => bench_generate(true, warmup, steps, args.seed, &device)?,
         Case::DNoCache => bench_generate(false, warmup, steps, args.seed, &device)?,
     };
@@ -157,6 +168,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             serde_json::json!({
                 "impl": "ours",
                 "case": args.case.name(),
+                "engine": match args.engine {
+                    EngineArg::Candle => "candle",
+                    EngineArg::Tape => "tape",
+                },
                 "metric": m.metric,
                 "tokens_per_s": m.tokens_per_s,
                 "steps": m.steps,
@@ -239,11 +254,21 @@ fn train_step(
     vars: &[Var],
     optimizer: &mut AdamW,
     lr: f64,
+    engine: EngineArg,
 ) -> Result<(f64, usize)> {
-    let (loss, tokens) = task.train_batch(rng)?;
+    let ((loss, tokens), tape) = match engine {
+        EngineArg::Candle => (task.train_batch(rng)?, None),
+        EngineArg::Tape => {
+            let (out, tape) = autograd::record(vars, || task.train_batch(rng))?;
+            (out, Some(tape))
+        }
+    };
     let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     ensure!(loss_value.is_finite(), "training loss became {loss_value}");
-    let mut grads = loss.backward()?;
+    let mut grads = match tape {
+        Some(tape) => tape.backward(&loss)?,
+        None => loss.backward()?,
+    };
     clip_grad_norm(&mut grads, vars, GRAD_CLIP)?;
     optimizer.step(&grads, lr)?;
     Ok((loss_value, tokens))
@@ -258,17 +283,17 @@ fn time_training(
     lr: f64,
     warmup: usize,
     steps: usize,
-    seed: u64,
+    args: &BenchArgs,
 ) -> Result<(usize, Vec<f64>, f64)> {
-    let mut rng = Rng::new(seed ^ 0xDA7A);
+    let mut rng = Rng::new(args.seed ^ 0xDA7A);
     for _ in 0..warmup {
-        train_step(task, &mut rng, vars, optimizer, lr)?;
+        train_step(task, &mut rng, vars, optimizer, lr, args.engine)?;
     }
     let mut step_secs = Vec::with_capacity(steps);
     let (mut tokens, mut loss_sum) = (0usize, 0.0);
     for _ in 0..steps {
         let t0 = Instant::now();
-        let (loss, n) = train_step(task, &mut rng, vars, optimizer, lr)?;
+        let (loss, n) = train_step(task, &mut rng, vars, optimizer, lr, args.engine)?;
         step_secs.push(t0.elapsed().as_secs_f64());
         tokens += n;
         loss_sum += loss;
@@ -303,9 +328,10 @@ fn bench_lm(
     batch_size: usize,
     warmup: usize,
     steps: usize,
-    seed: u64,
+    args: &BenchArgs,
     device: &Device,
 ) -> Result<Measurement> {
+    let seed = args.seed;
     let (model, vs) = DecoderOnly::init(&cfg, DType::F32, device, seed)?;
     let n_params = vs.num_params();
     let mut data_rng = Rng::new(seed ^ 0x70C5);
@@ -324,7 +350,7 @@ fn bench_lm(
     let vars = vs.all_vars();
     let mut optimizer = AdamW::new(vs.vars(), AdamWConfig::nanogpt())?;
     let (tokens, step_secs, loss) =
-        time_training(&mut task, &vars, &mut optimizer, LR_LM, warmup, steps, seed)?;
+        time_training(&mut task, &vars, &mut optimizer, LR_LM, warmup, steps, args)?;
     let seconds: f64 = step_secs.iter().sum();
     // 6·N + 12·L·C·T per position (PaLM appendix B, as nanoGPT's `estimate_mfu`).
     let n = lm_n_params_for_flops(&cfg, n_params) as f64;
@@ -391,7 +417,13 @@ impl Task for Seq2SeqBench {
     }
 }
 
-fn bench_seq2seq(warmup: usize, steps: usize, seed: u64, device: &Device) -> Result<Measurement> {
+fn bench_seq2seq(
+    warmup: usize,
+    steps: usize,
+    args: &BenchArgs,
+    device: &Device,
+) -> Result<Measurement> {
+    let seed = args.seed;
     let cfg = seq2seq_config_c();
     let (model, vs) = EncoderDecoder::init(&cfg, DType::F32, device, seed)?;
     let n_params = vs.num_params();
@@ -421,7 +453,7 @@ fn bench_seq2seq(warmup: usize, steps: usize, seed: u64, device: &Device) -> Res
         LR_SEQ2SEQ,
         warmup,
         steps,
-        seed,
+        args,
     )?;
     let seconds: f64 = step_secs.iter().sum();
     // Per padded target position, with S = T = 24: 6·N (the encoder's parameters see as many

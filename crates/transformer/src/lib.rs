@@ -5,9 +5,11 @@
 //! attention, encoder and decoder layers, three model families (encoder-decoder, decoder-only,
 //! encoder-only), PyTorch weight import, training and decoding.
 //!
-//! Layout (dependencies point one way): `kernels` → `nn` → `models` → `import` / `pipelines` /
-//! `train` / `decode`; `data` holds tokenizers and batching.
+//! Layout (dependencies point one way): `autograd` (the tape our training records its ops on)
+//! → `kernels` → `nn` → `models` → `import` / `pipelines` / `train` / `decode`; `data` holds
+//! tokenizers and batching.
 
+pub mod autograd;
 pub mod data;
 pub mod decode;
 pub mod error;

@@ -81,7 +81,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, opts: &FlashOptions) -> Res
         dropout: opts.dropout.filter(|&(p, _)| p > 0.0),
         lse: Arc::new(Mutex::new(None)),
     };
-    q.apply_op3(k, v, op)?.transpose(1, 2)
+    use crate::autograd::ops;
+    ops::transpose(&ops::apply_op3(q, k, v, op, ops::Output::Kept)?, 1, 2)
 }
 
 struct FlashAttention {

@@ -186,12 +186,15 @@ pub fn cross_entropy_rows(
     eps: f64,
     ignore: Option<u32>,
 ) -> Result<Tensor> {
-    logits.contiguous()?.apply_op2(
+    use crate::autograd::ops;
+    ops::apply_op2(
+        &ops::contiguous(logits)?,
         &targets.contiguous()?,
         CrossEntropy {
             eps,
             ignore,
             lse: Arc::new(Mutex::new(None)),
         },
+        ops::Output::Unused,
     )
 }

@@ -153,13 +153,23 @@ impl CustomOp2 for AddMasked {
 /// Dropout of a CPU f32/f64 tensor: each element zeroed with probability `p`, the rest scaled
 /// by 1/(1-p); the mask is a function of `seed` and the element's position.
 pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Mask::new(p, seed)?)
+    use crate::autograd::ops;
+    ops::apply_op1(
+        &ops::contiguous(x)?,
+        Mask::new(p, seed)?,
+        ops::Output::Unused,
+    )
 }
 
 /// `x + dropout(y)` in one pass, with the mask of [`dropout`]`(y, p, seed)`.
 pub fn dropout_add(x: &Tensor, y: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    x.contiguous()?
-        .apply_op2(&y.contiguous()?, AddMasked(Mask::new(p, seed)?))
+    use crate::autograd::ops;
+    ops::apply_op2(
+        &ops::contiguous(x)?,
+        &ops::contiguous(y)?,
+        AddMasked(Mask::new(p, seed)?),
+        ops::Output::Unused,
+    )
 }
 
 #[cfg(test)]

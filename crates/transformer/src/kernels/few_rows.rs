@@ -48,7 +48,13 @@ pub fn applies(a: &Tensor, w: &Tensor) -> bool {
 /// # Shapes
 /// `a`: (n, k), `w`: (c, k) → (n, c)
 pub fn matmul_t(a: &Tensor, w: &Tensor) -> Result<Tensor> {
-    a.contiguous()?.apply_op2(&w.contiguous()?, FewRows)
+    use crate::autograd::ops;
+    ops::apply_op2(
+        &ops::contiguous(a)?,
+        &ops::contiguous(w)?,
+        FewRows,
+        ops::Output::Unused,
+    )
 }
 
 /// `a Wᵀ` without a graph (the inputs are used as given, their gradients ignored).

@@ -241,13 +241,15 @@ pub(crate) fn gelu_erf_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
 
 /// Fused exact GELU of a contiguous f32/f64 CPU tensor.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Gelu(Kind::Erf))
+    use crate::autograd::ops;
+    ops::apply_op1(&ops::contiguous(x)?, Gelu(Kind::Erf), ops::Output::Unused)
 }
 
 /// Fused tanh-approximated GELU (PyTorch's `gelu(x, approximate='tanh')`) of an f32/f64 CPU
 /// tensor.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Gelu(Kind::Tanh))
+    use crate::autograd::ops;
+    ops::apply_op1(&ops::contiguous(x)?, Gelu(Kind::Tanh), ops::Output::Unused)
 }
 
 #[cfg(test)]

@@ -236,13 +236,16 @@ pub(crate) fn norm(
     let b = match bias {
         Some(b) => b,
         None => {
-            zeros = weight.zeros_like()?.detach();
+            zeros = crate::autograd::constant(weight.zeros_like()?.detach());
             &zeros
         }
     };
-    x.contiguous()?.apply_op3(
-        &weight.contiguous()?,
-        &b.contiguous()?,
+    use crate::autograd::ops;
+    ops::apply_op3(
+        &ops::contiguous(x)?,
+        &ops::contiguous(weight)?,
+        &ops::contiguous(b)?,
         LayerNormOp { eps, centre },
+        ops::Output::Unused,
     )
 }

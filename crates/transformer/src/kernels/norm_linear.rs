@@ -42,20 +42,23 @@ fn norm_linear_with(
     let n = x.elem_count() / c;
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().unwrap() = c_out;
-    let normed = norm(&x.detach(), &gamma.detach(), None, eps, centre)?.reshape((n, c))?;
-    let value = if super::few_rows::applies(&normed, w) {
-        super::few_rows::matmul_t_value(&normed, w)?
-    } else {
-        normed.matmul(&w.detach().t()?)?
-    }
-    .reshape(out_dims)?;
-    drop(normed);
+    // Computed aside from any tape: the node below is the only one.
+    let value = crate::autograd::paused(|| -> Result<Tensor> {
+        let normed = norm(&x.detach(), &gamma.detach(), None, eps, centre)?.reshape((n, c))?;
+        if super::few_rows::applies(&normed, w) {
+            super::few_rows::matmul_t_value(&normed, w)?
+        } else {
+            normed.matmul(&w.detach().t()?)?
+        }
+        .reshape(out_dims)
+    })?;
     let op = NormLinear {
         eps,
         centre,
         value: Stash::new(value),
     };
-    x.contiguous()?.apply_op3(gamma, w, op)
+    use crate::autograd::ops;
+    ops::apply_op3(&ops::contiguous(x)?, gamma, w, op, ops::Output::Unused)
 }
 
 struct NormLinear {

@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use super::dropout::{dropout, dropout_add};
 use super::gelu::{gelu_erf, gelu_erf_backward};
 use super::{with_data, Float, Stash, PAR_MIN_ELEMS};
+use crate::autograd::ops::{self, Output};
 
 /// The activation applied to `h` before the product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +77,7 @@ pub fn project(
         )?;
         return match cfg.dropout_out {
             Some((p, seed)) => dropout_add(x, &z, p, seed),
-            None => x + z,
+            None => ops::add(x, &z),
         };
     }
     let (c, f) = w.dims2()?;
@@ -94,33 +95,37 @@ pub fn project(
             );
         }
     }
-    // The value, from detached inputs: no node holds these intermediates.
+    // The value, from detached inputs: no node holds these intermediates (and no tape
+    // records them).
     let n = h.elem_count() / f;
-    let a = cfg.hidden(&h.detach().contiguous()?)?.reshape((n, f))?;
-    let mut z = if super::few_rows::applies(&a, w) {
-        super::few_rows::matmul_t_value(&a, w)?
-    } else {
-        a.matmul(&w.detach().t()?)?
-    };
-    drop(a);
-    if let Some(b) = b {
-        z = z.broadcast_add(&b.detach())?;
-    }
-    let z = z.reshape(out_dims)?;
-    let value = match (x, cfg.dropout_out) {
-        (Some(x), Some((p, seed))) => dropout_add(&x.detach(), &z, p, seed)?,
-        (Some(x), None) => (x.detach() + z)?,
-        (None, Some((p, seed))) => dropout(&z, p, seed)?,
-        (None, None) => z,
-    };
+    let value = crate::autograd::paused(|| -> Result<Tensor> {
+        let a = cfg.hidden(&h.detach().contiguous()?)?.reshape((n, f))?;
+        let mut z = if super::few_rows::applies(&a, w) {
+            super::few_rows::matmul_t_value(&a, w)?
+        } else {
+            a.matmul(&w.detach().t()?)?
+        };
+        drop(a);
+        if let Some(b) = b {
+            z = z.broadcast_add(&b.detach())?;
+        }
+        let z = z.reshape(out_dims)?;
+        let value = match (x, cfg.dropout_out) {
+            (Some(x), Some((p, seed))) => dropout_add(&x.detach(), &z, p, seed)?,
+            (Some(x), None) => (x.detach() + z)?,
+            (None, Some((p, seed))) => dropout(&z, p, seed)?,
+            (None, None) => z,
+        };
+        Ok(value)
+    })?;
     let op = ProjectOp {
         cfg,
         value: Stash::new(value),
     };
     match (x, b) {
-        (Some(x), None) => x.apply_op3(h, w, op),
-        (None, Some(b)) => h.apply_op3(w, b, op),
-        (None, None) => h.apply_op2(w, op),
+        (Some(x), None) => ops::apply_op3(x, h, w, op, Output::Unused),
+        (None, Some(b)) => ops::apply_op3(h, w, b, op, Output::Unused),
+        (None, None) => ops::apply_op2(h, w, op, Output::Unused),
         (Some(_), Some(_)) => unreachable!("split above"),
     }
 }

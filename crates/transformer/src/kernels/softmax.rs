@@ -106,5 +106,6 @@ fn bwd<T: Float>(y: &Tensor, dy: &Tensor, n: usize) -> Result<Tensor> {
 
 /// Fused softmax over the last dimension (contiguous f32/f64 CPU tensors).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(Softmax)
+    use crate::autograd::ops;
+    ops::apply_op1(&ops::contiguous(x)?, Softmax, ops::Output::Kept)
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::linear::{Linear, Weight};
 use super::var_store::{Init, VarPath};
+use crate::autograd::ops;
 use crate::{Error, Result};
 
 /// A lookup table of token vectors, optionally scaled (by √d_model in the paper, §3.4, and
@@ -95,7 +96,7 @@ impl TokenEmbedding {
         }
         let d = self.d_model();
         let x = match &self.weight {
-            Weight::Dense(w) => w.index_select(&ids, 0)?,
+            Weight::Dense(w) => ops::index_select(w, &ids, 0)?,
             Weight::Quantized(q) => quantized_rows(q, &ids.to_vec1::<u32>()?, d)?,
             Weight::Blocks(bm) => {
                 let ids = ids.to_vec1::<u32>()?;
@@ -104,9 +105,9 @@ impl TokenEmbedding {
                 Tensor::from_vec(bm.rows(&ids)?, (n, d), &Device::Cpu)?
             }
         };
-        let x = x.reshape((b, t, d))?;
+        let x = ops::reshape(&x, (b, t, d))?;
         Ok(match self.scale {
-            Some(s) => (x * s)?,
+            Some(s) => ops::affine(&x, s, 0.0)?,
             None => x,
         })
     }
@@ -252,7 +253,10 @@ impl AbsolutePositions {
                 format!("{} positions", offset + t),
             ));
         }
-        Ok(x.broadcast_add(&self.table.narrow(0, offset, t)?)?)
+        Ok(ops::broadcast_add(
+            x,
+            &ops::narrow(&self.table, 0, offset, t)?,
+        )?)
     }
 }
 

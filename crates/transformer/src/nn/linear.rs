@@ -8,6 +8,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Module, Tensor};
 
 use super::var_store::{Init, VarPath};
+use crate::autograd::ops;
 use crate::kernels::quantized::BlockMatrix;
 use crate::{Error, Result};
 
@@ -250,20 +251,20 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
     let dims = x.dims();
     let d_in = dims[dims.len() - 1];
     let lead: usize = dims[..dims.len() - 1].iter().product();
-    let x2 = x.reshape((lead, d_in))?;
+    let x2 = ops::reshape(x, (lead, d_in))?;
     // A few rows (incremental decoding): read the weight once, untiled.
     let y = if crate::kernels::few_rows::applies(&x2, w) {
         crate::kernels::few_rows::matmul_t(&x2, w)?
     } else {
-        x2.matmul(&w.t()?)?
+        ops::matmul(&x2, &ops::t(w)?)?
     };
     let y = match b {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => ops::broadcast_add(&y, b)?,
         None => y,
     };
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().unwrap() = w.dims()[0];
-    y.reshape(out_dims)
+    ops::reshape(&y, out_dims)
 }
 
 impl Module for Linear {
@@ -273,7 +274,7 @@ impl Module for Linear {
             q => {
                 let y = q.matmul_t(x)?;
                 match &self.bias {
-                    Some(b) => y.broadcast_add(b),
+                    Some(b) => ops::broadcast_add(&y, b),
                     None => Ok(y),
                 }
             }

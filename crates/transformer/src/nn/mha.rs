@@ -17,6 +17,7 @@ use super::embedding::Rope;
 use super::linear::{linear, Linear};
 use super::norm::{Norm, NormConfig};
 use super::var_store::{Init, VarPath};
+use crate::autograd::ops;
 use crate::kernels::Kernels;
 use crate::{Error, Result};
 
@@ -572,9 +573,8 @@ impl MultiHeadAttention {
     /// (B, L, heads·D) -> (B, heads, L, D)
     fn split_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
-        Ok(x.reshape((b, l, heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?)
+        let x = ops::reshape(x, (b, l, heads, self.head_dim))?;
+        Ok(ops::contiguous(&ops::transpose(&x, 1, 2)?)?)
     }
 
     /// Rows of the packed projection: (first row, count) of Q (0), K (1) or V (2).
@@ -596,8 +596,11 @@ impl MultiHeadAttention {
         Ok(match &self.in_proj {
             InProj::Packed(p) => {
                 let (start, len) = self.rows(which);
-                let w = Self::packed_weight(p)?.narrow(0, start, len)?;
-                let b = p.bias().map(|b| b.narrow(0, start, len)).transpose()?;
+                let w = ops::narrow(Self::packed_weight(p)?, 0, start, len)?;
+                let b = p
+                    .bias()
+                    .map(|b| ops::narrow(b, 0, start, len))
+                    .transpose()?;
                 linear(x, &w, b.as_ref())?
             }
             InProj::Separate { q, k, v } => [q, k, v][which].forward(x)?,
@@ -641,12 +644,15 @@ impl MultiHeadAttention {
             (InProj::Packed(p), true) => {
                 // One matmul for K and V together.
                 let (start, len) = self.rows(1);
-                let w = Self::packed_weight(p)?.narrow(0, start, 2 * len)?;
-                let b = p.bias().map(|b| b.narrow(0, start, 2 * len)).transpose()?;
+                let w = ops::narrow(Self::packed_weight(p)?, 0, start, 2 * len)?;
+                let b = p
+                    .bias()
+                    .map(|b| ops::narrow(b, 0, start, 2 * len))
+                    .transpose()?;
                 let kv = linear(key, &w, b.as_ref())?;
                 Ok((
-                    kv.narrow(D::Minus1, 0, len)?,
-                    kv.narrow(D::Minus1, len, len)?,
+                    ops::narrow(&kv, D::Minus1, 0, len)?,
+                    ops::narrow(&kv, D::Minus1, len, len)?,
                 ))
             }
             _ => Ok((self.project(key, 1)?, self.project(value, 2)?)),
@@ -717,7 +723,9 @@ impl MultiHeadAttention {
             let [q, k, v]: [Tensor; 3] = Linear::forward_shared(&[q, k, v], query)?
                 .try_into()
                 .expect("three layers, three outputs");
-            let heads = |x: Tensor, n: usize| x.reshape((b, t, n, self.head_dim))?.transpose(1, 2);
+            let heads = |x: Tensor, n: usize| {
+                ops::transpose(&ops::reshape(&x, (b, t, n, self.head_dim))?, 1, 2)
+            };
             (
                 Self::norm_heads(&self.q_norm, heads(q, h)?)?,
                 Self::norm_heads(&self.k_norm, heads(k, hkv)?)?,
@@ -732,8 +740,9 @@ impl MultiHeadAttention {
             // (B, heads, T, D) view: the fused kernel reads them in place, the other paths
             // copy what they need. (`Tensor::get` would copy: it reshapes the non-contiguous
             // slice.)
-            let qkv = qkv.reshape((b, t, h + 2 * hkv, self.head_dim))?;
-            let part = |start: usize, n: usize| qkv.narrow(2, start, n)?.transpose(1, 2);
+            let qkv = ops::reshape(&qkv, (b, t, h + 2 * hkv, self.head_dim))?;
+            let part =
+                |start: usize, n: usize| ops::transpose(&ops::narrow(&qkv, 2, start, n)?, 1, 2);
             let (q, k) = (part(0, h)?, part(h, hkv)?);
             (
                 Self::norm_heads(&self.q_norm, q)?,
@@ -826,9 +835,10 @@ impl MultiHeadAttention {
             }
         };
         // (B, H, T, D) -> (B, T, H·D)
-        let context = unfold(out.context)?
-            .transpose(1, 2)?
-            .reshape((b, t, h * self.head_dim))?;
+        let context = ops::reshape(
+            &ops::transpose(&unfold(out.context)?, 1, 2)?,
+            (b, t, h * self.head_dim),
+        )?;
         let weights = match (need_weights, out.weights) {
             (NeedWeights::Averaged, Some(w)) => Some(unfold(w)?.mean(1)?),
             (NeedWeights::PerHead, Some(w)) => Some(unfold(w)?),

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::linear::Linear;
 use super::var_store::{Init, VarPath};
+use crate::autograd::ops;
 use crate::kernels::Kernels;
 use crate::{Error, Result};
 
@@ -109,7 +110,7 @@ impl Norm {
     /// The scale applied after normalizing: `weight`, or `1 + weight`.
     fn gamma(&self) -> Result<Tensor> {
         Ok(if self.unit_offset {
-            (&self.weight + 1.0)?
+            ops::affine(&self.weight, 1.0, 1.0)?
         } else {
             self.weight.clone()
         })

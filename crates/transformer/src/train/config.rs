@@ -201,6 +201,21 @@ pub struct TrainConfig {
     /// of them, for checkpoint averaging (`transformer average`; the paper averages the last 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_last: Option<usize>,
+    /// Which reverse-mode engine computes the gradients: `"candle"` (candle's `backward`) or
+    /// `"tape"` (ours, `crate::autograd`: less memory, fewer passes). The tape covers the
+    /// decoder-only family with the fused CPU kernels so far; a model using an op it does not
+    /// cover stops at the first step with an error naming the op.
+    #[serde(default)]
+    pub engine: Engine,
+}
+
+/// The `train.engine` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    #[default]
+    Candle,
+    Tape,
 }
 
 fn default_seed() -> u64 {

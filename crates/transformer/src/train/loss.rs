@@ -10,6 +10,7 @@
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use crate::autograd::ops;
 use crate::kernels::Kernels;
 use crate::{Error, Result};
 
@@ -71,7 +72,7 @@ pub fn cross_entropy(
                 ));
             }
             // (B, T, V) -> (B*T, V); (B, T) -> (B*T,)
-            (logits.reshape((b * t, v))?, targets.flatten_all()?)
+            (ops::reshape(logits, (b * t, v))?, targets.flatten_all()?)
         }
         _ => {
             return Err(Error::shape(
@@ -106,7 +107,7 @@ pub fn cross_entropy(
             None => n as f64,
         };
         // 0 / 0 = NaN when every target is ignored, as in PyTorch.
-        return Ok(per_row.sum_all()?.affine(1.0 / count, 0.0)?);
+        return Ok(ops::affine(&ops::sum_all(&per_row)?, 1.0 / count, 0.0)?);
     }
 
     // Log-softmax over V. Subtracting the row max is exact (log-softmax is shift invariant), so

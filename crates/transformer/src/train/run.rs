@@ -887,6 +887,30 @@ min_lr = 1e-3
         Ok(())
     }
 
+    #[test]
+    fn the_tape_engine_trains_as_candles_backward() -> Result<()> {
+        // Dropout, clipping and two micro-batches per step: every path of the step.
+        let dir = corpus_dir("engine");
+        let candle_cfg = lm_config(&dir, 6);
+        let mut tape_cfg = candle_cfg.clone();
+        tape_cfg.train.engine = crate::train::config::Engine::Tape;
+        let mut a = prepare_run(&candle_cfg, &dir.join("candle"), false, &Device::Cpu)?;
+        let candle = a.trainer.run(a.task.as_mut(), &mut Silent)?;
+        let mut b = prepare_run(&tape_cfg, &dir.join("tape"), false, &Device::Cpu)?;
+        let tape = b.trainer.run(b.task.as_mut(), &mut Silent)?;
+        assert_eq!(candle.losses.len(), tape.losses.len());
+        for (i, (c, t)) in candle.losses.iter().zip(&tape.losses).enumerate() {
+            assert!(
+                (c - t).abs() <= 1e-6,
+                "step {}: candle {c}, tape {t}",
+                i + 1
+            );
+        }
+        assert!(tape.losses[5] < tape.losses[0]);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
     /// A toy parallel corpus: "German" words and their word-for-word "English" translations.
     fn parallel_dir(name: &str, n: usize) -> std::path::PathBuf {
         let dir =

@@ -8,14 +8,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, CheckpointParts, TrainerState};
 use super::clip::{clip_grad_norm, GradAccumulator};
-use super::config::{RunConfig, TrainConfig};
+use super::config::{Engine, RunConfig, TrainConfig};
 use super::optim::AdamW;
 use super::schedule::LrSchedule;
+use crate::autograd;
 use crate::data::Tokenizer;
 use crate::nn::VarStore;
 use crate::rng::Rng;
@@ -371,18 +373,41 @@ impl Trainer {
         let accum = self.cfg.grad_accum;
         let mut tokens = 0;
         let mut loss_sum = 0.0;
+        let engine = self.cfg.engine;
+        let data_rng = &mut self.state.data_rng;
+        let mut micro_batch = || -> Result<(f64, usize, GradStore)> {
+            let (loss, n, grads) = match engine {
+                Engine::Candle => {
+                    let (loss, n) = task.train_batch(data_rng)?;
+                    let grads = loss.backward()?;
+                    (loss, n, grads)
+                }
+                Engine::Tape => {
+                    let ((loss, n), tape) = autograd::record(vars, || task.train_batch(data_rng))
+                        .map_err(|e| {
+                        Error::msg(format!(
+                            "{e}\n  (train.engine = \"tape\" does not cover this model yet; \
+                                 train.engine = \"candle\" does)"
+                        ))
+                    })?;
+                    let grads = tape.backward(&loss)?;
+                    (loss, n, grads)
+                }
+            };
+            Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, n, grads))
+        };
         let mut grads = if accum == 1 {
-            let (loss, n) = task.train_batch(&mut self.state.data_rng)?;
+            let (loss, n, grads) = micro_batch()?;
             tokens += n;
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            loss.backward()?
+            loss_sum += loss;
+            grads
         } else {
             let mut acc = GradAccumulator::new(vars);
             for _ in 0..accum {
-                let (loss, n) = task.train_batch(&mut self.state.data_rng)?;
+                let (loss, n, grads) = micro_batch()?;
                 tokens += n;
-                loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                acc.add(&loss.backward()?)?;
+                loss_sum += loss;
+                acc.add(&grads)?;
             }
             acc.finish()?
         };
