@@ -1,6 +1,10 @@
 //! The ops a recorded forward pass may use: candle's ops and our kernels' custom ops, each with
 //! its backward. Without a tape each is exactly candle's op (candle's graph included).
 //!
+//! While a tape records, an op none of whose inputs is tracked is candle's op too, and its
+//! output is declared a constant ([`super::constant`]): a mask or a position table sliced
+//! during the forward.
+//!
 //! The backwards mirror candle's (`candle_core::backprop`) op by op, so that the two engines
 //! give the same gradients; they differ in what is kept and in how gradients are summed.
 
@@ -12,7 +16,7 @@ use super::Recording;
 /// `x.reshape(shape)`.
 pub fn reshape<S: ShapeWithOneHole>(x: &Tensor, shape: S) -> Result<Tensor> {
     let Some(rec) = Recording::of("reshape", &[x])? else {
-        return x.reshape(shape);
+        return x.reshape(shape).map(super::constant);
     };
     let dims = x.dims().to_vec();
     let y = rec.input(0).reshape(shape)?;
@@ -22,7 +26,7 @@ pub fn reshape<S: ShapeWithOneHole>(x: &Tensor, shape: S) -> Result<Tensor> {
 /// `x.transpose(d1, d2)`.
 pub fn transpose<D1: Dim, D2: Dim>(x: &Tensor, d1: D1, d2: D2) -> Result<Tensor> {
     let Some(rec) = Recording::of("transpose", &[x])? else {
-        return x.transpose(d1, d2);
+        return x.transpose(d1, d2).map(super::constant);
     };
     let (d1, d2) = (
         d1.to_index(x.shape(), "transpose")?,
@@ -49,7 +53,7 @@ pub fn contiguous(x: &Tensor) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let Some(rec) = Recording::of("contiguous", &[x])? else {
-        return x.contiguous();
+        return x.contiguous().map(super::constant);
     };
     let y = rec.input(0).contiguous()?;
     rec.finish("contiguous", y, |g| Ok(vec![Some(g.clone())]))
@@ -58,7 +62,7 @@ pub fn contiguous(x: &Tensor) -> Result<Tensor> {
 /// `x.narrow(dim, start, len)`.
 pub fn narrow<D: Dim>(x: &Tensor, dim: D, start: usize, len: usize) -> Result<Tensor> {
     let Some(rec) = Recording::of("narrow", &[x])? else {
-        return x.narrow(dim, start, len);
+        return x.narrow(dim, start, len).map(super::constant);
     };
     let dim = dim.to_index(x.shape(), "narrow")?;
     let size = x.dims()[dim];
@@ -76,7 +80,7 @@ pub fn narrow<D: Dim>(x: &Tensor, dim: D, start: usize, len: usize) -> Result<Te
 /// `a + b`, of one shape.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let Some(rec) = Recording::of("add", &[a, b])? else {
-        return a + b;
+        return (a + b).map(super::constant);
     };
     let y = (rec.input(0) + rec.input(1))?;
     rec.finish("add", y, |g| Ok(vec![Some(g.clone()), Some(g.clone())]))
@@ -106,7 +110,7 @@ fn sum_to(g: &Tensor, to: &Shape) -> Result<Tensor> {
 /// `a.broadcast_add(b)`.
 pub fn broadcast_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let Some(rec) = Recording::of("broadcast_add", &[a, b])? else {
-        return a.broadcast_add(b);
+        return a.broadcast_add(b).map(super::constant);
     };
     let (sa, sb) = (a.shape().clone(), b.shape().clone());
     let (na, nb) = (rec.needs_grad(0), rec.needs_grad(1));
@@ -122,7 +126,7 @@ pub fn broadcast_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `x.affine(mul, add)`: `x · mul + add`.
 pub fn affine(x: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
     let Some(rec) = Recording::of("affine", &[x])? else {
-        return x.affine(mul, add);
+        return x.affine(mul, add).map(super::constant);
     };
     let y = rec.input(0).affine(mul, add)?;
     rec.finish("affine", y, move |g| Ok(vec![Some(g.affine(mul, 0.0)?)]))
@@ -131,7 +135,7 @@ pub fn affine(x: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
 /// `x.sum_all()`.
 pub fn sum_all(x: &Tensor) -> Result<Tensor> {
     let Some(rec) = Recording::of("sum_all", &[x])? else {
-        return x.sum_all();
+        return x.sum_all().map(super::constant);
     };
     let shape = x.shape().clone();
     let y = rec.input(0).sum_all()?;
@@ -143,7 +147,7 @@ pub fn sum_all(x: &Tensor) -> Result<Tensor> {
 /// `a.matmul(b)`. Keeps both inputs for the backward.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let Some(rec) = Recording::of("matmul", &[a, b])? else {
-        return a.matmul(b);
+        return a.matmul(b).map(super::constant);
     };
     let (na, nb) = (rec.needs_grad(0), rec.needs_grad(1));
     let (a0, b0) = (rec.input(0).clone(), rec.input(1).clone());
@@ -158,7 +162,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `table.index_select(ids, dim)`: rows of a table (an embedding lookup). Keeps the ids.
 pub fn index_select<D: Dim>(table: &Tensor, ids: &Tensor, dim: D) -> Result<Tensor> {
     let Some(rec) = Recording::of("index_select", &[table, ids])? else {
-        return table.index_select(ids, dim);
+        return table.index_select(ids, dim).map(super::constant);
     };
     let dim = dim.to_index(table.shape(), "index_select")?;
     let (shape, dtype, device) = (table.shape().clone(), table.dtype(), table.device().clone());
@@ -189,7 +193,7 @@ pub fn apply_op1<C: CustomOp1 + Send + Sync + 'static>(
     output: Output,
 ) -> Result<Tensor> {
     let Some(rec) = Recording::of(op.name(), &[x])? else {
-        return x.apply_op1(op);
+        return x.apply_op1(op).map(super::constant);
     };
     let name = op.name();
     let x0 = rec.input(0).clone();
@@ -209,7 +213,7 @@ pub fn apply_op2<C: CustomOp2 + Send + Sync + 'static>(
     output: Output,
 ) -> Result<Tensor> {
     let Some(rec) = Recording::of(op.name(), &[a, b])? else {
-        return a.apply_op2(b, op);
+        return a.apply_op2(b, op).map(super::constant);
     };
     let name = op.name();
     let (a0, b0) = (rec.input(0).clone(), rec.input(1).clone());
@@ -233,7 +237,7 @@ pub fn apply_op3<C: CustomOp3 + Send + Sync + 'static>(
     output: Output,
 ) -> Result<Tensor> {
     let Some(rec) = Recording::of(op.name(), &[a, b, c])? else {
-        return a.apply_op3(b, c, op);
+        return a.apply_op3(b, c, op).map(super::constant);
     };
     let name = op.name();
     let (a0, b0, c0) = (
@@ -250,4 +254,152 @@ pub fn apply_op3<C: CustomOp3 + Send + Sync + 'static>(
         let (ga, gb, gc) = op.bwd(&a0, &b0, &c0, &res, g)?;
         Ok(vec![ga, gb, gc])
     })
+}
+
+/// `x.permute(dims)`.
+pub fn permute(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    let Some(rec) = Recording::of("permute", &[x])? else {
+        return x.permute(dims).map(super::constant);
+    };
+    // The inverse permutation takes the gradient back.
+    let mut inverse = vec![0; dims.len()];
+    for (i, &d) in dims.iter().enumerate() {
+        inverse[d] = i;
+    }
+    let y = rec.input(0).permute(dims)?;
+    rec.finish("permute", y, move |g| Ok(vec![Some(g.permute(inverse)?)]))
+}
+
+/// `x.squeeze(dim)` (a reshape).
+pub fn squeeze<D: Dim>(x: &Tensor, dim: D) -> Result<Tensor> {
+    let dim = dim.to_index(x.shape(), "squeeze")?;
+    let mut dims = x.dims().to_vec();
+    if dims[dim] != 1 {
+        return x.squeeze(dim);
+    }
+    dims.remove(dim);
+    reshape(x, dims)
+}
+
+/// `Tensor::cat(xs, dim)`.
+pub fn cat(xs: &[&Tensor], dim: usize) -> Result<Tensor> {
+    let Some(rec) = Recording::of("cat", xs)? else {
+        return Tensor::cat(xs, dim).map(super::constant);
+    };
+    let sizes: Vec<usize> = xs.iter().map(|x| x.dims()[dim]).collect();
+    let needs: Vec<bool> = (0..xs.len()).map(|i| rec.needs_grad(i)).collect();
+    let inputs: Vec<&Tensor> = (0..xs.len()).map(|i| rec.input(i)).collect();
+    let y = Tensor::cat(&inputs, dim)?;
+    rec.finish("cat", y, move |g| {
+        let mut start = 0;
+        let mut grads = Vec::with_capacity(sizes.len());
+        for (&len, &need) in sizes.iter().zip(&needs) {
+            grads.push(need.then(|| g.narrow(dim, start, len)).transpose()?);
+            start += len;
+        }
+        Ok(grads)
+    })
+}
+
+/// `x.broadcast_as(shape)`.
+pub fn broadcast_as<S: Into<Shape>>(x: &Tensor, shape: S) -> Result<Tensor> {
+    let Some(rec) = Recording::of("broadcast_as", &[x])? else {
+        return x.broadcast_as(shape).map(super::constant);
+    };
+    let from = x.shape().clone();
+    let y = rec.input(0).broadcast_as(shape)?;
+    rec.finish("broadcast_as", y, move |g| {
+        Ok(vec![Some(sum_to(g, &from)?)])
+    })
+}
+
+/// `a - b`, of one shape.
+pub fn sub(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let Some(rec) = Recording::of("sub", &[a, b])? else {
+        return (a - b).map(super::constant);
+    };
+    let y = (rec.input(0) - rec.input(1))?;
+    rec.finish("sub", y, |g| Ok(vec![Some(g.clone()), Some(g.neg()?)]))
+}
+
+/// `a * b`, of one shape. Keeps both inputs.
+pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let Some(rec) = Recording::of("mul", &[a, b])? else {
+        return (a * b).map(super::constant);
+    };
+    let (na, nb) = (rec.needs_grad(0), rec.needs_grad(1));
+    let (a0, b0) = (rec.input(0).clone(), rec.input(1).clone());
+    let y = (&a0 * &b0)?;
+    rec.finish("mul", y, move |g| {
+        Ok(vec![
+            na.then(|| g.mul(&b0)).transpose()?,
+            nb.then(|| g.mul(&a0)).transpose()?,
+        ])
+    })
+}
+
+/// `a.broadcast_mul(b)`. Keeps both inputs.
+pub fn broadcast_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let Some(rec) = Recording::of("broadcast_mul", &[a, b])? else {
+        return a.broadcast_mul(b).map(super::constant);
+    };
+    let (na, nb) = (rec.needs_grad(0), rec.needs_grad(1));
+    let (a0, b0) = (rec.input(0).clone(), rec.input(1).clone());
+    let y = a0.broadcast_mul(&b0)?;
+    rec.finish("broadcast_mul", y, move |g| {
+        Ok(vec![
+            na.then(|| sum_to(&g.broadcast_mul(&b0)?, a0.shape()))
+                .transpose()?,
+            nb.then(|| sum_to(&g.broadcast_mul(&a0)?, b0.shape()))
+                .transpose()?,
+        ])
+    })
+}
+
+/// `x.silu()`: x·σ(x). Keeps its input and output.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    let Some(rec) = Recording::of("silu", &[x])? else {
+        return x.silu().map(super::constant);
+    };
+    let x0 = rec.input(0).clone();
+    let y = x0.silu()?;
+    let y0 = y.clone();
+    rec.finish("silu", y, move |g| {
+        // candle's: σ(x)·(1 − y) + y.
+        let sigmoid = (x0.neg()?.exp()? + 1.)?.recip()?;
+        let d = ((&sigmoid * (1. - &y0)?)? + &y0)?;
+        Ok(vec![Some((g * d)?)])
+    })
+}
+
+/// `x.relu()`. Keeps its input.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    let Some(rec) = Recording::of("relu", &[x])? else {
+        return x.relu().map(super::constant);
+    };
+    let x0 = rec.input(0).clone();
+    let y = x0.relu()?;
+    rec.finish("relu", y, move |g| {
+        let d = x0.ge(&x0.zeros_like()?)?.to_dtype(x0.dtype())?;
+        Ok(vec![Some((g * d)?)])
+    })
+}
+
+/// `x.unsqueeze(dim)` (a reshape).
+pub fn unsqueeze(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    if dim > dims.len() {
+        return x.unsqueeze(dim);
+    }
+    dims.insert(dim, 1);
+    reshape(x, dims)
+}
+
+/// `Tensor::stack(xs, dim)`: each unsqueezed at `dim`, then concatenated.
+pub fn stack(xs: &[&Tensor], dim: usize) -> Result<Tensor> {
+    let xs = xs
+        .iter()
+        .map(|x| unsqueeze(x, dim))
+        .collect::<Result<Vec<_>>>()?;
+    cat(&xs.iter().collect::<Vec<_>>(), dim)
 }

@@ -220,3 +220,123 @@ fn candles_tensor_numbers_are_readable_and_increase() {
     let (sa, sb) = (super::serial(a.id()), super::serial(b.id()));
     assert!(sa > 0 && sb > sa, "{sa} then {sb}");
 }
+
+/// An encoder-decoder's teacher-forced loss on pairs of different lengths (padding masks on
+/// both sides, label smoothing, the ignored label), under either engine.
+fn encoder_decoder_case(cfg: crate::models::EncoderDecoderConfig, seed: u64) -> (f64, usize) {
+    use crate::data::Seq2SeqIds;
+    let (model, vs) =
+        crate::models::EncoderDecoder::init(&cfg, DType::F32, &Device::Cpu, seed).unwrap();
+    let ids = Seq2SeqIds {
+        pad: 0,
+        bos: 1,
+        eos: 2,
+        ignore: 0,
+    };
+    let mut rng = crate::rng::Rng::new(seed + 1);
+    let v = cfg.tgt_vocab_size as u64;
+    let mut seq = |n: usize| -> Vec<u32> { (0..n).map(|_| 3 + rng.below(v - 3) as u32).collect() };
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> =
+        vec![(seq(5), seq(7)), (seq(8), seq(3)), (seq(2), seq(6))];
+    let start = vs.dropout_rng().state();
+    let rng_handle = vs.dropout_rng().clone();
+    let reset = move || rng_handle.set_state(start.clone());
+    let loss_cfg = CrossEntropyConfig {
+        label_smoothing: 0.1,
+        ..Default::default()
+    };
+    let loss = || -> Result<Tensor> {
+        crate::train::tasks::seq2seq_loss(&model, &pairs, ids, true, &loss_cfg, &Device::Cpu)
+    };
+    check(&vs.vars(), &reset, &loss, 1e-6)
+}
+
+#[test]
+fn encoder_decoder_post_norm_gradients_equal_candles() {
+    let (worst, nodes) = encoder_decoder_case(crate::models::EncoderDecoderConfig::tiny(31), 21);
+    eprintln!("encoder_decoder post-norm: worst {worst:e}, {nodes} nodes");
+}
+
+#[test]
+fn encoder_decoder_pre_norm_untied_gradients_equal_candles() {
+    let cfg = crate::models::EncoderDecoderConfig {
+        norm_first: true,
+        share_embeddings: false,
+        tie_output: false,
+        activation: crate::nn::Activation::Gelu,
+        ..crate::models::EncoderDecoderConfig::tiny(29)
+    };
+    let (worst, nodes) = encoder_decoder_case(cfg, 22);
+    eprintln!("encoder_decoder pre-norm: worst {worst:e}, {nodes} nodes");
+}
+
+#[test]
+fn vit_classifier_gradients_equal_candles() {
+    let cfg = crate::models::ViTConfig {
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+        ..crate::models::ViTConfig::tiny()
+    };
+    let (model, vs) = crate::models::ViT::init(&cfg, DType::F32, &Device::Cpu, 5).unwrap();
+    let mut rng = crate::rng::Rng::new(9);
+    let pixels: Vec<f32> = (0..2 * 3 * 16 * 16).map(|_| rng.uniform_f32()).collect();
+    let labels = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
+    let start = vs.dropout_rng().state();
+    let rng_handle = vs.dropout_rng().clone();
+    let reset = move || rng_handle.set_state(start.clone());
+    let loss = || -> Result<Tensor> {
+        // Made inside the forward, as a task makes its batch: declared data.
+        let x = super::constant(Tensor::from_vec(
+            pixels.clone(),
+            (2, 3, 16, 16),
+            &Device::Cpu,
+        )?);
+        let logits = model.classify(&x, true)?;
+        cross_entropy(&logits, &labels, &CrossEntropyConfig::default())
+    };
+    let (worst, nodes) = check(&vs.vars(), &reset, &loss, 1e-6);
+    eprintln!("vit: worst {worst:e}, {nodes} nodes");
+}
+
+#[test]
+fn decoder_only_llama_style_gradients_equal_candles() {
+    // RoPE (half-split), RMSNorm, SwiGLU, grouped-query attention, per-head q/k norms.
+    use crate::nn::{Activation, MlpKind, NormKind, PositionalKind};
+    let cfg = DecoderOnlyConfig {
+        n_heads: 4,
+        n_kv_heads: Some(2),
+        positional: PositionalKind::Rope,
+        norm: NormKind::RmsNorm,
+        mlp: MlpKind::Gated,
+        activation: Activation::Silu,
+        qk_norm: true,
+        tie_embeddings: false,
+        ..DecoderOnlyConfig::tiny(21)
+    };
+    let (worst, nodes) = decoder_only_case(cfg, 13);
+    eprintln!("decoder_only llama-style: worst {worst:e}, {nodes} nodes");
+}
+
+#[test]
+fn decoder_only_gemma_style_gradients_equal_candles() {
+    // Interleaved RoPE, GeGLU (tanh GELU), sandwich norms, (1 + w) norm weights, scaled
+    // embeddings, sliding-window layers shorter than the batch.
+    use crate::models::LayerAttention;
+    use crate::nn::{Activation, MlpKind, NormKind, PositionalKind, RopeLayout};
+    let cfg = DecoderOnlyConfig {
+        positional: PositionalKind::Rope,
+        rope_layout: RopeLayout::Interleaved,
+        norm: NormKind::RmsNorm,
+        norm_unit_offset: true,
+        mlp: MlpKind::Gated,
+        activation: Activation::GeluTanh,
+        post_norm: true,
+        embed_scale: true,
+        layer_types: vec![LayerAttention::Sliding, LayerAttention::Full],
+        sliding_window: Some(4),
+        rope_local_theta: Some(1000.0),
+        ..DecoderOnlyConfig::tiny(17)
+    };
+    let (worst, nodes) = decoder_only_case(cfg, 14);
+    eprintln!("decoder_only gemma-style: worst {worst:e}, {nodes} nodes");
+}

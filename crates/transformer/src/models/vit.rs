@@ -27,6 +27,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::family::{FamilyConfig, ImageClassifier, Model};
+use crate::autograd::ops;
 use crate::nn::{
     Activation, Dropout, Encoder, Init, InitScheme, LayerConfig, LayerOptions, Linear, Masks,
     NeedWeights, Norm, VarPath, VarStore,
@@ -443,10 +444,10 @@ impl ViT {
         }
         let (gh, gw) = (h / p, w / p);
         // The strided convolution ignores the rows and columns past the last whole patch.
-        let x = pixels.narrow(2, 0, gh * p)?.narrow(3, 0, gw * p)?;
-        let x = x.reshape((b, c, gh, p, gw, p))?; // (B, C, Gh, P, Gw, P)
-        let x = x.permute((0, 2, 4, 1, 3, 5))?.contiguous()?; // (B, Gh, Gw, C, P, P)
-        let x = x.reshape((b, gh * gw, c * p * p))?; // (B, N, C·P·P)
+        let x = ops::narrow(&ops::narrow(pixels, 2, 0, gh * p)?, 3, 0, gw * p)?;
+        let x = ops::reshape(&x, (b, c, gh, p, gw, p))?; // (B, C, Gh, P, Gw, P)
+        let x = ops::contiguous(&ops::permute(&x, &[0, 2, 4, 1, 3, 5])?)?; // (B, Gh, Gw, C, P, P)
+        let x = ops::reshape(&x, (b, gh * gw, c * p * p))?; // (B, N, C·P·P)
         Ok((x, (gh, gw)))
     }
 
@@ -482,9 +483,9 @@ impl ViT {
         let (patches, (gh, gw)) = self.patchify(pixels)?;
         let b = patches.dim(0)?;
         let x = self.patch.forward(&patches)?; // (B, N, E)
-        let cls = self.cls.broadcast_as((b, 1, self.cfg.hidden_size))?; // (B, 1, E)
-        let x = Tensor::cat(&[&cls, &x], 1)?; // (B, T, E)
-        let x = x.broadcast_add(&self.position_embeddings(gh, gw)?)?;
+        let cls = ops::broadcast_as(&self.cls, (b, 1, self.cfg.hidden_size))?; // (B, 1, E)
+        let x = ops::cat(&[&cls, &x], 1)?; // (B, T, E)
+        let x = ops::broadcast_add(&x, &self.position_embeddings(gh, gw)?)?;
         self.dropout.forward(&x, train)
     }
 
@@ -522,7 +523,7 @@ impl ViT {
         let last_hidden = self.norm.forward(&x)?;
         let logits = match &self.classifier {
             Some(head) => {
-                let cls = last_hidden.narrow(1, 0, 1)?.squeeze(1)?; // (B, E)
+                let cls = ops::squeeze(&ops::narrow(&last_hidden, 1, 0, 1)?, 1)?; // (B, E)
                 Some(head.forward(&cls)?)
             }
             None => None,

@@ -59,7 +59,7 @@ impl Dropout {
             }
             return Ok(kernels::dropout::dropout_add(x, y, self.p, self.seed())?);
         }
-        Ok((x + self.forward(y, train)?)?)
+        Ok(crate::autograd::ops::add(x, &self.forward(y, train)?)?)
     }
 }
 

@@ -391,31 +391,45 @@ impl Rope {
         // (T, D/2) each
         let (cos, sin) = if offset + t <= self.cos.dims()[0] {
             (
-                self.cos.narrow(0, offset, t)?,
-                self.sin.narrow(0, offset, t)?,
+                ops::narrow(&self.cos, 0, offset, t)?,
+                ops::narrow(&self.sin, 0, offset, t)?,
             )
         } else {
             let dtype = self.cos.dtype();
-            Self::angles(d, self.theta, offset, t, dtype, self.cos.device())?
+            let (cos, sin) = Self::angles(d, self.theta, offset, t, dtype, self.cos.device())?;
+            (
+                crate::autograd::constant(cos),
+                crate::autograd::constant(sin),
+            )
+        };
+        // x1·cos − x2·sin, x2·cos + x1·sin
+        let rotate = |x1: &Tensor, x2: &Tensor| -> Result<(Tensor, Tensor)> {
+            let r1 = ops::sub(
+                &ops::broadcast_mul(x1, &cos)?,
+                &ops::broadcast_mul(x2, &sin)?,
+            )?;
+            let r2 = ops::add(
+                &ops::broadcast_mul(x2, &cos)?,
+                &ops::broadcast_mul(x1, &sin)?,
+            )?;
+            Ok((r1, r2))
         };
         match self.layout {
             RopeLayout::HalfSplit => {
-                let x1 = x.narrow(D::Minus1, 0, half)?;
-                let x2 = x.narrow(D::Minus1, half, half)?;
-                let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-                let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-                Ok(Tensor::cat(&[r1, r2], D::Minus1)?)
+                let x1 = ops::narrow(x, D::Minus1, 0, half)?;
+                let x2 = ops::narrow(x, D::Minus1, half, half)?;
+                let (r1, r2) = rotate(&x1, &x2)?;
+                Ok(ops::cat(&[&r1, &r2], r1.rank() - 1)?)
             }
             RopeLayout::Interleaved => {
                 let (b, h, _, _) = x.dims4()?;
                 // (B, H, T, D) -> (B, H, T, D/2, 2): the pairs along the last axis.
-                let pairs = x.reshape((b, h, t, half, 2))?;
-                let x1 = pairs.narrow(4, 0, 1)?.squeeze(4)?; // (B, H, T, D/2)
-                let x2 = pairs.narrow(4, 1, 1)?.squeeze(4)?;
-                let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-                let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+                let pairs = ops::reshape(x, (b, h, t, half, 2))?;
+                let x1 = ops::squeeze(&ops::narrow(&pairs, 4, 0, 1)?, 4)?; // (B, H, T, D/2)
+                let x2 = ops::squeeze(&ops::narrow(&pairs, 4, 1, 1)?, 4)?;
+                let (r1, r2) = rotate(&x1, &x2)?;
                 // (B, H, T, D/2, 2) -> (B, H, T, D)
-                Ok(Tensor::stack(&[r1, r2], 4)?.reshape((b, h, t, d))?)
+                Ok(ops::reshape(&ops::stack(&[&r1, &r2], 4)?, (b, h, t, d))?)
             }
         }
     }

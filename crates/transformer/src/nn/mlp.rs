@@ -9,6 +9,7 @@ use super::dropout::Dropout;
 use super::linear::Linear;
 use super::norm::NormedInput;
 use super::var_store::VarPath;
+use crate::autograd::ops;
 use crate::kernels::{
     projection::{project, Act, Projection},
     Kernels,
@@ -33,7 +34,7 @@ pub enum Activation {
 impl Activation {
     pub fn apply(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
         Ok(match self {
-            Activation::Relu => x.relu()?,
+            Activation::Relu => ops::relu(x)?,
             Activation::Gelu if kernels.applies(x) => crate::kernels::gelu::gelu_erf(x)?,
             Activation::Gelu => x.gelu_erf()?,
             Activation::GeluTanh if kernels.applies(x) => crate::kernels::gelu::gelu_tanh(x)?,
@@ -44,7 +45,7 @@ impl Activation {
                 let inner = ((x + ((x.sqr()? * x)? * 0.044_715)?)? * c)?;
                 ((x * 0.5)? * (inner.tanh()? + 1.0)?)?
             }
-            Activation::Silu => x.silu()?,
+            Activation::Silu => ops::silu(x)?,
         })
     }
 }
@@ -166,7 +167,7 @@ impl Mlp {
     }
 
     fn gated(&self, gate: Tensor, up: Tensor) -> Result<Tensor> {
-        Ok((self.activation.apply(&gate, self.kernels)? * up)?)
+        Ok(ops::mul(&self.activation.apply(&gate, self.kernels)?, &up)?)
     }
 
     /// The feed-forward up to its last projection: the rest is left to the layer's residual

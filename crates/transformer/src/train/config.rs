@@ -201,10 +201,12 @@ pub struct TrainConfig {
     /// of them, for checkpoint averaging (`transformer average`; the paper averages the last 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_last: Option<usize>,
-    /// Which reverse-mode engine computes the gradients: `"candle"` (candle's `backward`) or
-    /// `"tape"` (ours, `crate::autograd`: less memory, fewer passes). The tape covers the
-    /// decoder-only family with the fused CPU kernels so far; a model using an op it does not
-    /// cover stops at the first step with an error naming the op.
+    /// Which reverse-mode engine computes the gradients: `"tape"` (ours, `crate::autograd`:
+    /// less memory, fewer passes), `"candle"` (candle's `backward`), or `"auto"` (the
+    /// default): the tape where it covers every op, which is with the fused CPU kernels in
+    /// f32/f64, candle's otherwise (`TRANSFORMER_KERNELS=composed`, another device or dtype).
+    /// A model using an op the tape does not cover stops at its first step with an error
+    /// naming the op.
     #[serde(default)]
     pub engine: Engine,
 }
@@ -214,8 +216,31 @@ pub struct TrainConfig {
 #[serde(rename_all = "snake_case")]
 pub enum Engine {
     #[default]
+    Auto,
     Candle,
     Tape,
+}
+
+impl Engine {
+    /// The engine that runs for a model whose parameters are in `vs`.
+    pub fn resolve(self, vs: &crate::nn::VarStore) -> Engine {
+        match self {
+            Engine::Auto => {
+                let kernels_apply = vs.kernels() == crate::kernels::Kernels::Fused
+                    && vs.device().is_cpu()
+                    && matches!(
+                        vs.dtype(),
+                        candle_core::DType::F32 | candle_core::DType::F64
+                    );
+                if kernels_apply {
+                    Engine::Tape
+                } else {
+                    Engine::Candle
+                }
+            }
+            e => e,
+        }
+    }
 }
 
 fn default_seed() -> u64 {

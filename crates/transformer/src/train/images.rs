@@ -340,7 +340,8 @@ impl Task for ImageClassificationTask {
         let (batch, seed) = self.sampler.next(rng)?;
         let indices: Vec<usize> = batch.iter().map(|&j| self.train[j]).collect();
         let seed = (!self.augment.is_identity()).then_some(seed);
-        let pixels = self.pixels(&indices, seed)?; // (B, C, H, W)
+        // Data: no gradient (a recording tape is told so).
+        let pixels = crate::autograd::constant(self.pixels(&indices, seed)?); // (B, C, H, W)
         let logits = self.model.logits(&pixels, true)?; // (B, L)
         let loss = cross_entropy(&logits, &self.labels(&indices)?, &self.loss)?;
         Ok((loss, indices.len()))

@@ -891,7 +891,8 @@ min_lr = 1e-3
     fn the_tape_engine_trains_as_candles_backward() -> Result<()> {
         // Dropout, clipping and two micro-batches per step: every path of the step.
         let dir = corpus_dir("engine");
-        let candle_cfg = lm_config(&dir, 6);
+        let mut candle_cfg = lm_config(&dir, 6);
+        candle_cfg.train.engine = crate::train::config::Engine::Candle;
         let mut tape_cfg = candle_cfg.clone();
         tape_cfg.train.engine = crate::train::config::Engine::Tape;
         let mut a = prepare_run(&candle_cfg, &dir.join("candle"), false, &Device::Cpu)?;
@@ -1005,6 +1006,30 @@ factor = 1.0
             d = dir.display()
         );
         RunConfig::from_toml(&toml, &[], "test").unwrap()
+    }
+
+    #[test]
+    fn the_tape_engine_trains_translation_as_candles_backward() -> Result<()> {
+        // Padding on both sides, label smoothing, the ignored label, two micro-batches.
+        let dir = parallel_dir("parallel-engine", 24);
+        let mut candle_cfg = parallel_config(&dir, 4, true);
+        candle_cfg.train.engine = crate::train::config::Engine::Candle;
+        let mut tape_cfg = candle_cfg.clone();
+        tape_cfg.train.engine = crate::train::config::Engine::Tape;
+        let mut a = prepare_run(&candle_cfg, &dir.join("candle"), false, &Device::Cpu)?;
+        let candle = a.trainer.run(a.task.as_mut(), &mut Silent)?;
+        let mut b = prepare_run(&tape_cfg, &dir.join("tape"), false, &Device::Cpu)?;
+        let tape = b.trainer.run(b.task.as_mut(), &mut Silent)?;
+        assert_eq!(candle.losses.len(), 4);
+        for (i, (c, t)) in candle.losses.iter().zip(&tape.losses).enumerate() {
+            assert!(
+                (c - t).abs() <= 1e-6,
+                "step {}: candle {c}, tape {t}",
+                i + 1
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
     }
 
     #[test]

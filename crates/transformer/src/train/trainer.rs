@@ -373,11 +373,11 @@ impl Trainer {
         let accum = self.cfg.grad_accum;
         let mut tokens = 0;
         let mut loss_sum = 0.0;
-        let engine = self.cfg.engine;
+        let engine = self.cfg.engine.resolve(&self.vs);
         let data_rng = &mut self.state.data_rng;
         let mut micro_batch = || -> Result<(f64, usize, GradStore)> {
             let (loss, n, grads) = match engine {
-                Engine::Candle => {
+                Engine::Candle | Engine::Auto => {
                     let (loss, n) = task.train_batch(data_rng)?;
                     let grads = loss.backward()?;
                     (loss, n, grads)
