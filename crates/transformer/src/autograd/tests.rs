@@ -5,26 +5,11 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::ops;
 use super::record;
+use crate::kernels::tests::max_diff;
 use crate::models::decoder_only::{DecoderOnly, DecoderOnlyConfig};
 use crate::nn::VarStore;
 use crate::train::loss::{cross_entropy, CrossEntropyConfig};
 use crate::Result;
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
 
 /// Runs `loss` twice, once under candle's backward and once on a tape, with the dropout
 /// generator reset in between, and checks that the losses are equal and every var's gradient
@@ -65,7 +50,7 @@ fn check(
         match (candle.get(var), ours.get(var)) {
             (Some(c), Some(o)) => {
                 assert!(o.is_contiguous(), "{name}: gradient not contiguous");
-                let d = max_abs_diff(c, o);
+                let d = max_diff(c, o);
                 assert!(d <= tol, "{name}: gradients differ by {d:e}");
                 worst = worst.max(d);
             }

@@ -887,27 +887,36 @@ min_lr = 1e-3
         Ok(())
     }
 
-    #[test]
-    fn the_tape_engine_trains_as_candles_backward() -> Result<()> {
-        // Dropout, clipping and two micro-batches per step: every path of the step.
-        let dir = corpus_dir("engine");
-        let mut candle_cfg = lm_config(&dir, 6);
-        candle_cfg.train.engine = crate::train::config::Engine::Candle;
-        let mut tape_cfg = candle_cfg.clone();
-        tape_cfg.train.engine = crate::train::config::Engine::Tape;
-        let mut a = prepare_run(&candle_cfg, &dir.join("candle"), false, &Device::Cpu)?;
-        let candle = a.trainer.run(a.task.as_mut(), &mut Silent)?;
-        let mut b = prepare_run(&tape_cfg, &dir.join("tape"), false, &Device::Cpu)?;
-        let tape = b.trainer.run(b.task.as_mut(), &mut Silent)?;
-        assert_eq!(candle.losses.len(), tape.losses.len());
-        for (i, (c, t)) in candle.losses.iter().zip(&tape.losses).enumerate() {
+    /// Trains `cfg` with candle's backward and with the tape, in `dir/candle` and `dir/tape`,
+    /// and checks that every step's loss agrees within 1e-6. Returns the tape's losses.
+    fn engines_agree(cfg: &RunConfig, dir: &Path) -> Result<Vec<f64>> {
+        use crate::train::config::Engine;
+        let mut losses = Vec::new();
+        for engine in [Engine::Candle, Engine::Tape] {
+            let mut cfg = cfg.clone();
+            cfg.train.engine = engine;
+            let out = dir.join(format!("{engine:?}"));
+            let mut run = prepare_run(&cfg, &out, false, &Device::Cpu)?;
+            losses.push(run.trainer.run(run.task.as_mut(), &mut Silent)?.losses);
+        }
+        let (candle, tape) = (&losses[0], &losses[1]);
+        assert_eq!(candle.len(), tape.len());
+        for (i, (c, t)) in candle.iter().zip(tape).enumerate() {
             assert!(
                 (c - t).abs() <= 1e-6,
                 "step {}: candle {c}, tape {t}",
                 i + 1
             );
         }
-        assert!(tape.losses[5] < tape.losses[0]);
+        Ok(losses.pop().expect("two runs"))
+    }
+
+    #[test]
+    fn the_tape_engine_trains_as_candles_backward() -> Result<()> {
+        // Dropout, clipping and two micro-batches per step: every path of the step.
+        let dir = corpus_dir("engine");
+        let tape = engines_agree(&lm_config(&dir, 6), &dir)?;
+        assert!(tape[5] < tape[0]);
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
@@ -1012,22 +1021,10 @@ factor = 1.0
     fn the_tape_engine_trains_translation_as_candles_backward() -> Result<()> {
         // Padding on both sides, label smoothing, the ignored label, two micro-batches.
         let dir = parallel_dir("parallel-engine", 24);
-        let mut candle_cfg = parallel_config(&dir, 4, true);
-        candle_cfg.train.engine = crate::train::config::Engine::Candle;
-        let mut tape_cfg = candle_cfg.clone();
-        tape_cfg.train.engine = crate::train::config::Engine::Tape;
-        let mut a = prepare_run(&candle_cfg, &dir.join("candle"), false, &Device::Cpu)?;
-        let candle = a.trainer.run(a.task.as_mut(), &mut Silent)?;
-        let mut b = prepare_run(&tape_cfg, &dir.join("tape"), false, &Device::Cpu)?;
-        let tape = b.trainer.run(b.task.as_mut(), &mut Silent)?;
-        assert_eq!(candle.losses.len(), 4);
-        for (i, (c, t)) in candle.losses.iter().zip(&tape.losses).enumerate() {
-            assert!(
-                (c - t).abs() <= 1e-6,
-                "step {}: candle {c}, tape {t}",
-                i + 1
-            );
-        }
+        assert_eq!(
+            engines_agree(&parallel_config(&dir, 4, true), &dir)?.len(),
+            4
+        );
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
