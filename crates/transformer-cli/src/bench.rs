@@ -24,14 +24,15 @@ use std::time::Instant;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use clap::{Args, ValueEnum};
-use transformer::autograd;
 use transformer::data::{LmDataset, Seq2SeqIds};
 use transformer::decode::{generate, GenerateOptions, Sampling};
 use transformer::models::{DecoderOnly, DecoderOnlyConfig, EncoderDecoder, EncoderDecoderConfig};
 use transformer::nn::{Activation, PositionalKind};
 use transformer::rng::Rng;
+use transformer::train::config::Engine;
 use transformer::train::{
-    clip_grad_norm, AdamW, AdamWConfig, CrossEntropyConfig, LmTask, PairSource, Seq2SeqTask, Task,
+    clip_grad_norm, loss_and_gradients, AdamW, AdamWConfig, CrossEntropyConfig, LmTask, PairSource,
+    Seq2SeqTask, Task,
 };
 
 /// Character vocabulary of Shakespeare-char (A, B, D).
@@ -256,19 +257,13 @@ fn train_step(
     lr: f64,
     engine: EngineArg,
 ) -> Result<(f64, usize)> {
-    let ((loss, tokens), tape) = match engine {
-        EngineArg::Candle => (task.train_batch(rng)?, None),
-        EngineArg::Tape => {
-            let (out, tape) = autograd::record(vars, || task.train_batch(rng))?;
-            (out, Some(tape))
-        }
+    let engine = match engine {
+        EngineArg::Candle => Engine::Candle,
+        EngineArg::Tape => Engine::Tape,
     };
+    let (loss, tokens, mut grads) = loss_and_gradients(engine, vars, || task.train_batch(rng))?;
     let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     ensure!(loss_value.is_finite(), "training loss became {loss_value}");
-    let mut grads = match tape {
-        Some(tape) => tape.backward(&loss)?,
-        None => loss.backward()?,
-    };
     clip_grad_norm(&mut grads, vars, GRAD_CLIP)?;
     optimizer.step(&grads, lr)?;
     Ok((loss_value, tokens))

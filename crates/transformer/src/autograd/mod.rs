@@ -324,7 +324,8 @@ impl Recording {
                     candle_core::bail!(
                         "autograd: input {i} of {name} {:?} was computed by an op outside \
                          autograd::ops, so its gradient would be lost (declare a tensor that \
-                         needs none with autograd::constant)",
+                         needs none with autograd::constant); train.engine = \"candle\" \
+                         trains such a model",
                         x.dims()
                     );
                 }

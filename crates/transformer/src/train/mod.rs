@@ -23,5 +23,6 @@ pub use tasks::{
     Seq2SeqTask,
 };
 pub use trainer::{
-    Evaluation, MetricRecord, Observer, RunSummary, Silent, Task, Trainer, TrainerSetup,
+    loss_and_gradients, Evaluation, MetricRecord, Observer, RunSummary, Silent, Task, Trainer,
+    TrainerSetup,
 };

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, CheckpointParts, TrainerState};
@@ -130,6 +130,28 @@ pub struct TrainerSetup {
     /// The source tokenizer of a translation model with separate vocabularies.
     pub src_tokenizer: Option<Tokenizer>,
     pub run_config: Option<RunConfig>,
+}
+
+/// The loss `batch` computes (with its token count) and the gradients of the `vars`, from
+/// `engine`: our tape, or candle's `backward` (also for an unresolved `Auto`: see
+/// [`Engine::resolve`]).
+pub fn loss_and_gradients(
+    engine: Engine,
+    vars: &[Var],
+    batch: impl FnOnce() -> Result<(Tensor, usize)>,
+) -> Result<(Tensor, usize, GradStore)> {
+    match engine {
+        Engine::Tape => {
+            let ((loss, n), tape) = autograd::record(vars, batch)?;
+            let grads = tape.backward(&loss)?;
+            Ok((loss, n, grads))
+        }
+        Engine::Candle | Engine::Auto => {
+            let (loss, n) = batch()?;
+            let grads = loss.backward()?;
+            Ok((loss, n, grads))
+        }
+    }
 }
 
 /// The generator that draws the training batches of a run seeded with `seed`, as it is before
@@ -376,24 +398,7 @@ impl Trainer {
         let engine = self.cfg.engine.resolve(&self.vs);
         let data_rng = &mut self.state.data_rng;
         let mut micro_batch = || -> Result<(f64, usize, GradStore)> {
-            let (loss, n, grads) = match engine {
-                Engine::Candle | Engine::Auto => {
-                    let (loss, n) = task.train_batch(data_rng)?;
-                    let grads = loss.backward()?;
-                    (loss, n, grads)
-                }
-                Engine::Tape => {
-                    let ((loss, n), tape) = autograd::record(vars, || task.train_batch(data_rng))
-                        .map_err(|e| {
-                        Error::msg(format!(
-                            "{e}\n  (train.engine = \"tape\" does not cover this model yet; \
-                                 train.engine = \"candle\" does)"
-                        ))
-                    })?;
-                    let grads = tape.backward(&loss)?;
-                    (loss, n, grads)
-                }
-            };
+            let (loss, n, grads) = loss_and_gradients(engine, vars, || task.train_batch(data_rng))?;
             Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, n, grads))
         };
         let mut grads = if accum == 1 {
