@@ -7,6 +7,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The library without its `fetch` feature (no HTTP client) must build too: the workspace build
 # above has it, through the CLI.
 cargo clippy -p transformer --no-default-features --all-targets -- -D warnings
+# Open MPI and libclang for data-parallel training (the `mpi` feature), whose tests run
+# `mpirun -np 2` and fail without it (apt-get; about 15 s).
+bash scripts/install-mpi.sh
+cargo clippy -p transformer-cli --features mpi --all-targets -- -D warnings
 # all-MiniLM-L6-v2 for the sentence-embedding parity test, which fails without it.
 bash scripts/fetch-minilm.sh >/dev/null
 # SmolLM2-135M-Instruct (GGUF) for the GGUF import and generation tests, which fail without it.
@@ -28,4 +32,4 @@ bash scripts/fetch-speech.sh >/dev/null
 # Fashion-MNIST from Debian's dataset-fashion-mnist (apt-get download + dpkg -x, 31 MB) for the
 # ViT command-line tests, which fail without it.
 bash scripts/fetch-fashion-mnist.sh >/dev/null
-cargo test --workspace
+cargo test --workspace --features transformer-cli/mpi

@@ -30,6 +30,7 @@ use transformer::models::{DecoderOnly, DecoderOnlyConfig, EncoderDecoder, Encode
 use transformer::nn::{Activation, PositionalKind};
 use transformer::rng::Rng;
 use transformer::train::config::Engine;
+use transformer::train::parallel::Shard;
 use transformer::train::{
     clip_grad_norm, loss_and_gradients, AdamW, AdamWConfig, CrossEntropyConfig, LmTask, PairSource,
     Seq2SeqTask, Task,
@@ -261,7 +262,8 @@ fn train_step(
         EngineArg::Candle => Engine::Candle,
         EngineArg::Tape => Engine::Tape,
     };
-    let (loss, tokens, mut grads) = loss_and_gradients(engine, vars, || task.train_batch(rng))?;
+    let (loss, tokens, mut grads) =
+        loss_and_gradients(engine, vars, || task.train_batch(rng, Shard::WHOLE))?;
     let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     ensure!(loss_value.is_finite(), "training loss became {loss_value}");
     clip_grad_norm(&mut grads, vars, GRAD_CLIP)?;
@@ -388,7 +390,7 @@ struct Seq2SeqBench {
 }
 
 impl Task for Seq2SeqBench {
-    fn train_batch(&mut self, rng: &mut Rng) -> transformer::Result<(Tensor, usize)> {
+    fn train_batch(&mut self, rng: &mut Rng, shard: Shard) -> transformer::Result<(Tensor, usize)> {
         let n_tokens = C_VOCAB as u64 - C_FIRST_TOKEN as u64;
         let mut draw = |len: usize| -> Vec<u32> {
             (0..len)
@@ -402,8 +404,9 @@ impl Task for Seq2SeqBench {
             pairs.push((draw(src_len), draw(dec_len - 1)));
         }
         self.step += 1;
+        let pairs = &pairs[shard.rows(pairs.len())];
         let tokens = pairs.iter().map(|(_, y)| y.len() + 1).sum();
-        let loss = self.inner.pairs_loss(&pairs, true, &self.inner.loss)?;
+        let loss = self.inner.pairs_loss(pairs, true, &self.inner.loss)?;
         Ok((loss, tokens))
     }
 

@@ -2,10 +2,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use transformer::train::run::prepare_run;
+use transformer::train::parallel::{Collective, Local};
+use transformer::train::run::prepare_run_on;
+use transformer::train::Silent;
 use transformer::train::{DataConfig, RunConfig};
 
 use crate::progress::CliObserver;
@@ -101,7 +104,72 @@ fn config_inputs<'a>(args: &'a TrainArgs, cfg: &'a RunConfig) -> Vec<(&'static s
     inputs
 }
 
+/// The ranks of this run: MPI's world when `mpirun` started this process (the `mpi`
+/// feature), else this process alone.
+fn collective() -> Result<Arc<dyn Collective>> {
+    #[cfg(feature = "mpi")]
+    if let Some(world) = transformer::train::parallel::mpi::MpiCollective::from_env()? {
+        return Ok(Arc::new(world));
+    }
+    #[cfg(not(feature = "mpi"))]
+    if let Some(n) = transformer::train::parallel::launcher_world_size().filter(|&n| n > 1) {
+        // N independent runs would all write the same run directory.
+        bail!(
+            "started by mpirun as one of {n} ranks, but this transformer was built without \
+             data-parallel training; rebuild it with `--features mpi` (needs an MPI library: \
+             scripts/install-mpi.sh)"
+        );
+    }
+    Ok(Arc::new(Local))
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
+    let comm = collective()?;
+    if comm.world_size() == 1 {
+        return run_on(args, comm);
+    }
+    install_sigterm_message(comm.rank());
+    let rank = comm.rank();
+    match run_on(args, comm.clone()) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // The other ranks would wait for this one in their next sum: end them all.
+            eprintln!("error: rank {rank}: {}", crate::error_message(&e));
+            comm.abort(1)
+        }
+    }
+}
+
+/// mpirun ends every rank with SIGTERM when one fails or is killed; without a handler the
+/// survivors would vanish without a word. The message is made before the handler is
+/// installed: a signal handler may only write.
+fn install_sigterm_message(rank: usize) {
+    static MESSAGE: OnceLock<Vec<u8>> = OnceLock::new();
+    MESSAGE.get_or_init(|| {
+        format!(
+            "error: rank {rank}: stopped by SIGTERM: the job is ending because another rank \
+             failed or was killed (mpirun's message names it); the last checkpoint on disk \
+             is intact\n"
+        )
+        .into_bytes()
+    });
+    extern "C" fn on_sigterm(_: libc::c_int) {
+        if let Some(m) = MESSAGE.get() {
+            // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is static.
+            unsafe {
+                libc::write(2, m.as_ptr().cast(), m.len());
+            }
+        }
+        unsafe { libc::_exit(143) }
+    }
+    // SAFETY: installing a handler that only writes and exits.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_sigterm as *const () as libc::sighandler_t);
+    }
+}
+
+fn run_on(args: TrainArgs, comm: Arc<dyn Collective>) -> Result<()> {
+    let leader = comm.rank() == 0;
     let cfg = RunConfig::from_file(&args.config, &args.overrides)?;
     let out = args.out.clone().unwrap_or_else(|| {
         let stem = args
@@ -117,8 +185,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     // A `--force` that was interrupted before its new run wrote a checkpoint: the old run goes
-    // back (had it written one, the old run is deleted, as asked).
-    crate::output::settle_set_aside(&out, out.join("checkpoint").exists())?;
+    // back (had it written one, the old run is deleted, as asked). Rank 0 alone moves files;
+    // the others look once it is done.
+    if leader {
+        crate::output::settle_set_aside(&out, out.join("checkpoint").exists())?;
+        if args.resume {
+            transformer::train::checkpoint::recover(&out.join("checkpoint"))?;
+        }
+    }
+    comm.barrier()?;
     // What this run writes or (with --force) deletes may not be anything it reads.
     let inputs = config_inputs(&args, &cfg);
     let mut written: Vec<PathBuf> = RUN_ENTRIES.iter().map(|e| out.join(e)).collect();
@@ -162,12 +237,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
     }
     let device = crate::device()?;
-    let mut prepared = prepare_run(&cfg, &out, args.resume, &device)?;
+    let mut prepared = prepare_run_on(&cfg, &out, args.resume, &device, comm.clone())?;
+    // Every rank has read what it needs of the old run before rank 0 sets it aside.
+    comm.barrier()?;
     // Only now that the data, tokenizer and model are known to be good does --force touch the
     // old run: a bad corpus or config must leave it as it was. (A fresh `prepare_run` writes
     // nothing into `out` but the directory itself.) Even then it is only moved aside, and
     // deleted once the new run has its first checkpoint.
-    let set_aside = if args.force {
+    let set_aside = if args.force && leader {
         // The step checkpoints of `train.keep_last` belong to the old run too.
         Some(crate::output::set_aside(&out, &written)?)
     } else {
@@ -178,19 +255,30 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(t) => format!(", vocabulary {}", t.vocab_size()),
         None => String::new(),
     };
-    println!(
-        "training {} model: {} parameters{vocab}, run directory {}{}",
-        prepared.model_config.family().name,
-        prepared.n_params,
-        out.display(),
-        if args.resume {
-            format!(", resuming at step {start}")
-        } else {
-            String::new()
+    if leader {
+        println!(
+            "training {} model: {} parameters{vocab}, run directory {}{}",
+            prepared.model_config.family().name,
+            prepared.n_params,
+            out.display(),
+            if args.resume {
+                format!(", resuming at step {start}")
+            } else {
+                String::new()
+            }
+        );
+        for note in &prepared.data_notes {
+            println!("{note}");
         }
-    );
-    for note in &prepared.data_notes {
-        println!("{note}");
+        if comm.world_size() > 1 {
+            println!(
+                "data parallel on {}: the global batch of {} shared out among the ranks, {} bytes \
+             summed per rank and step",
+                comm.describe(),
+                cfg.train.batch_size,
+                prepared.trainer.bytes_reduced_per_step()
+            );
+        }
     }
     let stop = prepared.trainer.stop_flag();
     ctrlc::set_handler(move || {
@@ -201,6 +289,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
         eprintln!("\ninterrupted: saving a checkpoint (Ctrl-C again to quit without saving)");
     })
     .context("installing the Ctrl-C handler")?;
+    if !leader {
+        // Rank 0 reports, evaluates and writes.
+        let summary = prepared.trainer.run(prepared.task.as_mut(), &mut Silent)?;
+        if summary.interrupted {
+            // Finalizes MPI: every rank stopped after the same step.
+            drop(prepared);
+            drop(comm);
+            std::process::exit(130);
+        }
+        return Ok(());
+    }
     let mut observer = CliObserver::new(cfg.train.max_steps, start, out.join("loss.svg"));
     match cfg.data {
         DataConfig::Images { .. } | DataConfig::ImageFolder { .. } => {
@@ -234,6 +333,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
             summary.steps,
             out.join("checkpoint").display()
         );
+        drop(prepared);
+        drop(comm);
         std::process::exit(130);
     }
     println!(

@@ -163,47 +163,94 @@ impl Tape {
     /// parameters, as candle's `backward` returns them (keyed by the vars; a var that the loss
     /// does not depend on is absent). Consumes the tape: every node is dropped once its
     /// backward has run.
-    pub fn backward(mut self, loss: &Tensor) -> Result<GradStore> {
+    pub fn backward(self, loss: &Tensor) -> Result<GradStore> {
+        let vars = self.vars.clone();
+        let mut store = GradStore::default();
+        self.backward_streaming(loss, 1.0, |i, g| {
+            store.insert(vars[i].as_tensor(), g);
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// The gradients of `seed * loss`, each handed to `ready(i, gradient)` (`i`: the var's
+    /// index in the vars given to [`record`]) as soon as it is final, which is right after
+    /// the backward of the first recorded op that read the var: the last parameters of the
+    /// forward come first, while the backward of the earlier layers is still to run. That is
+    /// what data-parallel training needs to start reducing gradients early. Vars the loss does
+    /// not depend on are never handed over. Every gradient is contiguous.
+    pub fn backward_streaming(
+        mut self,
+        loss: &Tensor,
+        seed: f64,
+        mut ready: impl FnMut(usize, Tensor) -> Result<()>,
+    ) -> Result<()> {
         if !self.tracked.contains(&loss.id()) || self.vars.iter().any(|v| v.id() == loss.id()) {
             return Err(Error::msg(
                 "autograd: the loss was not computed on this tape (an op outside \
                  autograd::ops, or a forward run without autograd::record)",
             ));
         }
-        let mut grads: HashMap<TensorId, Grad> = HashMap::new();
-        grads.insert(loss.id(), Grad::Shared(loss.ones_like()?));
-        while let Some(node) = self.nodes.pop() {
-            let Some(g) = grads.remove(&node.output) else {
-                // No gradient reaches this op's output (an unused branch).
-                continue;
-            };
-            let g = g.into_tensor();
-            let name = node.name;
-            let input_grads = (node.backward)(&g)
-                .map_err(|e| Error::msg(format!("autograd: backward of {name}: {e}")))?;
-            drop(g);
-            if input_grads.len() != node.inputs.len() {
-                return Err(Error::msg(format!(
-                    "autograd: backward of {name} gave {} gradients for {} inputs",
-                    input_grads.len(),
-                    node.inputs.len()
-                )));
-            }
-            for (id, grad) in node.inputs.iter().zip(input_grads) {
-                if let (Some(id), Some(grad)) = (id, grad) {
-                    accumulate(&mut grads, *id, grad)?;
+        // due[n]: the vars whose gradient is final once node n's backward has run (the
+        // earliest node that reads them).
+        let var_index: HashMap<TensorId, usize> = self
+            .vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.id(), i))
+            .collect();
+        let mut due: Vec<Vec<usize>> = vec![Vec::new(); self.nodes.len()];
+        let mut seen = vec![false; self.vars.len()];
+        for (n, node) in self.nodes.iter().enumerate() {
+            for id in node.inputs.iter().flatten() {
+                if let Some(&i) = var_index.get(id) {
+                    if !seen[i] {
+                        seen[i] = true;
+                        due[n].push(i);
+                    }
                 }
             }
         }
-        let mut store = GradStore::default();
-        for var in &self.vars {
-            if let Some(g) = grads.remove(&var.id()) {
-                // Contiguous, as candle's (summed into a fresh tensor) always are: the
-                // optimizer's fused step reads them as flat slices.
-                store.insert(var.as_tensor(), g.into_tensor().contiguous()?);
+        let mut grads: HashMap<TensorId, Grad> = HashMap::new();
+        let one = loss.ones_like()?;
+        // A seed of 1 is the plain gradient, bit for bit.
+        let seed = if seed == 1.0 {
+            one
+        } else {
+            one.affine(seed, 0.0)?
+        };
+        grads.insert(loss.id(), Grad::Shared(seed));
+        while let Some(node) = self.nodes.pop() {
+            let n = self.nodes.len();
+            // No gradient reaches an op's output on an unused branch.
+            if let Some(g) = grads.remove(&node.output) {
+                let g = g.into_tensor();
+                let name = node.name;
+                let input_grads = (node.backward)(&g)
+                    .map_err(|e| Error::msg(format!("autograd: backward of {name}: {e}")))?;
+                drop(g);
+                if input_grads.len() != node.inputs.len() {
+                    return Err(Error::msg(format!(
+                        "autograd: backward of {name} gave {} gradients for {} inputs",
+                        input_grads.len(),
+                        node.inputs.len()
+                    )));
+                }
+                for (id, grad) in node.inputs.iter().zip(input_grads) {
+                    if let (Some(id), Some(grad)) = (id, grad) {
+                        accumulate(&mut grads, *id, grad)?;
+                    }
+                }
+            }
+            for &i in &due[n] {
+                if let Some(g) = grads.remove(&self.vars[i].id()) {
+                    // Contiguous, as candle's (summed into a fresh tensor) always are: the
+                    // optimizer's fused step reads them as flat slices.
+                    ready(i, g.into_tensor().contiguous()?)?;
+                }
             }
         }
-        Ok(store)
+        Ok(())
     }
 }
 

@@ -209,6 +209,11 @@ pub struct TrainConfig {
     /// naming the op.
     #[serde(default)]
     pub engine: Engine,
+    /// In data-parallel training (`mpirun -np N transformer train …`), check every this many
+    /// steps (and at the start and the end) that every rank holds the same parameters, by a
+    /// hash of their bits: ranks that drift apart stop the run with an error.
+    #[serde(default = "default_sync_check_every")]
+    pub sync_check_every: u64,
 }
 
 /// The `train.engine` values.
@@ -261,6 +266,9 @@ fn default_eval_iters() -> usize {
 fn default_log_every() -> u64 {
     10
 }
+fn default_sync_check_every() -> u64 {
+    100
+}
 
 /// Upper bounds on counts that size allocations: far above any real run, low enough that a
 /// typo is an error naming the field rather than an allocation that exhausts memory.
@@ -278,6 +286,7 @@ impl TrainConfig {
         at_least_one("train.eval_every", self.eval_every)?;
         count_in("train.eval_iters", self.eval_iters as u64, 1, MAX_BATCH)?;
         at_least_one("train.log_every", self.log_every)?;
+        at_least_one("train.sync_check_every", self.sync_check_every)?;
         if let Some(c) = self.grad_clip {
             positive("train.grad_clip", c)?;
         }

@@ -14,6 +14,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::loss::{cross_entropy, CrossEntropyConfig};
+use super::parallel::Shard;
 use super::trainer::{initial_data_rng, Evaluation, Task};
 use crate::data::image_set::ImageSet;
 use crate::models::ImageClassifier;
@@ -336,15 +337,25 @@ impl ImageClassificationTask {
 }
 
 impl Task for ImageClassificationTask {
-    fn train_batch(&mut self, rng: &mut Rng) -> Result<(Tensor, usize)> {
+    fn train_batch(&mut self, rng: &mut Rng, shard: Shard) -> Result<(Tensor, usize)> {
         let (batch, seed) = self.sampler.next(rng)?;
         let indices: Vec<usize> = batch.iter().map(|&j| self.train[j]).collect();
         let seed = (!self.augment.is_identity()).then_some(seed);
+        let rows = shard.rows(indices.len());
+        if rows.is_empty() {
+            return Shard::empty_loss(&self.device);
+        }
+        // The augmentation draws image after image from one generator: a shard augments the
+        // whole batch and keeps its rows, to see exactly the pixels a single process sees.
+        let mut pixels = self.pixels(&indices, seed)?; // (B, C, H, W)
+        if !shard.is_whole() {
+            pixels = pixels.narrow(0, rows.start, rows.len())?;
+        }
         // Data: no gradient (a recording tape is told so).
-        let pixels = crate::autograd::constant(self.pixels(&indices, seed)?); // (B, C, H, W)
+        let pixels = crate::autograd::constant(pixels);
         let logits = self.model.logits(&pixels, true)?; // (B, L)
-        let loss = cross_entropy(&logits, &self.labels(&indices)?, &self.loss)?;
-        Ok((loss, indices.len()))
+        let loss = cross_entropy(&logits, &self.labels(&indices[rows.clone()])?, &self.loss)?;
+        Ok((loss, rows.len()))
     }
 
     fn eval_loss(&mut self, rng: &mut Rng, iters: usize) -> Result<f64> {

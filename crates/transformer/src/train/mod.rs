@@ -7,6 +7,7 @@ pub mod eval;
 pub mod images;
 pub mod loss;
 pub mod optim;
+pub mod parallel;
 pub mod pixels;
 pub mod run;
 pub mod schedule;

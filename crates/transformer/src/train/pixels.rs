@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::images::EpochSampler;
 use super::loss::{cross_entropy, CrossEntropyConfig};
+use super::parallel::Shard;
 use super::trainer::{Evaluation, Task};
 use crate::data::idx::LabelledImages;
 use crate::data::pixel_tokens::PixelTokens;
@@ -90,10 +91,14 @@ pub struct PixelLmTask {
 }
 
 impl Task for PixelLmTask {
-    fn train_batch(&mut self, rng: &mut Rng) -> Result<(Tensor, usize)> {
+    fn train_batch(&mut self, rng: &mut Rng, shard: Shard) -> Result<(Tensor, usize)> {
         let (batch, _seed) = self.sampler.next(rng)?;
-        let indices: Vec<usize> = batch.iter().map(|&j| self.train[j]).collect();
-        let (x, y) = pixel_batch(&self.images, &self.tokens, &indices, &self.device)?;
+        let all: Vec<usize> = batch.iter().map(|&j| self.train[j]).collect();
+        let indices = &all[shard.rows(all.len())];
+        if indices.is_empty() {
+            return Shard::empty_loss(&self.device);
+        }
+        let (x, y) = pixel_batch(&self.images, &self.tokens, indices, &self.device)?;
         let logits = self.model.forward(&x, true)?; // (B, N, V)
         let loss = cross_entropy(&logits, &y, &self.loss)?;
         Ok((loss, indices.len() * self.tokens.pixels()))

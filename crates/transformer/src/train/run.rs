@@ -2,6 +2,7 @@
 //! optimizer — fresh or resumed from the run directory's checkpoint.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
@@ -10,6 +11,7 @@ use super::config::{DataConfig, RunConfig};
 use super::images::{Augment, EpochSampler, ImageClassificationTask, ImageTraining, Normalize};
 use super::loss::CrossEntropyConfig;
 use super::optim::AdamW;
+use super::parallel::{Collective, Local};
 use super::pixels::PixelLmTask;
 use super::tasks::{
     reverse_pair, BucketedPairs, BucketedSeq2SeqTask, LmTask, PairSource, Seq2SeqTask,
@@ -128,6 +130,18 @@ pub fn prepare_run(
     out_dir: &Path,
     resume: bool,
     device: &Device,
+) -> Result<PreparedRun> {
+    prepare_run_on(cfg, out_dir, resume, device, Arc::new(Local))
+}
+
+/// [`prepare_run`] for one rank of a data-parallel job over `collective`: every rank builds
+/// the same model and data (the same seed), and only rank 0 writes into `out_dir`.
+pub fn prepare_run_on(
+    cfg: &RunConfig,
+    out_dir: &Path,
+    resume: bool,
+    device: &Device,
+    collective: Arc<dyn Collective>,
 ) -> Result<PreparedRun> {
     cfg.validate()?;
     let ckpt_dir = out_dir.join("checkpoint");
@@ -278,6 +292,7 @@ pub fn prepare_run(
         tokenizer: tokenizer.clone(),
         src_tokenizer: src_tokenizer.clone(),
         run_config: Some(cfg.clone()),
+        collective,
     };
     let trainer = if resume {
         Trainer::resume(setup)?
@@ -807,6 +822,7 @@ fn pixel_data(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::config::Engine;
     use crate::train::trainer::Silent;
 
     fn corpus_dir(name: &str) -> std::path::PathBuf {
@@ -890,7 +906,6 @@ min_lr = 1e-3
     /// Trains `cfg` with candle's backward and with the tape, in `dir/candle` and `dir/tape`,
     /// and checks that every step's loss agrees within 1e-6. Returns the tape's losses.
     fn engines_agree(cfg: &RunConfig, dir: &Path) -> Result<Vec<f64>> {
-        use crate::train::config::Engine;
         let mut losses = Vec::new();
         for engine in [Engine::Candle, Engine::Tape] {
             let mut cfg = cfg.clone();
@@ -1102,5 +1117,107 @@ factor = 1.0
         );
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
+    }
+
+    /// Trains `cfg` in one process and as `world` ranks (threads over a
+    /// [`crate::train::parallel::ThreadGroup`]) with the same global batch; every step's loss
+    /// must agree within 1e-6, and every rank must report the same losses. Returns the
+    /// ranks' losses.
+    fn ranks_agree(cfg: &RunConfig, dir: &Path, world: usize) -> Result<Vec<f64>> {
+        use crate::train::parallel::ThreadGroup;
+        let mut single = prepare_run(cfg, &dir.join("single"), false, &Device::Cpu)?;
+        let one = single
+            .trainer
+            .run(single.task.as_mut(), &mut Silent)?
+            .losses;
+        let out = dir.join(format!("ranks-{world}"));
+        let runs: Vec<Result<Vec<f64>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = ThreadGroup::new(world)
+                .into_iter()
+                .map(|group| {
+                    let out = out.clone();
+                    scope.spawn(move || -> Result<Vec<f64>> {
+                        let mut run =
+                            prepare_run_on(cfg, &out, false, &Device::Cpu, Arc::new(group))?;
+                        Ok(run.trainer.run(run.task.as_mut(), &mut Silent)?.losses)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let runs: Vec<Vec<f64>> = runs.into_iter().collect::<Result<_>>()?;
+        for (rank, losses) in runs.iter().enumerate() {
+            assert_eq!(
+                losses, &runs[0],
+                "rank {rank} reports other losses than rank 0"
+            );
+        }
+        assert_eq!(runs[0].len(), one.len());
+        for (i, (a, b)) in one.iter().zip(&runs[0]).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6,
+                "step {}: one process {a}, {world} ranks {b}",
+                i + 1
+            );
+        }
+        // Rank 0 alone wrote the run.
+        assert!(out.join("checkpoint").is_dir());
+        Ok(runs.into_iter().next().expect("a rank"))
+    }
+
+    fn without_dropout(mut cfg: RunConfig) -> RunConfig {
+        // Each rank draws its own dropout masks, which a single process cannot reproduce.
+        cfg.model.insert("dropout".into(), toml::Value::Float(0.0));
+        cfg
+    }
+
+    #[test]
+    fn ranks_train_a_language_model_as_one_process() -> Result<()> {
+        // A global batch of 5 (shards of 3 and 2: the token weighting matters), clipping and
+        // two micro-batches, with both engines; then 3 ranks on the tape.
+        let dir = corpus_dir("ranks-lm");
+        for engine in [Engine::Tape, Engine::Candle] {
+            let mut cfg = without_dropout(lm_config(&dir, 6));
+            cfg.train.batch_size = 5;
+            cfg.train.engine = engine;
+            let losses = ranks_agree(&cfg, &dir.join(format!("{engine:?}")), 2)?;
+            assert!(losses[5] < losses[0]);
+        }
+        // One micro-batch: the buckets are summed while the backward runs.
+        let mut cfg = without_dropout(lm_config(&dir, 4));
+        cfg.train.grad_accum = 1;
+        cfg.train.batch_size = 7;
+        ranks_agree(&cfg, &dir.join("three"), 3)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
+    fn ranks_train_translation_as_one_process() -> Result<()> {
+        // Length buckets of 1 to 8 pairs: shards of unequal token counts, and empty ones.
+        let dir = parallel_dir("ranks-parallel", 24);
+        let mut cfg = without_dropout(parallel_config(&dir, 4, true));
+        cfg.train.grad_accum = 1;
+        ranks_agree(&cfg, &dir, 3)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
+    fn a_batch_smaller_than_the_world_is_refused() {
+        use crate::train::parallel::ThreadGroup;
+        let dir = corpus_dir("ranks-small");
+        let mut cfg = lm_config(&dir, 2);
+        cfg.train.batch_size = 1;
+        let group = ThreadGroup::new(2).into_iter().next().unwrap();
+        let e = prepare_run_on(&cfg, &dir.join("run"), false, &Device::Cpu, Arc::new(group))
+            .err()
+            .expect("batch 1 on 2 ranks")
+            .to_string();
+        assert!(
+            e.contains("train.batch_size") && e.contains("ranks (2)"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

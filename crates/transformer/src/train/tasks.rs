@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::loss::{cross_entropy, CrossEntropyConfig};
+use super::parallel::Shard;
 use super::trainer::Task;
 use crate::data::{bucket_by_tokens, LmDataset, Seq2SeqBatch, Seq2SeqIds, Split};
 use crate::models::{CausalLm, Seq2Seq};
@@ -22,21 +23,31 @@ pub struct LmTask {
     pub device: Device,
 }
 
-impl LmTask {
-    fn batch_loss(&self, split: Split, rng: &mut Rng, train: bool) -> Result<Tensor> {
-        let b = self
-            .data
-            .batch(split, self.batch_size, self.block_size, rng, &self.device)?;
-        let logits = self.model.forward(&b.x, train)?; // (B, T, V)
-        cross_entropy(&logits, &b.y, &self.loss)
-    }
-}
-
 impl Task for LmTask {
-    fn train_batch(&mut self, rng: &mut Rng) -> Result<(Tensor, usize)> {
+    fn train_batch(&mut self, rng: &mut Rng, shard: Shard) -> Result<(Tensor, usize)> {
+        let b = self.data.batch(
+            Split::Train,
+            self.batch_size,
+            self.block_size,
+            rng,
+            &self.device,
+        )?;
+        let rows = shard.rows(self.batch_size);
+        if rows.is_empty() {
+            return Shard::empty_loss(&self.device);
+        }
+        let (x, y) = if shard.is_whole() {
+            (b.x, b.y)
+        } else {
+            (
+                b.x.narrow(0, rows.start, rows.len())?,
+                b.y.narrow(0, rows.start, rows.len())?,
+            )
+        };
+        let logits = self.model.forward(&x, true)?; // (B, T, V)
         Ok((
-            self.batch_loss(Split::Train, rng, true)?,
-            self.batch_size * self.block_size,
+            cross_entropy(&logits, &y, &self.loss)?,
+            rows.len() * self.block_size,
         ))
     }
 
@@ -162,7 +173,7 @@ impl Seq2SeqTask {
 }
 
 impl Task for Seq2SeqTask {
-    fn train_batch(&mut self, rng: &mut Rng) -> Result<(Tensor, usize)> {
+    fn train_batch(&mut self, rng: &mut Rng, shard: Shard) -> Result<(Tensor, usize)> {
         let pairs: Vec<(Vec<u32>, Vec<u32>)> = match &self.train {
             PairSource::Fixed(all) => (0..self.batch_size)
                 .map(|_| all[rng.below(all.len() as u64) as usize].clone())
@@ -175,8 +186,12 @@ impl Task for Seq2SeqTask {
                 .map(|_| reverse_pair(symbols, *min_len, *max_len, rng))
                 .collect(),
         };
+        let pairs = &pairs[shard.rows(pairs.len())];
+        if pairs.is_empty() {
+            return Shard::empty_loss(&self.device);
+        }
         let tokens = pairs.iter().map(|(_, t)| t.len() + 1).sum();
-        Ok((self.pairs_loss(&pairs, true, &self.loss)?, tokens))
+        Ok((self.pairs_loss(pairs, true, &self.loss)?, tokens))
     }
 
     /// The loss over the whole validation set (in order, `batch_size` pairs at a time); `rng`
@@ -369,9 +384,14 @@ impl BucketedSeq2SeqTask {
 }
 
 impl Task for BucketedSeq2SeqTask {
-    fn train_batch(&mut self, rng: &mut Rng) -> Result<(Tensor, usize)> {
+    fn train_batch(&mut self, rng: &mut Rng, shard: Shard) -> Result<(Tensor, usize)> {
         let b = self.schedule.next(rng)?;
-        let pairs: Vec<(&[u32], &[u32])> = self.train_batches[b]
+        let batch = &self.train_batches[b];
+        let rows = shard.rows(batch.len());
+        if rows.is_empty() {
+            return Shard::empty_loss(&self.device);
+        }
+        let pairs: Vec<(&[u32], &[u32])> = batch[rows]
             .iter()
             .map(|&i| (self.train[i].0.as_slice(), self.train[i].1.as_slice()))
             .collect();

@@ -16,6 +16,7 @@ use super::checkpoint::{self, CheckpointParts, TrainerState};
 use super::clip::{clip_grad_norm, GradAccumulator};
 use super::config::{Engine, RunConfig, TrainConfig};
 use super::optim::AdamW;
+use super::parallel::{Collective, GradReducer, Shard};
 use super::schedule::LrSchedule;
 use crate::autograd;
 use crate::data::Tokenizer;
@@ -27,7 +28,11 @@ use crate::{Error, Result};
 pub trait Task {
     /// One micro-batch drawn with `rng`: the scalar loss (mean over its target tokens, with
     /// the graph for backward) and the number of tokens it covered.
-    fn train_batch(&mut self, rng: &mut Rng) -> Result<(Tensor, usize)>;
+    ///
+    /// In data-parallel training, `shard` says which rows of the batch are this rank's: the
+    /// task draws the whole batch with `rng` (every rank draws the same), and computes the
+    /// loss over its rows only ([`Shard::rows`]; [`Shard::empty_loss`] when there are none).
+    fn train_batch(&mut self, rng: &mut Rng, shard: Shard) -> Result<(Tensor, usize)>;
 
     /// Mean validation loss over `iters` batches drawn with `rng`, without dropout.
     fn eval_loss(&mut self, rng: &mut Rng, iters: usize) -> Result<f64>;
@@ -114,6 +119,10 @@ pub struct Trainer {
     stop: Arc<AtomicBool>,
     /// The step of the newest `checkpoint/` on disk, for the finiteness guard's message.
     saved_step: Option<u64>,
+    /// The ranks of a data-parallel run ([`super::parallel::Local`] for one process).
+    collective: Arc<dyn Collective>,
+    /// The gradient sums of a run with more than one rank.
+    reducer: Option<GradReducer>,
 }
 
 /// Pieces a [`Trainer`] is built from.
@@ -130,6 +139,9 @@ pub struct TrainerSetup {
     /// The source tokenizer of a translation model with separate vocabularies.
     pub src_tokenizer: Option<Tokenizer>,
     pub run_config: Option<RunConfig>,
+    /// The ranks this run trains on: [`super::parallel::Local`] for one process; with more, each rank trains
+    /// on its shard of every batch, and only rank 0 evaluates and writes.
+    pub collective: Arc<dyn Collective>,
 }
 
 /// The loss `batch` computes (with its token count) and the gradients of the `vars`, from
@@ -203,8 +215,26 @@ impl Trainer {
             tokens_seen: 0,
             elapsed_s: 0.0,
         };
-        std::fs::create_dir_all(&setup.out_dir).map_err(|e| Error::io(&setup.out_dir, e))?;
-        Ok(Trainer {
+        let world = setup.collective.world_size();
+        let reducer = if world > 1 {
+            if setup.train.batch_size < world {
+                return Err(Error::invalid(
+                    "train.batch_size",
+                    format!("at least the number of data-parallel ranks ({world}): it is the global batch, shared out among them"),
+                    setup.train.batch_size.to_string(),
+                ));
+            }
+            Some(GradReducer::new(
+                setup.collective.clone(),
+                &setup.vs.all_vars(),
+            )?)
+        } else {
+            None
+        };
+        if setup.collective.rank() == 0 {
+            std::fs::create_dir_all(&setup.out_dir).map_err(|e| Error::io(&setup.out_dir, e))?;
+        }
+        let mut t = Trainer {
             out_dir: setup.out_dir,
             vs: setup.vs,
             optimizer: setup.optimizer,
@@ -219,6 +249,35 @@ impl Trainer {
             records: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             saved_step: None,
+            collective: setup.collective,
+            reducer,
+        };
+        t.seed_rank_dropout();
+        Ok(t)
+    }
+
+    /// Ranks other than 0 draw their dropout masks from a generator of their own (the same
+    /// masks on every shard would correlate the ranks' noise), derived from the saved state
+    /// (rank 0's), so a resumed run derives the same ones.
+    fn seed_rank_dropout(&mut self) {
+        let rank = self.collective.rank() as u64;
+        if rank > 0 {
+            let mut base = self.state.dropout_rng.clone();
+            let seed = base.next_u64() ^ rank.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            self.vs.dropout_rng().set_state(Rng::new(seed));
+        }
+    }
+
+    /// Whether this process writes checkpoints and metrics: the only one, or rank 0.
+    fn leader(&self) -> bool {
+        self.collective.rank() == 0
+    }
+
+    /// Bytes each rank hands the collective per optimizer step (0 for one process).
+    pub fn bytes_reduced_per_step(&self) -> usize {
+        // One scalar sum per micro-batch; bytes_per_step counts the first.
+        self.reducer.as_ref().map_or(0, |r| {
+            r.bytes_per_step() + 3 * 8 * (self.cfg.grad_accum - 1)
         })
     }
 
@@ -262,12 +321,15 @@ impl Trainer {
             });
         }
         t.vs.dropout_rng().set_state(t.state.dropout_rng.clone());
+        t.seed_rank_dropout();
         // Keep the metrics written up to the checkpoint; later lines belong to the lost run.
         t.records = read_metrics(&t.out_dir.join(METRICS_FILE))?
             .into_iter()
             .filter(|r| r.step <= t.state.step)
             .collect();
-        t.rewrite_metrics()?;
+        if t.leader() {
+            t.rewrite_metrics()?;
+        }
         Ok(t)
     }
 
@@ -299,14 +361,25 @@ impl Trainer {
         let mut log_clock = Instant::now();
         let mut interrupted = false;
         let mut last_loss = f64::NAN;
+        let leader = self.leader();
+        let world = self.collective.world_size();
+        // Ranks that start apart (another tokenizer, corpus or seed) stop before training.
+        super::parallel::check_in_sync(self.collective.as_ref(), &vars, self.state.step)?;
         while self.state.step < max_steps {
-            if self.stop.load(Ordering::SeqCst) {
+            // With several ranks the stop request travels with the step's sums instead, so
+            // that every rank stops after the same step.
+            if world == 1 && self.stop.load(Ordering::SeqCst) {
                 interrupted = true;
                 break;
             }
             let t0 = Instant::now();
             let lr = self.schedule.lr(self.state.step);
-            let (loss, tokens) = self.train_step(task, &vars, lr)?;
+            let (loss, tokens, stop) = if world == 1 {
+                let (loss, tokens) = self.train_step(task, &vars, lr)?;
+                (loss, tokens, false)
+            } else {
+                self.parallel_train_step(task, &vars, lr)?
+            };
             self.state.step += 1;
             self.state.tokens_seen += tokens as u64;
             self.state.elapsed_s += t0.elapsed().as_secs_f64();
@@ -326,6 +399,19 @@ impl Trainer {
                 tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9),
             );
 
+            if world > 1
+                && (step.is_multiple_of(self.cfg.sync_check_every) || step == max_steps || stop)
+            {
+                super::parallel::check_in_sync(self.collective.as_ref(), &vars, step)?;
+            }
+            if !leader {
+                // Rank 0 alone evaluates and writes; the others go on to the next step's sums.
+                if stop {
+                    interrupted = true;
+                    break;
+                }
+                continue;
+            }
             if step.is_multiple_of(self.cfg.log_every) || step == max_steps {
                 let secs = log_clock.elapsed().as_secs_f64().max(1e-9);
                 let rec = self.record(
@@ -373,8 +459,12 @@ impl Trainer {
                 self.save("checkpoint", observer, false)?;
                 self.save_step()?;
             }
+            if stop {
+                interrupted = true;
+                break;
+            }
         }
-        if interrupted {
+        if interrupted && leader {
             self.save("checkpoint", observer, false)?;
         }
         Ok(RunSummary {
@@ -398,7 +488,8 @@ impl Trainer {
         let engine = self.cfg.engine.resolve(&self.vs);
         let data_rng = &mut self.state.data_rng;
         let mut micro_batch = || -> Result<(f64, usize, GradStore)> {
-            let (loss, n, grads) = loss_and_gradients(engine, vars, || task.train_batch(data_rng))?;
+            let (loss, n, grads) =
+                loss_and_gradients(engine, vars, || task.train_batch(data_rng, Shard::WHOLE))?;
             Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, n, grads))
         };
         let mut grads = if accum == 1 {
@@ -431,6 +522,96 @@ impl Trainer {
         }
         self.optimizer.step(&grads, lr)?;
         Ok((loss, tokens))
+    }
+
+    /// One optimizer step of a data-parallel run: this rank's shard of each micro-batch, the
+    /// loss and token counts summed over the ranks, the backward seeded with this rank's
+    /// share of the tokens, and the gradients summed bucket by bucket (with the tape and one
+    /// micro-batch, each bucket as soon as the backward has finished it). Returns the global
+    /// loss, the global token count, and whether any rank asked to stop.
+    fn parallel_train_step(
+        &mut self,
+        task: &mut dyn Task,
+        vars: &[Var],
+        lr: f64,
+    ) -> Result<(f64, usize, bool)> {
+        let accum = self.cfg.grad_accum;
+        let engine = self.cfg.engine.resolve(&self.vs);
+        let shard = self.collective.shard();
+        let reducer = self.reducer.as_ref().expect("a reducer with several ranks");
+        let mut reduction = reducer.begin();
+        let mut acc = (accum > 1).then(|| GradAccumulator::new(vars));
+        let (mut loss_sum, mut tokens) = (0.0, 0usize);
+        let mut stop = false;
+        for m in 0..accum {
+            let data_rng = &mut self.state.data_rng;
+            let ((loss, n), tape) = match engine {
+                Engine::Tape => {
+                    let (out, tape) = autograd::record(vars, || task.train_batch(data_rng, shard))?;
+                    (out, Some(tape))
+                }
+                Engine::Candle | Engine::Auto => (task.train_batch(data_rng, shard)?, None),
+            };
+            let local = if n > 0 {
+                loss.to_dtype(DType::F64)?.to_scalar::<f64>()?
+            } else {
+                0.0
+            };
+            let asked = m == 0 && self.stop.load(Ordering::SeqCst);
+            let (total, weighted, any_stop) = reducer.sum_scalars(n, local, asked)?;
+            stop |= any_stop;
+            if total <= 0.0 {
+                return Err(Error::msg(
+                    "data parallel: a batch with no tokens on any rank",
+                ));
+            }
+            loss_sum += weighted / total;
+            tokens += total as usize;
+            if n == 0 {
+                continue;
+            }
+            // The sum over the ranks of (n_rank / n_total) × the rank's mean-loss gradient is
+            // the gradient of the global mean loss.
+            let share = n as f64 / total;
+            match (tape, acc.as_mut()) {
+                (Some(tape), None) => {
+                    tape.backward_streaming(&loss, share, |i, g| reduction.add(i, g))?
+                }
+                (Some(tape), Some(acc)) => {
+                    let mut grads = GradStore::default();
+                    tape.backward_streaming(&loss, share, |i, g| {
+                        grads.insert(vars[i].as_tensor(), g);
+                        Ok(())
+                    })?;
+                    acc.add(&grads)?;
+                }
+                (None, acc) => {
+                    let grads = loss.affine(share, 0.0)?.backward()?;
+                    match acc {
+                        Some(acc) => acc.add(&grads)?,
+                        None => reduction.add_all(&grads)?,
+                    }
+                }
+            }
+        }
+        if let Some(mut acc) = acc {
+            let grads = acc.finish()?;
+            reduction.add_all(&grads)?;
+        }
+        let mut grads = reduction.finish()?;
+        let loss = loss_sum / accum as f64;
+        if !loss.is_finite() {
+            let tensor = match self.first_non_finite()? {
+                Some(t) => t,
+                None => format!("the training loss ({loss})"),
+            };
+            return Err(self.diverged(tensor, self.state.step + 1, lr));
+        }
+        if let Some(max_norm) = self.cfg.grad_clip {
+            clip_grad_norm(&mut grads, vars, max_norm)?;
+        }
+        self.optimizer.step(&grads, lr)?;
+        Ok((loss, tokens, stop))
     }
 
     fn record(
