@@ -92,6 +92,17 @@ fn configure_threads(threads: Option<usize>) -> anyhow::Result<()> {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    // The main thread is one of the pool's threads: a parallel kernel called from it starts
+    // at once on it, while the other threads join in. From outside the pool, every kernel (a
+    // few hundred per training step) handed its work to the pool and slept until it was done:
+    // Shakespeare training on 2 threads went from 19.3K to 21.9K tokens/s (Intel Xeon with
+    // AMX, 300 steps, medians of 3, the same losses).
+    let mut pool = rayon::ThreadPoolBuilder::new().use_current_thread();
+    if let Some(n) = n {
+        pool = pool.num_threads(n);
+    }
+    pool.build_global()
+        .map_err(|e| anyhow::anyhow!("starting the thread pool: {e}"))?;
     Ok(())
 }
 
