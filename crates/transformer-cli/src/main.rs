@@ -114,7 +114,8 @@ enum Command {
     Models,
     /// Fetch known data sets into data/NAME/.
     Data(data::DataArgs),
-    /// Train a model from a TOML config.
+    /// Train a model from a TOML config (data-parallel under `mpirun -np N` when built with
+    /// `--features mpi`).
     Train(train::TrainArgs),
     /// Continue a text with a trained language model, streaming tokens.
     Generate(generate::GenerateArgs),

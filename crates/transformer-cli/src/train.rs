@@ -148,8 +148,8 @@ fn install_sigterm_message(rank: usize) {
     MESSAGE.get_or_init(|| {
         format!(
             "error: rank {rank}: stopped by SIGTERM: the job is ending because another rank \
-             failed or was killed (mpirun's message names it); the last checkpoint on disk \
-             is intact\n"
+             failed or was killed, or mpirun itself was stopped (its message says which); the \
+             last checkpoint on disk is intact\n"
         )
         .into_bytes()
     });

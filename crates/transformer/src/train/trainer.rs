@@ -492,7 +492,7 @@ impl Trainer {
                 loss_and_gradients(engine, vars, || task.train_batch(data_rng, Shard::WHOLE))?;
             Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, n, grads))
         };
-        let mut grads = if accum == 1 {
+        let grads = if accum == 1 {
             let (loss, n, grads) = micro_batch()?;
             tokens += n;
             loss_sum += loss;
@@ -508,6 +508,13 @@ impl Trainer {
             acc.finish()?
         };
         let loss = loss_sum / accum as f64;
+        self.update(grads, vars, loss, lr)?;
+        Ok((loss, tokens))
+    }
+
+    /// The end of every step: the finiteness guard on the step's `loss`, clipping, and the
+    /// optimizer's update with the step's gradients.
+    fn update(&mut self, mut grads: GradStore, vars: &[Var], loss: f64, lr: f64) -> Result<()> {
         if !loss.is_finite() {
             // Name the parameter when the previous update already broke one: then the loss
             // is only the symptom.
@@ -520,8 +527,7 @@ impl Trainer {
         if let Some(max_norm) = self.cfg.grad_clip {
             clip_grad_norm(&mut grads, vars, max_norm)?;
         }
-        self.optimizer.step(&grads, lr)?;
-        Ok((loss, tokens))
+        self.optimizer.step(&grads, lr)
     }
 
     /// One optimizer step of a data-parallel run: this rank's shard of each micro-batch, the
@@ -598,19 +604,9 @@ impl Trainer {
             let grads = acc.finish()?;
             reduction.add_all(&grads)?;
         }
-        let mut grads = reduction.finish()?;
+        let grads = reduction.finish()?;
         let loss = loss_sum / accum as f64;
-        if !loss.is_finite() {
-            let tensor = match self.first_non_finite()? {
-                Some(t) => t,
-                None => format!("the training loss ({loss})"),
-            };
-            return Err(self.diverged(tensor, self.state.step + 1, lr));
-        }
-        if let Some(max_norm) = self.cfg.grad_clip {
-            clip_grad_norm(&mut grads, vars, max_norm)?;
-        }
-        self.optimizer.step(&grads, lr)?;
+        self.update(grads, vars, loss, lr)?;
         Ok((loss, tokens, stop))
     }
 
