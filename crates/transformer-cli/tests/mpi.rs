@@ -9,7 +9,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{losses, metrics, text, Workspace};
+use common::{losses, metrics, succeeded as ok, text, Workspace};
 
 /// Dropout off (each rank draws its own masks), one record per step, a global batch of 5
 /// (shards of 3 and 2 rows: the token weighting matters) in two micro-batches, and
@@ -71,17 +71,6 @@ fn output_within(mut cmd: Command, limit: Duration) -> Output {
             panic!("mpirun did not end within {limit:?}");
         }
     }
-}
-
-fn ok(out: Output, what: &str) -> Output {
-    assert!(
-        out.status.success(),
-        "{what} failed ({})\nstdout: {}\nstderr: {}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    out
 }
 
 fn train_args<'a>(out: &'a str, steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {

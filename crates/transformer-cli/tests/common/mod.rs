@@ -105,15 +105,7 @@ impl Workspace {
 
     /// Run the binary and require success.
     pub fn ok(&self, args: &[&str]) -> Output {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "transformer {args:?} failed ({})\nstdout: {}\nstderr: {}",
-            out.status,
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        out
+        succeeded(self.run(args), &format!("transformer {args:?}"))
     }
 
     /// `transformer train --config lm.toml --out OUT` plus `extra` arguments; must succeed.
@@ -149,6 +141,18 @@ impl Workspace {
         );
         stderr
     }
+}
+
+/// `out`, after checking that `what` (for the message) succeeded.
+pub fn succeeded(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what} failed ({})\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    out
 }
 
 pub fn text(bytes: &[u8]) -> String {
