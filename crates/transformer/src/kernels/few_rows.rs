@@ -24,6 +24,8 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::has_avx512;
 use super::{slice, PAR_MIN_ELEMS};
 
 /// The most rows of `a` that take this kernel; at 16 candle's tiled product is as fast.
@@ -160,11 +162,6 @@ fn block(a: &[f32], n: usize, k: usize, w: &[f32], rows: usize, out: &mut [f32])
             out[j * n + i] = wj.iter().zip(ai).map(|(x, y)| x * y).sum();
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx512() -> bool {
-    is_x86_feature_detected!("avx512f")
 }
 
 /// Four weight rows × up to six rows of `a` at a time: up to 24 16-lane accumulators (of

@@ -13,6 +13,8 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::has_avx512;
 use super::{has_avx2, slice, with_data, PAR_MIN_ELEMS};
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -114,7 +116,27 @@ unsafe fn bwd_avx2<const TANH: bool>(dx: &mut [f32], x: &[f32], dy: &[f32]) {
     bwd_body::<TANH>(dx, x, dy)
 }
 
+// And for AVX-512: sixteen lanes. Every operation is element-wise IEEE arithmetic (Rust never
+// contracts a multiply and an add into an FMA on its own), so each lane gives the bits the
+// AVX2 and scalar loops give.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn fwd_avx512<const TANH: bool>(y: &mut [f32], x: &[f32]) {
+    fwd_body::<TANH>(y, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn bwd_avx512<const TANH: bool>(dx: &mut [f32], x: &[f32], dy: &[f32]) {
+    bwd_body::<TANH>(dx, x, dy)
+}
+
 fn fwd_chunk<const TANH: bool>(y: &mut [f32], x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { fwd_avx512::<TANH>(y, x) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU has the features the function is compiled for.
@@ -124,6 +146,11 @@ fn fwd_chunk<const TANH: bool>(y: &mut [f32], x: &[f32]) {
 }
 
 fn bwd_chunk<const TANH: bool>(dx: &mut [f32], x: &[f32], dy: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: as in `fwd_chunk`.
+        return unsafe { bwd_avx512::<TANH>(dx, x, dy) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: as in `fwd_chunk`.
@@ -271,5 +298,48 @@ mod tests {
         // 1.5e-7 from the approximation plus f32 rounding.
         assert!(worst_erf < 6e-7, "erf error {worst_erf}");
         assert!(worst_exp < 5e-7, "exp relative error {worst_exp}");
+    }
+
+    /// The AVX-512 and AVX2 loops give the scalar loop's bits, forward and backward, for both
+    /// forms (on a CPU without them, only the scalar loop runs and there is nothing to compare).
+    #[test]
+    fn the_vector_loops_give_the_scalar_bits() {
+        // 1,003 values over [-12, 12]: whole vectors and a tail of each width.
+        let x: Vec<f32> = (0..1003).map(|i| (i as f32 - 501.0) * 0.024).collect();
+        let dy: Vec<f32> = (0..1003)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.3)
+            .collect();
+        let n = x.len();
+        fn both<const TANH: bool>(x: &[f32], dy: &[f32], n: usize) {
+            let (mut y0, mut d0) = (vec![0f32; n], vec![0f32; n]);
+            fwd_body::<TANH>(&mut y0, x);
+            bwd_body::<TANH>(&mut d0, x, dy);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            #[cfg(target_arch = "x86_64")]
+            {
+                let (mut y, mut d) = (vec![0f32; n], vec![0f32; n]);
+                if has_avx2() {
+                    // SAFETY: checked just above.
+                    unsafe {
+                        fwd_avx2::<TANH>(&mut y, x);
+                        bwd_avx2::<TANH>(&mut d, x, dy);
+                    }
+                    assert_eq!(bits(&y), bits(&y0), "AVX2 forward, tanh {TANH}");
+                    assert_eq!(bits(&d), bits(&d0), "AVX2 backward, tanh {TANH}");
+                }
+                if has_avx512() {
+                    // SAFETY: checked just above.
+                    unsafe {
+                        fwd_avx512::<TANH>(&mut y, x);
+                        bwd_avx512::<TANH>(&mut d, x, dy);
+                    }
+                    assert_eq!(bits(&y), bits(&y0), "AVX-512 forward, tanh {TANH}");
+                    assert_eq!(bits(&d), bits(&d0), "AVX-512 backward, tanh {TANH}");
+                }
+            }
+            let _ = bits;
+        }
+        both::<false>(&x, &dy, n);
+        both::<true>(&x, &dy, n);
     }
 }
