@@ -139,8 +139,8 @@ pub struct TrainerSetup {
     /// The source tokenizer of a translation model with separate vocabularies.
     pub src_tokenizer: Option<Tokenizer>,
     pub run_config: Option<RunConfig>,
-    /// The ranks this run trains on: [`super::parallel::Local`] for one process; with more, each rank trains
-    /// on its shard of every batch, and only rank 0 evaluates and writes.
+    /// The ranks this run trains on: [`super::parallel::Local`] for one process; with more,
+    /// each rank trains on its shard of every batch, and only rank 0 evaluates and writes.
     pub collective: Arc<dyn Collective>,
 }
 
