@@ -6,7 +6,7 @@
 set -euo pipefail
 have() {
     command -v mpirun >/dev/null && command -v mpicc >/dev/null \
-        && compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null
+        && compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null
 }
 if have; then
     exit 0
