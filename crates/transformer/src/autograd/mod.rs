@@ -164,9 +164,14 @@ impl Tape {
     /// does not depend on is absent). Consumes the tape: every node is dropped once its
     /// backward has run.
     pub fn backward(self, loss: &Tensor) -> Result<GradStore> {
+        self.backward_scaled(loss, 1.0)
+    }
+
+    /// [`Tape::backward`] of `seed * loss` (a data-parallel rank's share of a global loss).
+    pub fn backward_scaled(self, loss: &Tensor, seed: f64) -> Result<GradStore> {
         let vars = self.vars.clone();
         let mut store = GradStore::default();
-        self.backward_streaming(loss, 1.0, |i, g| {
+        self.backward_streaming(loss, seed, |i, g| {
             store.insert(vars[i].as_tensor(), g);
             Ok(())
         })?;

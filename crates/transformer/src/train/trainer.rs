@@ -583,14 +583,7 @@ impl Trainer {
                 (Some(tape), None) => {
                     tape.backward_streaming(&loss, share, |i, g| reduction.add(i, g))?
                 }
-                (Some(tape), Some(acc)) => {
-                    let mut grads = GradStore::default();
-                    tape.backward_streaming(&loss, share, |i, g| {
-                        grads.insert(vars[i].as_tensor(), g);
-                        Ok(())
-                    })?;
-                    acc.add(&grads)?;
-                }
+                (Some(tape), Some(acc)) => acc.add(&tape.backward_scaled(&loss, share)?)?,
                 (None, acc) => {
                     let grads = loss.affine(share, 0.0)?.backward()?;
                     match acc {

@@ -441,37 +441,30 @@ impl<'a> Reduction<'a> {
     }
 
     fn start(&mut self, b: usize) -> Result<()> {
+        /// The bucket's gradients (zeros where this rank has none; each released as soon as
+        /// it is copied), then one flag per var: how many ranks gave it a gradient (a var no
+        /// rank reached stays absent, as in a single process, so the optimizer skips it).
+        fn flat<T: candle_core::WithDType + From<u8>>(
+            red: &mut Reduction<'_>,
+            vars: &[usize],
+            total: usize,
+        ) -> Result<Vec<T>> {
+            let mut out = Vec::with_capacity(total);
+            for &i in vars {
+                match red.parts[i].take() {
+                    Some(g) => out.extend(g.flatten_all()?.to_vec1::<T>()?),
+                    None => out.resize(out.len() + red.reducer.vars[i].elem_count(), T::zero()),
+                }
+            }
+            out.extend(vars.iter().map(|&i| T::from(u8::from(red.present[i]))));
+            Ok(out)
+        }
         let r = self.reducer;
         let vars = &r.buckets[b];
-        // The gradients, then one flag per var: how many ranks gave it a gradient (a var no
-        // rank reached stays absent, as in a single process, so the optimizer skips it).
-        let mut flat: Vec<f64> = Vec::new();
-        let mut f32s: Vec<f32> = Vec::new();
         let total = r.lens[b] + vars.len();
-        match r.dtype {
-            DType::F64 => flat.reserve(total),
-            _ => f32s.reserve(total),
-        }
-        for &i in vars {
-            let n = r.vars[i].elem_count();
-            // Released as soon as it is copied.
-            match (self.parts[i].take(), r.dtype) {
-                (Some(g), DType::F64) => flat.extend(g.flatten_all()?.to_vec1::<f64>()?),
-                (Some(g), _) => f32s.extend(g.flatten_all()?.to_vec1::<f32>()?),
-                (None, DType::F64) => flat.resize(flat.len() + n, 0.0),
-                (None, _) => f32s.resize(f32s.len() + n, 0.0),
-            }
-        }
-        for &i in vars {
-            let present = if self.present[i] { 1.0 } else { 0.0 };
-            match r.dtype {
-                DType::F64 => flat.push(present),
-                _ => f32s.push(present as f32),
-            }
-        }
         let buffer = match r.dtype {
-            DType::F64 => Buffer::F64(flat),
-            _ => Buffer::F32(f32s),
+            DType::F64 => Buffer::F64(flat(self, vars, total)?),
+            _ => Buffer::F32(flat(self, vars, total)?),
         };
         self.pending.push(r.comm.start_sum(buffer)?);
         self.next = b + 1;
@@ -500,21 +493,36 @@ impl<'a> Reduction<'a> {
             for (k, &i) in vars.iter().enumerate() {
                 let var = &r.vars[i];
                 let (off, n) = (r.place[i].1, var.elem_count());
-                let flag = r.lens[b] + k;
                 let g = match &sum {
-                    Buffer::F32(v) if v[flag] > 0.0 => {
-                        Tensor::from_slice(&v[off..off + n], var.shape(), var.device())?
-                    }
-                    Buffer::F64(v) if v[flag] > 0.0 => {
-                        Tensor::from_slice(&v[off..off + n], var.shape(), var.device())?
-                    }
-                    _ => continue,
+                    Buffer::F32(v) => summed(v, off, n, r.lens[b] + k, var)?,
+                    Buffer::F64(v) => summed(v, off, n, r.lens[b] + k, var)?,
                 };
-                store.insert(var.as_tensor(), g);
+                if let Some(g) = g {
+                    store.insert(var.as_tensor(), g);
+                }
             }
         }
         Ok(store)
     }
+}
+
+/// The gradient of `var` in a summed bucket `v` (its `n` values at `off`), or `None` when its
+/// flag at `flag` says no rank had one.
+fn summed<T: candle_core::WithDType>(
+    v: &[T],
+    off: usize,
+    n: usize,
+    flag: usize,
+    var: &Var,
+) -> Result<Option<Tensor>> {
+    if v[flag] == T::zero() {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::from_slice(
+        &v[off..off + n],
+        var.shape(),
+        var.device(),
+    )?))
 }
 
 /// A hash of the parameters' exact values (FNV-1a over their bits, in order), to check that
