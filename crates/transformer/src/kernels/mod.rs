@@ -131,9 +131,10 @@ pub(crate) fn has_avx512() -> bool {
 }
 
 /// Rows processed in parallel only when there is enough work to pay for the threads. Measured
-/// (issue 16) on Shakespeare training, 2 threads, the calling thread one of the pool's, Intel
-/// Xeon with AMX, 300 steps, medians of 2: 8K elements 22.2K tokens/s, 16K 22.2K, 32K 22.6K,
-/// 128K 21.1K, 512K 18.9K, never in parallel 18.8K.
+/// (issue 16, with a temporary build reading it from the environment) on Shakespeare training,
+/// 2 threads, the calling thread one of the pool's, Intel Xeon with AMX, 300 steps, medians of
+/// 2: 8K elements 22.2K tokens/s, 16K 22.2K, 32K 22.6K, 128K 21.1K, 512K 18.9K, never in
+/// parallel 18.8K.
 pub(crate) const PAR_MIN_ELEMS: usize = 1 << 15;
 
 /// Float operations the kernels need, for f32 and f64.
