@@ -23,6 +23,7 @@ Usage: .venv/bin/python bench/reference.py A [--steps N --warmup N --json --seed
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -237,6 +238,18 @@ def time_training(step_fn, warmup, steps):
     return tokens, step_secs, sum(losses) / len(losses)
 
 
+# The precision of the training forward passes: "f32" (eager f32) or "bf16", PyTorch's CPU
+# mixed precision, `torch.autocast("cpu", dtype=torch.bfloat16)` around the forward and the loss
+# (nanoGPT's `ctx`), f32 parameters and optimizer. Set by --precision.
+PRECISION = "f32"
+
+
+def autocast():
+    if PRECISION == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def bench_lm(cfg, batch_size, warmup, steps):
     model = GPT(cfg)
     model.train()
@@ -252,7 +265,8 @@ def bench_lm(cfg, batch_size, warmup, steps):
 
     def step():  # nanoGPT train.py's iteration with gradient_accumulation_steps = 1
         x, y = get_batch()
-        _, loss = model(x, y)
+        with autocast():
+            _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
@@ -342,9 +356,10 @@ def bench_seq2seq(warmup, steps):
     def step():
         src, tgt_in, labels, src_pad, tgt_pad, tokens = c_batch(counter[0])
         counter[0] += 1
-        logits = model(src, tgt_in, src_pad, tgt_pad)  # (B, T, V)
-        loss = F.cross_entropy(logits.reshape(-1, C_VOCAB), labels.reshape(-1),
-                               ignore_index=PAD, label_smoothing=C_LABEL_SMOOTHING)
+        with autocast():
+            logits = model(src, tgt_in, src_pad, tgt_pad)  # (B, T, V)
+            loss = F.cross_entropy(logits.reshape(-1, C_VOCAB), labels.reshape(-1),
+                                   ignore_index=PAD, label_smoothing=C_LABEL_SMOOTHING)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
@@ -445,7 +460,11 @@ def main():
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                    help="bf16: torch.autocast('cpu', dtype=torch.bfloat16) in training")
     args = ap.parse_args()
+    global PRECISION
+    PRECISION = args.precision
     # bench/run.sh sets BENCH_THREADS for both sides (default 2, the machine of issue 5).
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     torch.manual_seed(args.seed)
@@ -465,6 +484,7 @@ def main():
     # Linux reports ru_maxrss in KiB.
     max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     line = {"impl": "pytorch", "case": args.case, **m, "max_rss_mb": max_rss_mb,
+            "precision": args.precision,
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.json:
         print(json.dumps(line), flush=True)

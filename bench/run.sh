@@ -21,6 +21,9 @@
 #                                 C 10/2, D and D-nocache 3/1 generations of 500 tokens)
 #   BENCH_ENGINE [candle]         our training cases' reverse-mode engine: candle or tape
 #                                 (train.engine; the command in the table shows it)
+#   BENCH_PRECISION [f32]         the training cases' precision: f32 (both eager f32) or bf16
+#                                 (ours `--precision bf16`, train.precision; PyTorch
+#                                 `torch.autocast("cpu", dtype=torch.bfloat16)`)
 #   BENCH_PEAK_GFLOPS [230]       peak for the MFU column (the issue's measured FMA peak)
 #   BENCH_QUIET_TIMEOUT [60]      seconds to wait for quiet CPUs before a run (0: never wait)
 #   BENCH_MAX_BUSY [0.25]         "quiet": at most this fraction of the CPUs busy over 2 s
@@ -101,9 +104,11 @@ run_one() { # impl case rep
     # shellcheck disable=SC2207
     local args=($(steps_args "${case}"))
     if [[ "${impl}" == ours ]]; then
-        cmd=("${ours}" bench "${case}" "${args[@]}" --json --engine "${BENCH_ENGINE:-candle}")
+        cmd=("${ours}" bench "${case}" "${args[@]}" --json --engine "${BENCH_ENGINE:-candle}"
+            --precision "${BENCH_PRECISION:-f32}")
     else
-        cmd=("${py}" bench/reference.py "${case}" "${args[@]}" --json)
+        cmd=("${py}" bench/reference.py "${case}" "${args[@]}" --json
+            --precision "${BENCH_PRECISION:-f32}")
     fi
     busy="$(wait_quiet)"
     echo "bench: rep ${rep}/${reps} case ${case} ${impl} (CPUs ${busy} busy before): ${cmd[*]}" >&2

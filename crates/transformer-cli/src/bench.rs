@@ -27,7 +27,7 @@ use clap::{Args, ValueEnum};
 use transformer::data::{LmDataset, Seq2SeqIds};
 use transformer::decode::{generate, GenerateOptions, Sampling};
 use transformer::models::{DecoderOnly, DecoderOnlyConfig, EncoderDecoder, EncoderDecoderConfig};
-use transformer::nn::{Activation, PositionalKind};
+use transformer::nn::{autocast, Activation, PositionalKind, Precision};
 use transformer::rng::Rng;
 use transformer::train::config::Engine;
 use transformer::train::parallel::Shard;
@@ -120,6 +120,26 @@ pub struct BenchArgs {
     /// The reverse-mode engine of the training cases (`train.engine`).
     #[arg(long, value_enum, default_value_t = EngineArg::Candle)]
     engine: EngineArg,
+    /// The precision of the training cases' matrix products (`train.precision`): f32, or bf16
+    /// mixed precision (bf16 inputs, f32 accumulation and master weights).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    precision: PrecisionArg,
+}
+
+/// `train.precision` as a flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum PrecisionArg {
+    F32,
+    Bf16,
+}
+
+impl PrecisionArg {
+    fn precision(self) -> Precision {
+        match self {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        }
+    }
 }
 
 /// `train.engine` as a flag.
@@ -173,6 +193,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "engine": match args.engine {
                     EngineArg::Candle => "candle",
                     EngineArg::Tape => "tape",
+                },
+                "precision": match args.precision {
+                    PrecisionArg::F32 => "f32",
+                    PrecisionArg::Bf16 => "bf16",
                 },
                 "metric": m.metric,
                 "tokens_per_s": m.tokens_per_s,
@@ -256,14 +280,16 @@ fn train_step(
     vars: &[Var],
     optimizer: &mut AdamW,
     lr: f64,
-    engine: EngineArg,
+    args: &BenchArgs,
 ) -> Result<(f64, usize)> {
-    let engine = match engine {
+    let engine = match args.engine {
         EngineArg::Candle => Engine::Candle,
         EngineArg::Tape => Engine::Tape,
     };
-    let (loss, tokens, mut grads) =
-        loss_and_gradients(engine, vars, || task.train_batch(rng, Shard::WHOLE))?;
+    // The forward in the asked precision; each product's backward keeps its forward's.
+    let (loss, tokens, mut grads) = autocast(args.precision.precision(), || {
+        loss_and_gradients(engine, vars, || task.train_batch(rng, Shard::WHOLE))
+    })?;
     let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     ensure!(loss_value.is_finite(), "training loss became {loss_value}");
     clip_grad_norm(&mut grads, vars, GRAD_CLIP)?;
@@ -284,13 +310,13 @@ fn time_training(
 ) -> Result<(usize, Vec<f64>, f64)> {
     let mut rng = Rng::new(args.seed ^ 0xDA7A);
     for _ in 0..warmup {
-        train_step(task, &mut rng, vars, optimizer, lr, args.engine)?;
+        train_step(task, &mut rng, vars, optimizer, lr, args)?;
     }
     let mut step_secs = Vec::with_capacity(steps);
     let (mut tokens, mut loss_sum) = (0usize, 0.0);
     for _ in 0..steps {
         let t0 = Instant::now();
-        let (loss, n) = train_step(task, &mut rng, vars, optimizer, lr, args.engine)?;
+        let (loss, n) = train_step(task, &mut rng, vars, optimizer, lr, args)?;
         step_secs.push(t0.elapsed().as_secs_f64());
         tokens += n;
         loss_sum += loss;

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use transformer::models::Pooling;
+use transformer::nn::Precision;
 use transformer::pipelines::embed::{EmbedOptions, HfBert};
 
 #[derive(Args)]
@@ -33,6 +34,17 @@ pub struct EmbedArgs {
     /// max_seq_length from sentence_bert_config.json, else max_position_embeddings].
     #[arg(long, allow_hyphen_values = true)]
     max_length: Option<usize>,
+    /// Precision of the encoder's matrix products: f32, or bf16 inputs with f32 accumulation
+    /// (Intel AMX where the CPU has it, else emulated at f32 speed). Norms, softmax, pooling
+    /// and the output stay f32.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -57,6 +69,12 @@ pub fn run(args: EmbedArgs) -> Result<()> {
     let model = HfBert::load(&args.model, &device)
         .with_context(|| format!("loading the model {}", args.model.display()))?;
     let opts = options(&args, &model);
+    if opts.precision == Precision::Bf16 && !transformer::kernels::bf16::has_amx() {
+        eprintln!(
+            "note: --dtype bf16: this CPU (or its OS) offers no AMX tile unit; the bf16 products \
+             are emulated in f32 (the same results, no speed-up)"
+        );
+    }
     // Check the options now, before reading any input, so that a bad flag fails at once.
     model
         .check_options(&opts)
@@ -114,6 +132,10 @@ fn options(args: &EmbedArgs, model: &HfBert) -> EmbedOptions {
         opts.normalize = false;
     }
     opts.batch_size = args.batch_size;
+    opts.precision = match args.dtype {
+        DtypeArg::F32 => Precision::F32,
+        DtypeArg::Bf16 => Precision::Bf16,
+    };
     if let Some(n) = args.max_length {
         opts.max_length = n;
     }

@@ -182,6 +182,56 @@ fn minilm_embeddings_match_sentence_transformers() {
     }
 }
 
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+/// `--dtype bf16` (issue 16): every vector within cosine 0.9999 of our f32 one and of
+/// sentence-transformers', and not bit-identical to f32 (the bf16 products ran).
+#[test]
+fn minilm_bf16_embeddings_stay_within_cosine_of_f32() {
+    let dir = minilm_dir();
+    let fx = fixture();
+    let texts = texts_of(&fx);
+    let stdin = texts.join("\n") + "\n";
+    let run = |dtype: &str| {
+        parse_embeddings(&embed(
+            &["--model", dir.to_str().unwrap(), "--dtype", dtype],
+            stdin.as_bytes(),
+        ))
+    };
+    let (f32s, bf16s) = (run("f32"), run("bf16"));
+    assert_eq!(bf16s.len(), texts.len());
+    let reference = fx["embeddings"].as_array().unwrap();
+    let (mut worst_ours, mut worst_ref) = (1f64, 1f64);
+    for (i, ((h, f), r)) in bf16s.iter().zip(&f32s).zip(reference).enumerate() {
+        let r: Vec<f64> = r
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let (c, cr) = (cosine(h, f), cosine(h, &r));
+        assert!(c >= 0.9999, "text {i} ({:?}): cosine to f32 {c}", texts[i]);
+        assert!(
+            cr >= 0.9999,
+            "text {i} ({:?}): cosine to sentence-transformers {cr}",
+            texts[i]
+        );
+        worst_ours = worst_ours.min(c);
+        worst_ref = worst_ref.min(cr);
+    }
+    assert!(
+        bf16s != f32s,
+        "bf16 gave exactly the f32 vectors: the bf16 path did not run"
+    );
+    println!(
+        "bf16: smallest cosine to our f32 {worst_ours:.7}, to sentence-transformers {worst_ref:.7}"
+    );
+}
+
 #[test]
 fn flags_override_the_model_defaults() {
     let dir = tiny_dir();
@@ -248,4 +298,12 @@ fn bad_model_and_flags_are_errors() {
         err.contains("--max-length") && err.contains("1000"),
         "{err}"
     );
+
+    let out = embed(
+        &["--model", dir.to_str().unwrap(), "--dtype", "f16"],
+        b"x\n",
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("--dtype") && err.contains("bf16"), "{err}");
 }

@@ -5,6 +5,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::bf16::{product, product_t, t_product, Precision};
 use super::layer_norm::{norm, norm_backward, Centre};
 use super::Stash;
 
@@ -42,19 +43,17 @@ fn norm_linear_with(
     let n = x.elem_count() / c;
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().unwrap() = c_out;
-    // Computed aside from any tape: the node below is the only one.
+    // Computed aside from any tape: the node below is the only one. The backward's products
+    // take the forward's precision.
+    let precision = super::bf16::current();
     let value = crate::autograd::paused(|| -> Result<Tensor> {
         let normed = norm(&x.detach(), &gamma.detach(), None, eps, centre)?.reshape((n, c))?;
-        if super::few_rows::applies(&normed, w) {
-            super::few_rows::matmul_t_value(&normed, w)?
-        } else {
-            normed.matmul(&w.detach().t()?)?
-        }
-        .reshape(out_dims)
+        product_t(&normed, &w.detach(), precision)?.reshape(out_dims)
     })?;
     let op = NormLinear {
         eps,
         centre,
+        precision,
         value: Stash::new(value),
     };
     use crate::autograd::ops;
@@ -64,6 +63,7 @@ fn norm_linear_with(
 struct NormLinear {
     eps: f64,
     centre: Centre,
+    precision: Precision,
     value: Stash,
 }
 
@@ -100,9 +100,9 @@ impl CustomOp3 for NormLinear {
         let g = grad.contiguous()?.reshape((n, c_out))?;
         let dw = {
             let normed = norm(&x2, &gamma, None, self.eps, self.centre)?;
-            g.t()?.matmul(&normed)?
+            t_product(&g, &normed, self.precision)?
         };
-        let d_normed = g.matmul(&w.contiguous()?)?;
+        let d_normed = product(&g, &w, self.precision)?;
         let (dx, dgamma, _) = norm_backward(&x2, &gamma, &d_normed, self.eps, self.centre)?;
         Ok((Some(dx.reshape(x.shape())?), Some(dgamma), Some(dw)))
     }

@@ -15,6 +15,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::bf16::{product, product_t, t_product, Precision};
 use super::dropout::{dropout, dropout_add};
 use super::gelu::{gelu_erf, gelu_erf_backward};
 use super::{with_data, Float, Stash, PAR_MIN_ELEMS};
@@ -96,15 +97,12 @@ pub fn project(
         }
     }
     // The value, from detached inputs: no node holds these intermediates (and no tape
-    // records them).
+    // records them). The backward's products take the forward's precision.
+    let precision = super::bf16::current();
     let n = h.elem_count() / f;
     let value = crate::autograd::paused(|| -> Result<Tensor> {
         let a = cfg.hidden(&h.detach().contiguous()?)?.reshape((n, f))?;
-        let mut z = if super::few_rows::applies(&a, w) {
-            super::few_rows::matmul_t_value(&a, w)?
-        } else {
-            a.matmul(&w.detach().t()?)?
-        };
+        let mut z = product_t(&a, &w.detach(), precision)?;
         drop(a);
         if let Some(b) = b {
             z = z.broadcast_add(&b.detach())?;
@@ -120,6 +118,7 @@ pub fn project(
     })?;
     let op = ProjectOp {
         cfg,
+        precision,
         value: Stash::new(value),
     };
     match (x, b) {
@@ -132,6 +131,7 @@ pub fn project(
 
 struct ProjectOp {
     cfg: Projection,
+    precision: Precision,
     value: Stash,
 }
 
@@ -157,10 +157,10 @@ impl ProjectOp {
         let h2 = h.contiguous()?.reshape((n, f))?;
         let dw = {
             let a = self.cfg.hidden(&h2)?;
-            gz.t()?.matmul(&a)?
+            t_product(&gz, &a, self.precision)?
         };
         let db = if with_bias { Some(gz.sum(0)?) } else { None };
-        let mut da = gz.matmul(&w.contiguous()?)?;
+        let mut da = product(&gz, w, self.precision)?;
         drop(gz);
         if let Some((p, seed)) = self.cfg.dropout_in {
             da = dropout(&da, p, seed)?;

@@ -9,6 +9,7 @@ use candle_core::{DType, Module, Tensor};
 
 use super::var_store::{Init, VarPath};
 use crate::autograd::ops;
+use crate::kernels::bf16;
 use crate::kernels::quantized::BlockMatrix;
 use crate::{Error, Result};
 
@@ -246,7 +247,8 @@ impl Linear {
     }
 }
 
-/// `x Wᵀ + b` for x of any rank; folds leading dimensions into one matmul.
+/// `x Wᵀ + b` for x of any rank; folds leading dimensions into one matmul, in the precision of
+/// the enclosing `kernels::bf16::autocast` scope.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let d_in = dims[dims.len() - 1];
@@ -255,6 +257,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
     // A few rows (incremental decoding): read the weight once, untiled.
     let y = if crate::kernels::few_rows::applies(&x2, w) {
         crate::kernels::few_rows::matmul_t(&x2, w)?
+    } else if bf16::takes(bf16::current(), &x2, w) {
+        // Inside a bf16 scope (`kernels::bf16::autocast`).
+        bf16::matmul_t(&x2, w)?
     } else {
         ops::matmul(&x2, &ops::t(w)?)?
     };

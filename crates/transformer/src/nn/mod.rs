@@ -13,6 +13,7 @@ pub mod mlp;
 pub mod norm;
 pub mod var_store;
 
+pub use crate::kernels::bf16::{autocast, Precision};
 pub use crate::kernels::Kernels;
 pub use attention::{
     causal_mask, scaled_dot_product_attention, sliding_window_mask, AttnMask, AttnOutput,

@@ -22,7 +22,7 @@ use crate::import::hf_bert::{
 };
 use crate::models::encoder_only::pool;
 use crate::models::{config_from_json, EncoderOnly, Pooling};
-use crate::nn::{AttnMask, VarStore};
+use crate::nn::{autocast, AttnMask, Precision, VarStore};
 use crate::{Error, Result};
 
 /// sentence-transformers' list of modules (Transformer, Pooling, Normalize).
@@ -232,6 +232,10 @@ pub struct EmbedOptions {
     pub max_length: usize,
     /// Lowercase texts before tokenizing (sentence-transformers' `do_lower_case`).
     pub do_lower_case: bool,
+    /// The precision of the encoder's matrix products (`kernels::bf16`): f32, or bf16 inputs
+    /// with f32 accumulation (AMX where the CPU has it). Norms, softmax, pooling and the
+    /// output stay f32.
+    pub precision: Precision,
 }
 
 /// A Hugging Face BERT checkpoint loaded into our [`EncoderOnly`], with its tokenizer and
@@ -339,6 +343,7 @@ impl HfBert {
             batch_size: 32,
             max_length: self.sentence.max_seq_length,
             do_lower_case: self.sentence.do_lower_case,
+            precision: Precision::F32,
         }
     }
 
@@ -448,7 +453,9 @@ impl HfBert {
         }
         let ids = Tensor::from_vec(flat, (b, t), device)?; // (B, T)
         let padding = AttnMask::from_lengths(&lengths, t, device)?; // (B, T), 1 = padding
-        let hidden = self.model.forward(&ids, None, Some(&padding), false)?; // (B, T, E)
+        let hidden = autocast(opts.precision, || {
+            self.model.forward(&ids, None, Some(&padding), false)
+        })?; // (B, T, E)
         let pooled = pool(&hidden, Some(&padding), opts.pooling)?; // (B, E)
         let pooled = if opts.normalize {
             l2_normalize(&pooled)?

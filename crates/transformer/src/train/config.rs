@@ -214,6 +214,16 @@ pub struct TrainConfig {
     /// hash of their bits: ranks that drift apart stop the run with an error.
     #[serde(default = "default_sync_check_every")]
     pub sync_check_every: u64,
+    /// The precision of the matrix products, forward and backward: `"f32"` (the default) or
+    /// `"bf16"` (mixed precision: the products' inputs rounded to bf16 with f32 accumulation,
+    /// on AMX where the CPU has it; master weights, optimizer state, norms, softmax and loss
+    /// in f32). See `kernels::bf16`.
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub precision: crate::kernels::bf16::Precision,
+}
+
+fn is_f32(p: &crate::kernels::bf16::Precision) -> bool {
+    *p == crate::kernels::bf16::Precision::F32
 }
 
 /// The `train.engine` values.

@@ -350,8 +350,18 @@ impl Trainer {
         &self.out_dir
     }
 
-    /// Train until `max_steps` (or the stop flag), evaluating and checkpointing on the way.
+    /// Train until `max_steps` (or the stop flag), evaluating and checkpointing on the way; the
+    /// forward passes (training and evaluation) in `train.precision`.
     pub fn run(&mut self, task: &mut dyn Task, observer: &mut dyn Observer) -> Result<RunSummary> {
+        let precision = self.cfg.precision;
+        crate::kernels::bf16::autocast(precision, || self.run_steps(task, observer))
+    }
+
+    fn run_steps(
+        &mut self,
+        task: &mut dyn Task,
+        observer: &mut dyn Observer,
+    ) -> Result<RunSummary> {
         let vars = self.vs.all_vars();
         let max_steps = self.cfg.max_steps;
         let ckpt_every = self.cfg.checkpoint_every.unwrap_or(self.cfg.eval_every);
